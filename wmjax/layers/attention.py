@@ -1,0 +1,81 @@
+"""Dynamic Mask Attention layer (Doge; "Wonderful Matrices", arXiv 2412.11834).
+
+    q = RMSNorm_q(x W_q), k = RMSNorm_k(x W_k), v = x W_v          [b, s, heads, head_dim] (q/k norm over head_dim)
+    q, k = RoPE(q), RoPE(k)
+    bias_j = exp(A * softplus(v_j W_dt))                           [b, bias_heads, s]  (one value per key and head)
+    out = DMA(q, k, v, bias) W_o                                   (op: wmjax.ops.dmattn)
+
+Params (named like HF `DogeAttention`): q_proj, k_proj, v_proj, o_proj, dt_proj (Dense), A [bias_heads],
+q_norm, k_norm (RMSNorm [head_dim], absent in the legacy `qk_norm=False` layout).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wmjax.cache import write_kv
+from wmjax.config import DogeConfig
+from wmjax.layers.linear import dense
+from wmjax.layers.norm import RMSNorm
+from wmjax.layers.rope import apply_rope
+from wmjax.ops.dmattn import dynamic_mask_attention
+
+
+class DynamicMaskAttention(nn.Module):
+    config: DogeConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None  # None (auto) | "reference" | "pallas"
+
+    @nn.compact
+    def __call__(self, x, rope_cos, rope_sin, positions, token_mask, segment_ids=None, layer_cache=None,
+                 cache_length=None):
+        """x [b, s, hidden]; rope_cos/sin [b, s, head_dim]; positions [b, s] int32; token_mask [b, s] bool.
+
+        Returns (out [b, s, hidden], new layer_cache or None).
+        """
+        cfg = self.config
+        b, s, _ = x.shape
+        h, g, d, hb = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_bias_heads
+        mk = lambda n, axes, name: dense(n, axes, use_bias=cfg.attention_bias, init_std=cfg.initializer_range,
+                                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        q = mk(h * d, ("embed", "q_heads"), "q_proj")(x).reshape(b, s, h, d)
+        k = mk(g * d, ("embed", "kv_heads"), "k_proj")(x).reshape(b, s, g, d)
+        v = mk(g * d, ("embed", "kv_heads"), "v_proj")(x).reshape(b, s, g, d)
+        if cfg.qk_norm:
+            q = RMSNorm(d, cfg.rms_norm_eps, ("head_dim",), self.dtype, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(d, cfg.rms_norm_eps, ("head_dim",), self.dtype, self.param_dtype, name="k_norm")(k)
+        q = apply_rope(q, rope_cos, rope_sin)
+        k = apply_rope(k, rope_cos, rope_sin)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+
+        # dynamic mask bias: one value per key (and bias head), from the key's own value vector
+        dt = mk(hb, ("kv_heads", "bias_heads"), "dt_proj")(v.reshape(b, s, g * d))
+        A = self.param("A", nn.with_logical_partitioning(nn.initializers.zeros, ("bias_heads",)), (hb,),
+                       self.param_dtype)
+        key_bias = jnp.exp(A.astype(jnp.float32) * jax.nn.softplus(dt.astype(jnp.float32)))  # [b, s, hb]
+        key_bias = key_bias.transpose(0, 2, 1)  # [b, hb, s]
+
+        if layer_cache is not None:
+            layer_cache = write_kv(layer_cache, k, v, key_bias, positions, token_mask, cache_length)
+            keys, values, kbias = layer_cache["key"], layer_cache["value"], layer_cache["key_bias"]
+            kpos, kmask = layer_cache["key_position"], layer_cache["key_mask"]
+            qseg = kseg = None
+            if segment_ids is not None:
+                raise ValueError("segment_ids are not supported together with a decode cache")
+        else:
+            keys, values, kbias, kpos, kmask = k, v, key_bias, positions, token_mask
+            qseg = kseg = segment_ids
+        out = dynamic_mask_attention(
+            q, keys.astype(q.dtype), values.astype(q.dtype), kbias,
+            keep_window_size=cfg.keep_window_size, query_positions=positions, key_positions=kpos,
+            key_mask=kmask, query_segment_ids=qseg, key_segment_ids=kseg, sliding_window=cfg.sliding_window,
+            scale=d ** -0.5, implementation=self.attention_impl)
+        out = out.reshape(b, s, h * d)
+        out = mk(cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out)
+        return out, layer_cache

@@ -1,0 +1,190 @@
+"""Doge (SmallDoge) causal LM: the `transformers.DogeForCausalLM` math in Flax linen.
+
+    h_0 = embed_tokens[ids]
+    per layer:  h = input_residual * h + DMA(RMSNorm(h))
+                h = post_attention_residual * h + FFN(RMSNorm(h))      FFN = MLP or CDMoE (config.is_moe)
+    logits = RMSNorm(h_L) @ E^T  (tied) or lm_head
+
+Used functionally: `logits, cache = model.apply({"params": params}, input_ids, positions, cache)`.
+Params are a plain nested dict named like the HF modules (`model/layers_{i}/self_attn/q_proj/kernel` ...), so
+conversion is flatten, rename, transpose (wmjax.convert). With `output_router_logits` (MoE), the per-layer
+router logits and HF's load-balancing loss are sown into the "intermediates" collection
+(`router_logits`, `router_aux_loss`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wmjax.config import DogeConfig
+from wmjax.layers.attention import DynamicMaskAttention
+from wmjax.layers.mlp import MLP
+from wmjax.layers.moe import CDMoE, router_aux_loss
+from wmjax.layers.norm import RMSNorm
+from wmjax.layers.rope import rope_cos_sin
+
+__all__ = ["DogeDecoderLayer", "DogeModel", "DogeForCausalLM", "init_params", "param_logical_axes"]
+
+_ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+class DogeDecoderLayer(nn.Module):
+    config: DogeConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, h, rope_cos, rope_sin, positions, token_mask, segment_ids=None, layer_cache=None,
+                 cache_length=None, deterministic=True, compute_aux=False):
+        cfg = self.config
+        residual_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+        norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("norm",), self.dtype, self.param_dtype,
+                                    name=name)
+        attn_out, layer_cache = DynamicMaskAttention(cfg, self.dtype, self.param_dtype, self.attention_impl,
+                                                     name="self_attn")(
+            norm("input_layernorm")(h), rope_cos, rope_sin, positions, token_mask, segment_ids, layer_cache,
+            cache_length)
+        attn_out = nn.Dropout(cfg.hidden_dropout)(attn_out, deterministic=deterministic)
+        w_in = self.param("input_residual", residual_init, (cfg.hidden_size,), self.param_dtype)
+        h = w_in.astype(self.dtype) * h + attn_out
+        h = nn.with_logical_constraint(h, _ACT)
+
+        m = norm("post_attention_layernorm")(h)
+        stats = None
+        if cfg.is_moe:
+            ffn, stats = CDMoE(cfg, self.dtype, self.param_dtype, name="mlp")(m, token_mask, compute_aux)
+        else:
+            ffn = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(m)
+        ffn = nn.Dropout(cfg.hidden_dropout)(ffn, deterministic=deterministic)
+        w_post = self.param("post_attention_residual", residual_init, (cfg.hidden_size,), self.param_dtype)
+        h = w_post.astype(self.dtype) * h + ffn
+        return nn.with_logical_constraint(h, _ACT), layer_cache, stats
+
+
+class DogeModel(nn.Module):
+    """Embedding + decoder layers + final norm. Returns (hidden [b, s, hidden], cache)."""
+
+    config: DogeConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None
+    remat: bool = False
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                        ("vocab", "embed")))
+        layer_cls = DogeDecoderLayer
+        if self.remat:
+            layer_cls = nn.remat(DogeDecoderLayer, static_argnums=(8, 9))
+        self.layers = [layer_cls(cfg, self.dtype, self.param_dtype, self.attention_impl)
+                       for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("norm",), self.dtype, self.param_dtype)
+
+    def __call__(self, input_ids, positions, token_mask, segment_ids=None, cache=None, deterministic=True,
+                 compute_aux=False):
+        cfg = self.config
+        h = self.embed_tokens(input_ids)
+        h = nn.with_logical_constraint(h, _ACT)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
+                                cfg.max_position_embeddings, dtype=self.dtype)
+        new_layers, stats = [], []
+        length = None if cache is None else cache["length"]
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache["layers"][i]
+            h, layer_cache, layer_stats = layer(h, cos, sin, positions, token_mask, segment_ids, layer_cache,
+                                                length, deterministic, compute_aux)
+            new_layers.append(layer_cache)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        h = self.norm(h)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"length": cache["length"] + input_ids.shape[1], "layers": tuple(new_layers)}
+        return h, new_cache, stats
+
+    def attend(self, h):
+        return self.embed_tokens.attend(h)
+
+
+class DogeForCausalLM(nn.Module):
+    """`model.apply({"params": p}, input_ids [b, s], positions=None, cache=None, attention_mask=None,
+    segment_ids=None) -> (logits [b, s, vocab] f32, cache)`.
+
+    positions default to arange(s) (+ cache length when decoding); attention_mask [b, s] (1 = real token);
+    segment_ids [b, s] restrict attention to the same packed document.
+    """
+
+    config: DogeConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None
+    remat: bool = False
+
+    def setup(self):
+        self.model = DogeModel(self.config, self.dtype, self.param_dtype, self.attention_impl, self.remat)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                self.config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.config.initializer_range),
+                                                         ("embed", "vocab")))
+
+    def __call__(self, input_ids, positions=None, cache=None, attention_mask=None, segment_ids=None,
+                 deterministic=True, output_router_logits=None):
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        b, s = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            if cache is not None:
+                positions = positions + cache["length"]
+        token_mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
+        compute_aux = cfg.is_moe and bool(cfg.output_router_logits if output_router_logits is None
+                                          else output_router_logits)
+        h, cache, stats = self.model(input_ids, positions.astype(jnp.int32), token_mask, segment_ids, cache,
+                              deterministic, compute_aux)
+        if cfg.tie_word_embeddings:
+            logits = self.model.attend(h)
+        else:
+            logits = self.lm_head(h)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                            ("activation_batch", "activation_length", "activation_vocab"))
+        if stats:
+            self.sow("intermediates", "router_aux_loss",
+                     router_aux_loss(stats, cfg.num_experts, cfg.num_experts_per_tok))
+        return logits, cache
+
+
+def _init_fn(config: DogeConfig, param_dtype):
+    model = DogeForCausalLM(config, dtype=jnp.float32, param_dtype=param_dtype, attention_impl="reference")
+    tokens = jnp.zeros((1, 2), jnp.int32)
+
+    def init(rng):
+        return model.init(rng, tokens)["params"]
+
+    return init
+
+
+def init_params(config: DogeConfig, rng, param_dtype=jnp.float32):
+    """Random params as HF's `_init_weights` (N(0, initializer_range), norms/residuals 1, A 0, biases 0;
+    the pad row of embed_tokens zeroed): a plain nested dict."""
+    params = nn.meta.unbox(jax.jit(_init_fn(config, param_dtype))(rng))
+    if config.pad_token_id is not None:
+        emb = params["model"]["embed_tokens"]["embedding"]
+        params["model"]["embed_tokens"]["embedding"] = emb.at[config.pad_token_id].set(0)
+    return params
+
+
+def param_logical_axes(config: DogeConfig):
+    """Same structure as the params; each leaf a tuple of logical axis names (e.g. ("embed", "mlp"))."""
+    boxed = jax.eval_shape(_init_fn(config, jnp.float32), jax.random.PRNGKey(0))
+    specs = nn.get_partition_spec(boxed)
+    return jax.tree_util.tree_map(lambda p: tuple(p), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

@@ -83,7 +83,7 @@ class DogeModel(nn.Module):
                                                         ("vocab", "embed")))
         layer_cls = DogeDecoderLayer
         if self.remat:
-            layer_cls = nn.remat(DogeDecoderLayer, static_argnums=(8, 9))
+            layer_cls = nn.remat(DogeDecoderLayer, static_argnums=(9, 10))  # (self, ...): deterministic, compute_aux
         self.layers = [layer_cls(cfg, self.dtype, self.param_dtype, self.attention_impl)
                        for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("norm",), self.dtype, self.param_dtype)

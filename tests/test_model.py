@@ -1,0 +1,138 @@
+"""Model-level properties of the Doge port (parity with transformers lives in test_doge_parity.py)."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wmjax.config import ConfigError, DogeConfig, PRESETS
+from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes
+from wmjax.ops.dmattn import dynamic_mask_attention_reference
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, keep_window_size=5, tie_word_embeddings=True)
+
+
+def _randomize_A(params, seed=0):
+    """A = 0 makes every bias 1 (all ties); draw it non-zero so the top-k is well defined."""
+    rng = np.random.default_rng(seed)
+    for name, layer in params["model"].items():
+        if name.startswith("layers_"):
+            a = layer["self_attn"]["A"]
+            layer["self_attn"]["A"] = jnp.asarray(rng.normal(size=a.shape), a.dtype)
+    return params
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_are_valid_and_round_trip_hf_json(preset, tmp_path):
+    cfg = DogeConfig.preset(preset)
+    cfg.save_hf_json(str(tmp_path))
+    assert DogeConfig.from_hf_json(str(tmp_path)) == cfg
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("num_key_value_heads", 3, "num_key_value_heads"),
+    ("head_dim", 7, "head_dim"),
+    ("num_experts", 10, "num_experts"),
+    ("router_layout", "sideways", "router_layout"),
+    ("rope_type", "yarn", "rope_type"),
+    ("vocab_size", 0, "vocab_size"),
+])
+def test_config_validation_names_the_field(field, value, needle):
+    kwargs = dict(TINY, is_moe=True, num_experts=16, num_experts_per_tok=2)
+    kwargs[field] = value
+    with pytest.raises(ConfigError, match=needle):
+        DogeConfig(**kwargs)
+
+
+def test_unknown_field_is_an_error():
+    with pytest.raises(ConfigError, match="not_a_field"):
+        DogeConfig.from_dict(dict(TINY, not_a_field=1))
+    with pytest.raises(ConfigError, match="frobnicate"):
+        DogeConfig.from_hf_dict(dict(DogeConfig(**TINY).to_hf_dict(), frobnicate=True))
+
+
+@pytest.mark.parametrize("is_moe", [False, True])
+def test_logical_axes_cover_every_param(is_moe):
+    cfg = DogeConfig(**TINY, is_moe=is_moe, num_experts=16, num_experts_per_tok=2)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    axes = param_logical_axes(cfg)
+    flat_p = jax.tree_util.tree_leaves_with_path(params)
+    flat_a = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)))
+    assert len(flat_p) == len(flat_a)
+    for path, leaf in flat_p:
+        names = flat_a[path]
+        assert len(names) == leaf.ndim and all(isinstance(n, str) for n in names), (path, names)
+
+
+def test_packed_segments_equal_separate_documents():
+    cfg = DogeConfig(**TINY)
+    params = _randomize_A(init_params(cfg, jax.random.PRNGKey(1)))
+    model = DogeForCausalLM(cfg)
+    rng = np.random.default_rng(0)
+    doc_a, doc_b = rng.integers(0, 101, 7), rng.integers(0, 101, 9)
+    packed = jnp.asarray(np.concatenate([doc_a, doc_b]))[None]
+    seg = jnp.asarray([0] * 7 + [1] * 9)[None]
+    pos = jnp.asarray(list(range(7)) + list(range(9)))[None]
+    out, _ = model.apply({"params": params}, packed, positions=pos, segment_ids=seg)
+    ref_a, _ = model.apply({"params": params}, jnp.asarray(doc_a)[None])
+    ref_b, _ = model.apply({"params": params}, jnp.asarray(doc_b)[None])
+    chex.assert_trees_all_close(out[0, :7], ref_a[0], atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(out[0, 7:], ref_b[0], atol=1e-5, rtol=1e-5)
+
+
+def test_per_token_router_is_tokenwise_and_hf_router_is_not():
+    base = dict(TINY, is_moe=True, num_experts=16, num_experts_per_tok=3)
+    x = jax.random.randint(jax.random.PRNGKey(2), (2, 6), 0, 101)
+    for layout, tokenwise in (("per_token", True), ("hf", False)):
+        cfg = DogeConfig(**base, router_layout=layout)
+        params = init_params(cfg, jax.random.PRNGKey(3))
+        model = DogeForCausalLM(cfg)
+        full, _ = model.apply({"params": params}, x)
+        row1, _ = model.apply({"params": params}, x[1:])
+        same = np.allclose(full[1], row1[0], atol=1e-5)
+        assert same == tokenwise, layout
+
+
+def test_remat_and_bf16():
+    cfg = DogeConfig(**TINY)
+    params = init_params(cfg, jax.random.PRNGKey(4))
+    x = jax.random.randint(jax.random.PRNGKey(5), (2, 8), 0, 101)
+    loss = lambda m: (lambda p: m.apply({"params": p}, x)[0].mean())
+    g0 = jax.grad(loss(DogeForCausalLM(cfg)))(params)
+    g1 = jax.grad(loss(DogeForCausalLM(cfg, remat=True)))(params)
+    chex.assert_trees_all_close(g0, g1, atol=1e-6)
+    f32, _ = DogeForCausalLM(cfg).apply({"params": params}, x)
+    bf16, _ = DogeForCausalLM(cfg, dtype=jnp.bfloat16).apply({"params": params}, x)
+    assert bf16.dtype == jnp.float32  # logits are returned in f32
+    # bf16 activations: ~3 significant digits per op, a few ops deep -> ~5e-2 absolute on O(1) logits
+    np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=5e-2)
+
+
+def test_dmattn_reference_topk_matches_bruteforce():
+    """Each row keeps exactly the keep_window_size visible keys with the largest bias (distinct biases)."""
+    rng = np.random.default_rng(6)
+    b, s, h, g, d, w = 2, 11, 4, 2, 8, 4
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+               for shape in ((b, s, h, d), (b, s, g, d), (b, s, g, d)))
+    bias = jnp.asarray(rng.uniform(0.1, 2.0, size=(b, g, s)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    out = dynamic_mask_attention_reference(q, k, v, bias, keep_window_size=w, query_positions=pos,
+                                           key_positions=pos)
+    qn, kn, vn, bn = map(np.asarray, (q, k, v, bias))
+    ref = np.zeros_like(qn)
+    for bi in range(b):
+        for hi in range(h):
+            gi = hi // (h // g)
+            for i in range(s):
+                vis = np.arange(i + 1)
+                keep = vis[np.argsort(-bn[bi, gi, vis])[:w]]
+                sc = qn[bi, i, hi] @ kn[bi, keep, gi].T / np.sqrt(d) + bn[bi, gi, keep]
+                p = np.exp(sc - sc.max()); p /= p.sum()
+                ref[bi, i, hi] = p @ vn[bi, keep, gi]
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)

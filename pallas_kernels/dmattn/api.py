@@ -1,0 +1,152 @@
+"""Public entry points: `supports`, `dynamic_mask_attention_pallas` (custom_vjp wiring, padding, pre-pass)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .backward import flash_backward
+from .config import DmattnConfig, default_config, round_up
+from .forward import flash_forward
+from .prepass import dkv_key_order, key_expiry, query_block_lists
+
+__all__ = ["supports", "dynamic_mask_attention_pallas", "prepare_mask"]
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _positions_ok(query_positions, key_positions, length) -> bool:
+    """Index causality must equal position causality. Concrete positions: checked (equal to arange). Traced
+    positions: accepted only when the same array is passed for queries and keys (self-attention; the kernel then
+    assumes positions increase along the sequence on real tokens, as with right or HF-style left padding)."""
+    if query_positions is None or key_positions is None:
+        return query_positions is None and key_positions is None
+    if _is_concrete(query_positions) and _is_concrete(key_positions):
+        qp, kp = np.asarray(query_positions), np.asarray(key_positions)
+        ar = np.arange(length)
+        return qp.shape[-1] == length and kp.shape[-1] == length and bool(
+            np.all(qp == ar) and np.all(kp == ar))
+    return query_positions is key_positions
+
+
+def supports(query, key, value, key_bias, *, keep_window_size, query_positions=None, key_positions=None,
+             key_mask=None, query_segment_ids=None, key_segment_ids=None, sliding_window=None, scale=None,
+             **unused) -> bool:
+    """True for self-attention training/prefill calls the kernel handles; the dispatcher uses the reference
+    otherwise. Accepted: query [b, L, H, D], key/value [b, L, G, D] (same L, H % G == 0), key_bias [b, G, L]
+    (or [b, H, L] with H == G), D a power of two in [16, 256], dtypes f32/bf16/f16 (q, k, v alike), any L >= 1,
+    key_mask [b, L] or None, positions = arange (or the same traced array for queries and keys), no segment
+    ids, no sliding window."""
+    try:
+        if query.ndim != 4 or key.ndim != 4 or key.shape != value.shape or key_bias.ndim != 3:
+            return False
+        b, sq, h, d = query.shape
+        bk, sk, g, dk = key.shape
+        if bk != b or sk != sq or dk != d or g < 1 or h % g:
+            return False
+        if key_bias.shape != (b, g, sk):
+            return False
+        if d not in (16, 32, 64, 128, 256):
+            return False
+        if query.dtype != key.dtype or key.dtype != value.dtype or not any(query.dtype == t for t in _DTYPES):
+            return False
+        if query_segment_ids is not None or key_segment_ids is not None or sliding_window is not None:
+            return False
+        if int(keep_window_size) < 1:
+            return False
+        if key_mask is not None and tuple(key_mask.shape) != (b, sk):
+            return False
+        return _positions_ok(query_positions, key_positions, sk)
+    except Exception:  # pragma: no cover - anything unexpected: let the reference handle it
+        return False
+
+
+def prepare_mask(key_bias, valid, keep_window_size: int, cfg: DmattnConfig):
+    """Pre-pass on the padded bias [b, G, Lp] f32 and validity [b, Lp] bool. Returns a dict of int arrays:
+    e [b, G, Lp]; in sparse mode also the forward and dq key lists, and the dk/dv key order."""
+    b, g, lp = key_bias.shape
+    valid_g = jnp.broadcast_to(valid[:, None, :], (b, g, lp))
+    j = jnp.arange(lp, dtype=jnp.int32)
+    if keep_window_size >= lp:  # fast path: no row keeps more than L <= w keys -> plain causal + key bias
+        e = jnp.where(valid_g, lp, j).astype(jnp.int32)
+        return dict(e=e)
+    bias_m = jnp.where(valid_g, key_bias, -jnp.inf).reshape(b * g, lp)
+    e = key_expiry(bias_m, valid_g.reshape(b * g, lp), keep_window_size, cfg)
+    cap = round_up(keep_window_size, 128)
+    out = dict(e=e.reshape(b, g, lp))
+    lists = {}
+    for bq in sorted({cfg.block_q, cfg.block_q_dq}):
+        lst, cnt = query_block_lists(e, bq, cap, cfg)
+        lists[bq] = (lst.reshape(b, g, lp // bq, -1), cnt.reshape(b, g, lp // bq))
+    out["lists_fwd"], out["counts_fwd"] = lists[cfg.block_q]
+    out["lists_dq"], out["counts_dq"] = lists[cfg.block_q_dq]
+    if cfg.dkv_group > cfg.block_k_dkv:
+        out["perm"] = dkv_key_order(e, cfg.dkv_group).reshape(b, g, lp)
+    return out
+
+
+def _cap(keep_window_size):
+    return round_up(keep_window_size, 128)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _dma_core(q, k, v, bias, aux, scale, keep_window_size, cfg):
+    o, _ = flash_forward(q, k, v, bias, aux["e"], aux.get("lists_fwd"), aux.get("counts_fwd"), scale=scale,
+                         cap=_cap(keep_window_size), cfg=cfg)
+    return o
+
+
+def _dma_fwd(q, k, v, bias, aux, scale, keep_window_size, cfg):
+    o, lse = flash_forward(q, k, v, bias, aux["e"], aux.get("lists_fwd"), aux.get("counts_fwd"), scale=scale,
+                           cap=_cap(keep_window_size), cfg=cfg)
+    return o, (q, k, v, bias, aux, o, lse)
+
+
+def _dma_bwd(scale, keep_window_size, cfg, res, do):
+    q, k, v, bias, aux, o, lse = res
+    dq, dk, dv, db = flash_backward(q, k, v, bias, aux["e"], o, lse, do, aux.get("lists_dq"),
+                                    aux.get("counts_dq"), aux.get("perm"), scale=scale,
+                                    cap=_cap(keep_window_size), cfg=cfg)
+    aux_ct = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, jax.dtypes.float0), aux)
+    return dq, dk, dv, db, aux_ct
+
+
+_dma_core.defvjp(_dma_fwd, _dma_bwd)
+
+
+def dynamic_mask_attention_pallas(query, key, value, key_bias, *, keep_window_size, query_positions=None,
+                                  key_positions=None, key_mask=None, query_segment_ids=None, key_segment_ids=None,
+                                  sliding_window=None, scale=None, config: Optional[DmattnConfig] = None,
+                                  interpret: bool = False):
+    """Flash dynamic-mask attention; same meaning as `wmjax.ops.dmattn.dynamic_mask_attention_reference` on
+    the calls `supports` accepts, except that a row with no allowed key outputs zeros (reference: uniform
+    average; such rows are padding queries). Ties: keys whose bias equals tau_i are all kept. O(L) memory.
+    `config` overrides the GPU block sizes; `interpret=True` runs Pallas interpret mode (CPU tests only)."""
+    if query_segment_ids is not None or key_segment_ids is not None or sliding_window is not None:
+        raise ValueError("dynamic_mask_attention_pallas: segment ids / sliding window are not supported")
+    b, length, h, d = query.shape
+    scale = float(d ** -0.5 if scale is None else scale)
+    w = int(keep_window_size)
+    cfg = config if config is not None else default_config(d, query.dtype)
+    if interpret and not cfg.interpret:
+        cfg = DmattnConfig(**{**cfg.__dict__, "interpret": True})
+    lp = round_up(length, cfg.seq_multiple)
+    pad = lp - length
+    valid = jnp.ones((b, length), bool) if key_mask is None else key_mask.astype(bool)
+    bias = key_bias.astype(jnp.float32)
+    if pad:
+        padl = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        query, key, value = padl(query), padl(key), padl(value)
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad)))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    aux = prepare_mask(jax.lax.stop_gradient(bias), valid, w, cfg)
+    out = _dma_core(query, key, value, bias, aux, scale, w, cfg)
+    return out[:, :length] if pad else out

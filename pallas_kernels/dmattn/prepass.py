@@ -1,0 +1,155 @@
+"""The tau pre-pass, key-centric: one expiry row e_j per key instead of an [L, L] mask.
+
+Row i keeps key j (j <= i, both real) iff fewer than w real keys k <= i have bias_k > bias_j: that is exactly
+bias_j >= tau_i with tau_i the w-th largest real bias of row i (ties at tau_i are all kept, -inf while fewer than
+w keys are allowed). The count only grows with i, so key j is kept by the contiguous rows [j, e_j), where
+p_j = the w-th smallest index among {k : bias_k > bias_j} (BIG if there are fewer than w such keys) and
+e_j = max(j, p_j). Padding keys get e_j = j (kept by no row).
+
+Computation, all O(L) memory per (batch, kv head):
+  1. XLA sort of the biases (descending, stable) -> srank_k (rank of key k) and R (number of keys strictly
+     larger than the key at each rank; ties share the first rank of their group), so bias_k > bias_j iff
+     srank_k < R_j.
+  2. `_expiry_kernel` (Pallas): one program per block of consecutive ranks scans the keys in index order,
+     counting srank_k < R_j per key until every key of the block has seen w larger keys (early exit; keys with
+     R_j < w never expire and skip the scan). The scan of a key of rank R stops after ~w L / R keys.
+  3. `_lists_kernel` (Pallas): for the flash kernels' gather formulation, per query block starting at row i0,
+     the indices of the earlier keys j < i0 still kept at row i0 (e_j > i0), in index order, at most w of them
+     without ties (count returned; a block whose count exceeds the capacity falls back to a dense scan).
+  4. `dkv_key_order`: within aligned groups of keys, the keys sorted by e_j, so that a block of the dk/dv
+     kernel covers a short range of query rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from .config import BIG, DmattnConfig, compiler_params, round_up
+
+__all__ = ["key_expiry", "query_block_lists", "dkv_key_order", "sort_ranks"]
+
+
+def sort_ranks(bias_masked):
+    """bias_masked [n, L] f32 (-inf = padding). Returns (srank [n, L] int32: rank of key k in a stable
+    descending sort; r_sorted [n, L] int32: for rank s, the number of keys strictly larger than that key)."""
+    n, length = bias_masked.shape
+    iota = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+    neg = -bias_masked
+    sv, perm = jax.lax.sort((neg, iota), dimension=1, num_keys=1, is_stable=True)
+    new_group = jnp.concatenate([jnp.ones((n, 1), bool), sv[:, 1:] != sv[:, :-1]], axis=1)
+    r_sorted = jax.lax.cummax(jnp.where(new_group, iota, 0), axis=1)
+    rows = jnp.arange(n, dtype=jnp.int32)[:, None]
+    srank = jnp.zeros((n, length), jnp.int32).at[rows, perm].set(iota, unique_indices=True)
+    return srank, r_sorted, perm
+
+
+def _expiry_kernel(r_ref, srank_ref, p_ref, *, w, bx, nx):
+    r = r_ref[...]  # [bj] strict-greater counts of this block's keys (consecutive ranks)
+    bj = r.shape[0]
+    done0 = (r < w).astype(jnp.int32)  # fewer than w larger keys: never expires
+    lane = jax.lax.broadcasted_iota(jnp.int32, (bj, bx), 1)
+
+    def cond(c):
+        xb, _, _, done = c
+        return (xb < nx) & (jnp.min(done) == 0)
+
+    def body(c):
+        xb, cnt, p, done = c
+        sr = srank_ref[pl.ds(pl.multiple_of(xb * bx, bx), bx)]
+        ind = (sr[None, :] < r[:, None]).astype(jnp.int32)  # [bj, bx]: key k (index order) larger than key j
+        tot = cnt + jnp.sum(ind, axis=1)
+        cross = (done == 0) & (tot >= w)
+
+        def find(p):
+            cum = cnt[:, None] + jnp.cumsum(ind, axis=1)
+            pos = jnp.min(jnp.where(cum >= w, xb * bx + lane, BIG), axis=1)
+            return jnp.where(cross, pos, p)
+
+        p = jax.lax.cond(jnp.max(cross.astype(jnp.int32)) > 0, find, lambda p: p, p)
+        return xb + 1, tot, p, jnp.maximum(done, cross.astype(jnp.int32))
+
+    init = (jnp.int32(0), jnp.zeros((bj,), jnp.int32), jnp.full((bj,), BIG, jnp.int32), done0)
+    _, _, p, _ = jax.lax.while_loop(cond, body, init)
+    p_ref[...] = p
+
+
+def key_expiry(bias_masked, valid, keep_window_size: int, cfg: DmattnConfig):
+    """bias_masked [n, L] f32 (-inf at padding), valid [n, L] bool -> e [n, L] int32 (row range [j, e_j))."""
+    n, length = bias_masked.shape
+    bj, bx = cfg.expiry_block_j, min(cfg.expiry_block_x, round_up(length, 16))
+    assert length % bj == 0, (length, bj)
+    srank, r_sorted, _ = sort_ranks(bias_masked)
+    lx = round_up(length, bx)
+    srank_p = jnp.pad(srank, ((0, 0), (0, lx - length)), constant_values=BIG)
+    kernel = functools.partial(_expiry_kernel, w=keep_window_size, bx=bx, nx=lx // bx)
+    p_sorted = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n, length), jnp.int32),
+        grid=(length // bj, n),
+        in_specs=[pl.BlockSpec((None, bj), lambda s, i: (i, s)), pl.BlockSpec((None, lx), lambda s, i: (i, 0))],
+        out_specs=pl.BlockSpec((None, bj), lambda s, i: (i, s)),
+        compiler_params=compiler_params(cfg.num_warps_aux, 1),
+        interpret=cfg.interpret,
+        name="dmattn_key_expiry",
+    )(r_sorted, srank_p)
+    p = jnp.take_along_axis(p_sorted, srank, axis=1)  # back to index order
+    j = jnp.arange(length, dtype=jnp.int32)[None, :]
+    e = jnp.minimum(jnp.maximum(p, j), length)
+    return jnp.where(valid, e, j)
+
+
+def _lists_kernel(e_ref, lst_ref, cnt_ref, *, block_q, chunk, cap):
+    t = pl.program_id(0)
+    i0 = t * block_q
+    lane = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+
+    def body(c, cnt):
+        j = c * chunk + lane
+        e = e_ref[pl.ds(pl.multiple_of(c * chunk, chunk), chunk)]
+        m = (j < i0) & (e > i0)
+        pos = cnt + jnp.cumsum(m.astype(jnp.int32)) - 1
+        ok = m & (pos < cap)
+        # lanes that write nothing get distinct slots past the capacity (no duplicate scatter indices)
+        pltr.store(lst_ref.at[jnp.where(ok, pos, cap + lane)], j, mask=ok)
+        return cnt + jnp.sum(m.astype(jnp.int32))
+
+    cnt = jax.lax.fori_loop(0, (i0 + chunk - 1) // chunk, body, jnp.int32(0))
+    cnt_ref[...] = jnp.full((1,), cnt, jnp.int32)
+
+
+def query_block_lists(e, block_q: int, cap: int, cfg: DmattnConfig):
+    """e [n, L] -> (lists [n, nq, cap + chunk] int32, counts [n, nq] int32): per query block t (rows
+    [t*block_q, (t+1)*block_q)), the earlier keys j < t*block_q with e_j > t*block_q, in index order (first
+    min(count, cap) entries valid)."""
+    n, length = e.shape
+    nq = length // block_q
+    chunk = min(cfg.list_chunk, round_up(length, 16))
+    lc = round_up(length, chunk)
+    e_p = jnp.pad(e, ((0, 0), (0, lc - length)))
+    width = cap + chunk
+    kernel = functools.partial(_lists_kernel, block_q=block_q, chunk=chunk, cap=cap)
+    lists, counts = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((n, nq, width), jnp.int32), jax.ShapeDtypeStruct((n, nq), jnp.int32)),
+        grid=(nq, n),
+        in_specs=[pl.BlockSpec((None, lc), lambda t, i: (i, 0))],
+        out_specs=[pl.BlockSpec((None, None, width), lambda t, i: (i, t, 0)),
+                   pl.BlockSpec((None, 1), lambda t, i: (i, t))],
+        compiler_params=compiler_params(cfg.num_warps_aux, 1),
+        interpret=cfg.interpret,
+        name="dmattn_query_block_lists",
+    )(e_p)
+    return lists, counts
+
+
+def dkv_key_order(e, group: int):
+    """e [n, L] -> perm [n, L] int32: keys sorted by e within aligned groups of `group` keys (stable)."""
+    n, length = e.shape
+    iota = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+    _, _, perm = jax.lax.sort((iota // group, e, iota), dimension=1, num_keys=2, is_stable=True)
+    return perm

@@ -73,15 +73,15 @@ def test_logical_axes_cover_every_param(is_moe):
 def test_packed_segments_equal_separate_documents():
     cfg = DogeConfig(**TINY)
     params = _randomize_A(init_params(cfg, jax.random.PRNGKey(1)))
-    model = DogeForCausalLM(cfg)
+    apply = jax.jit(DogeForCausalLM(cfg).apply)
     rng = np.random.default_rng(0)
     doc_a, doc_b = rng.integers(0, 101, 7), rng.integers(0, 101, 9)
     packed = jnp.asarray(np.concatenate([doc_a, doc_b]))[None]
     seg = jnp.asarray([0] * 7 + [1] * 9)[None]
     pos = jnp.asarray(list(range(7)) + list(range(9)))[None]
-    out, _ = model.apply({"params": params}, packed, positions=pos, segment_ids=seg)
-    ref_a, _ = model.apply({"params": params}, jnp.asarray(doc_a)[None])
-    ref_b, _ = model.apply({"params": params}, jnp.asarray(doc_b)[None])
+    out, _ = apply({"params": params}, packed, positions=pos, segment_ids=seg)
+    ref_a, _ = apply({"params": params}, jnp.asarray(doc_a)[None])
+    ref_b, _ = apply({"params": params}, jnp.asarray(doc_b)[None])
     chex.assert_trees_all_close(out[0, :7], ref_a[0], atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(out[0, 7:], ref_b[0], atol=1e-5, rtol=1e-5)
 
@@ -92,9 +92,9 @@ def test_per_token_router_is_tokenwise_and_hf_router_is_not():
     for layout, tokenwise in (("per_token", True), ("hf", False)):
         cfg = DogeConfig(**base, router_layout=layout)
         params = init_params(cfg, jax.random.PRNGKey(3))
-        model = DogeForCausalLM(cfg)
-        full, _ = model.apply({"params": params}, x)
-        row1, _ = model.apply({"params": params}, x[1:])
+        apply = jax.jit(DogeForCausalLM(cfg).apply)
+        full, _ = apply({"params": params}, x)
+        row1, _ = apply({"params": params}, x[1:])
         same = np.allclose(full[1], row1[0], atol=1e-5)
         assert same == tokenwise, layout
 
@@ -104,11 +104,11 @@ def test_remat_and_bf16():
     params = init_params(cfg, jax.random.PRNGKey(4))
     x = jax.random.randint(jax.random.PRNGKey(5), (2, 8), 0, 101)
     loss = lambda m: (lambda p: m.apply({"params": p}, x)[0].mean())
-    g0 = jax.grad(loss(DogeForCausalLM(cfg)))(params)
-    g1 = jax.grad(loss(DogeForCausalLM(cfg, remat=True)))(params)
+    g0 = jax.jit(jax.grad(loss(DogeForCausalLM(cfg))))(params)
+    g1 = jax.jit(jax.grad(loss(DogeForCausalLM(cfg, remat=True))))(params)
     chex.assert_trees_all_close(g0, g1, atol=1e-6)
-    f32, _ = DogeForCausalLM(cfg).apply({"params": params}, x)
-    bf16, _ = DogeForCausalLM(cfg, dtype=jnp.bfloat16).apply({"params": params}, x)
+    f32 = jax.jit(DogeForCausalLM(cfg).apply)({"params": params}, x)[0]
+    bf16 = jax.jit(DogeForCausalLM(cfg, dtype=jnp.bfloat16).apply)({"params": params}, x)[0]
     assert bf16.dtype == jnp.float32  # logits are returned in f32
     # bf16 activations: ~3 significant digits per op, a few ops deep -> ~5e-2 absolute on O(1) logits
     np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=5e-2)

@@ -1,0 +1,304 @@
+"""Pallas (Triton backend) kernels of the chunked SSD scan, forward and backward.
+
+Two differentiable primitives; everything between them (chunk-local cumulative decay, per-token weights,
+state passing across chunks) is small [b, h, L]- or [b, h, nc, p, n]-sized jnp glue in ``ops.py`` that JAX
+differentiates itself:
+
+* ``chunk_states(x, B, w) -> S``: per chunk c, S_c = sum_s w_s x_s B_s^T  (p x n, f32), with
+  w_s = exp(cs_end - cs_s) dt_s [same document as the chunk's last token].
+  fwd grid (b, h, nc): one program loops over the chunk's T-row blocks.  bwd grid (b, h, nc, Q/T).
+* ``chunk_scan(x, B, C, dt, cs, e, H) -> y'``: per chunk, the intra-chunk quadratic form plus the inter-chunk
+  term, y'_t = sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + e_t H_c C_t with e_t = exp(cs_t) [no reset
+  before t in the chunk].  fwd grid (b, h, nc, Q/T): one program per T-row block, looping over the column
+  blocks j <= i (flash-attention style).  bwd grid (b, h, nc, Q/T): program k computes the column-side
+  gradients of block k (dx, dB, ddt; loop over row blocks i >= k) and the row-side ones (dC, de; loop over
+  j <= k), the intra-chunk d cs of block k, and (program k = 0) dH_c.
+
+Layouts: x [b, Lp, h, p]; B, C [b, Lp, g, n] (x's dtype); dt, cs, e, w [b, h, Lp] f32; H, S [b, h, nc, p, n]
+f32; cnt [b, Lp] int32 (document-reset counts, only with packed sequences).  Lp = nc * Q, Q and T powers of
+two >= 16, p and n powers of two >= 16 (the wrapper pads).  Matmul operands are in the input dtype (bf16 or
+f32; f32 dots use IEEE precision, not TF32) with f32 accumulation; decays, weights and states are f32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+_F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _dot(a, b, dims, prec):
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
+
+
+def _prec(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _cparams(num_warps, num_stages):
+    return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _decay(cs_r, cs_c, r0, c0, T, cnt_r=None, cnt_c=None):
+    """[T, T] exp(cs_r[:, None] - cs_c[None, :]) where row position r0+i >= column position c0+j (and same
+    document), else 0."""
+    ri = lax.broadcasted_iota(jnp.int32, (T, T), 0) + r0
+    ci = lax.broadcasted_iota(jnp.int32, (T, T), 1) + c0
+    valid = ri >= ci
+    if cnt_r is not None:
+        valid = valid & (cnt_r[:, None] == cnt_c[None, :])
+    return jnp.exp(jnp.where(valid, cs_r[:, None] - cs_c[None, :], -jnp.inf))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# chunk_states
+# ------------------------------------------------------------------------------------------------------------
+def _states_fwd_kernel(x_ref, b_ref, w_ref, s_ref, *, Q, T, prec):
+    P, N = s_ref.shape
+
+    def body(j, acc):
+        sl = pl.ds(pl.multiple_of(j * T, T), T)
+        x = x_ref[sl, :]
+        xw = (x.astype(_F32) * w_ref[sl][:, None]).astype(x.dtype)
+        return acc + _dot(xw, b_ref[sl, :], _TN, prec)
+
+    s_ref[...] = lax.fori_loop(0, Q // T, body, jnp.zeros((P, N), _F32))
+
+
+def chunk_states_fwd(x, B, w, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
+    b, Lp, h, P = x.shape
+    N = B.shape[3]
+    nc = Lp // Q
+    kern = functools.partial(_states_fwd_kernel, Q=Q, T=T, prec=_prec(x.dtype))
+    return pl.pallas_call(
+        kern,
+        out_shape=jax.ShapeDtypeStruct((b, h, nc, P, N), _F32),
+        grid=(b, h, nc),
+        in_specs=[
+            pl.BlockSpec((None, Q, None, P), lambda ib, ih, ic: (ib, ic, ih, 0)),
+            pl.BlockSpec((None, Q, None, N), lambda ib, ih, ic: (ib, ic, ih // hg, 0)),
+            pl.BlockSpec((None, None, Q), lambda ib, ih, ic: (ib, ih, ic)),
+        ],
+        out_specs=pl.BlockSpec((None, None, None, P, N), lambda ib, ih, ic: (ib, ih, ic, 0, 0)),
+        compiler_params=_cparams(num_warps, num_stages),
+        interpret=interpret,
+        name="ssd_chunk_states_fwd",
+    )(x, B, w)
+
+
+def _states_bwd_kernel(x_ref, b_ref, w_ref, ds_ref, dx_ref, db_ref, dw_ref, *, prec):
+    x = x_ref[...]
+    Bm = b_ref[...]
+    w = w_ref[...]
+    dS = ds_ref[...].astype(x.dtype)
+    BdS = _dot(Bm, dS, _NT, prec)           # [T, P]
+    xdS = _dot(x, dS, _NN, prec)            # [T, N]
+    dx_ref[...] = w[:, None] * BdS
+    db_ref[...] = w[:, None] * xdS
+    dw_ref[...] = jnp.sum(x.astype(_F32) * BdS, axis=1)
+
+
+def chunk_states_bwd(x, B, w, dS, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
+    """Returns dx [b, Lp, h, P] f32, dB per head [b, Lp, h, N] f32, dw [b, h, Lp] f32."""
+    b, Lp, h, P = x.shape
+    N = B.shape[3]
+    nc, K = Lp // Q, Q // T
+    kern = functools.partial(_states_bwd_kernel, prec=_prec(x.dtype))
+    return pl.pallas_call(
+        kern,
+        out_shape=[
+            jax.ShapeDtypeStruct((b, Lp, h, P), _F32),
+            jax.ShapeDtypeStruct((b, Lp, h, N), _F32),
+            jax.ShapeDtypeStruct((b, h, Lp), _F32),
+        ],
+        grid=(b, h, nc, K),
+        in_specs=[
+            pl.BlockSpec((None, T, None, P), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0)),
+            pl.BlockSpec((None, T, None, N), lambda ib, ih, ic, k: (ib, ic * K + k, ih // hg, 0)),
+            pl.BlockSpec((None, None, T), lambda ib, ih, ic, k: (ib, ih, ic * K + k)),
+            pl.BlockSpec((None, None, None, P, N), lambda ib, ih, ic, k: (ib, ih, ic, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, T, None, P), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0)),
+            pl.BlockSpec((None, T, None, N), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0)),
+            pl.BlockSpec((None, None, T), lambda ib, ih, ic, k: (ib, ih, ic * K + k)),
+        ],
+        compiler_params=_cparams(num_warps, num_stages),
+        interpret=interpret,
+        name="ssd_chunk_states_bwd",
+    )(x, B, w, dS)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# chunk_scan
+# ------------------------------------------------------------------------------------------------------------
+def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T, prec, has_seg):
+    if has_seg:
+        cnt_ref, y_ref = rest
+    else:
+        (y_ref,) = rest
+    i = pl.program_id(3)
+    r0 = pl.multiple_of(i * T, T)
+    rows = pl.ds(r0, T)
+    Ci = c_ref[rows, :]
+    cs_i = cs_ref[rows]
+    cnt_i = cnt_ref[rows] if has_seg else None
+    H = h_ref[...].astype(Ci.dtype)
+    acc = e_ref[rows][:, None] * _dot(Ci, H, _NT, prec)   # [T, P]
+
+    def body(j, acc):
+        c0 = pl.multiple_of(j * T, T)
+        cols = pl.ds(c0, T)
+        xj = x_ref[cols, :]
+        CB = _dot(Ci, b_ref[cols, :], _NT, prec)          # [T, T]
+        dec = _decay(cs_i, cs_ref[cols], r0, c0, T, cnt_i, cnt_ref[cols] if has_seg else None)
+        W = CB * dec * dt_ref[cols][None, :]
+        return acc + _dot(W.astype(xj.dtype), xj, _NN, prec)
+
+    acc = lax.fori_loop(0, i + 1, body, acc)
+    y_ref[...] = acc.astype(y_ref.dtype)
+
+
+def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
+    b, Lp, h, P = x.shape
+    N = B.shape[3]
+    nc, K = Lp // Q, Q // T
+    has_seg = cnt is not None
+    kern = functools.partial(_scan_fwd_kernel, T=T, prec=_prec(x.dtype), has_seg=has_seg)
+    chunk_x = pl.BlockSpec((None, Q, None, P), lambda ib, ih, ic, i: (ib, ic, ih, 0))
+    chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ih, ic, i: (ib, ic, ih // hg, 0))
+    chunk_v = pl.BlockSpec((None, None, Q), lambda ib, ih, ic, i: (ib, ih, ic))
+    in_specs = [chunk_x, chunk_bc, chunk_bc, chunk_v, chunk_v, chunk_v,
+                pl.BlockSpec((None, None, None, P, N), lambda ib, ih, ic, i: (ib, ih, ic, 0, 0))]
+    args = [x, B, C, dt, cs, e, H]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, Q), lambda ib, ih, ic, i: (ib, ic)))
+        args.append(cnt)
+    return pl.pallas_call(
+        kern,
+        out_shape=jax.ShapeDtypeStruct((b, Lp, h, P), x.dtype),
+        grid=(b, h, nc, K),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, T, None, P), lambda ib, ih, ic, i: (ib, ic * K + i, ih, 0)),
+        compiler_params=_cparams(num_warps, num_stages),
+        interpret=interpret,
+        name="ssd_chunk_scan_fwd",
+    )(*args)
+
+
+def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, *rest, T, K, prec, has_seg):
+    if has_seg:
+        cnt_ref, *outs = rest
+    else:
+        outs = rest
+    dx_ref, db_ref, dc_ref, ddt_ref, dcs_ref, de_ref, dh_ref = outs
+    P, N = h_ref.shape
+    k = pl.program_id(3)
+    k0 = pl.multiple_of(k * T, T)
+    blk = pl.ds(k0, T)
+    seg = (lambda sl: cnt_ref[sl]) if has_seg else (lambda sl: None)
+
+    # ---- column side: tokens s of block k receive from rows t >= s (row blocks i >= k) ----
+    xk = x_ref[blk, :]
+    Bk = b_ref[blk, :]
+    dtk = dt_ref[blk]
+    csk = cs_ref[blk]
+    cntk = seg(blk)
+
+    def col_body(i, carry):
+        gx, gB = carry
+        r0 = pl.multiple_of(i * T, T)
+        rows = pl.ds(r0, T)
+        Ci = c_ref[rows, :]
+        dyi = dy_ref[rows, :]
+        dec = _decay(cs_ref[rows], csk, r0, k0, T, seg(rows), cntk)   # [Ti, Tk]
+        Wt = (_dot(Ci, Bk, _NT, prec) * dec).astype(dyi.dtype)
+        gx = gx + _dot(Wt, dyi, _TN, prec)                             # [Tk, P]
+        G = (_dot(dyi, xk, _NT, prec) * dec).astype(Ci.dtype)
+        gB = gB + _dot(G, Ci, _TN, prec)                               # [Tk, N]
+        return gx, gB
+
+    gx, gB = lax.fori_loop(k, K, col_body, (jnp.zeros((T, P), _F32), jnp.zeros((T, N), _F32)))
+    dx_ref[...] = dtk[:, None] * gx
+    db_ref[...] = dtk[:, None] * gB
+    ddt = jnp.sum(xk.astype(_F32) * gx, axis=1)
+    ddt_ref[...] = ddt
+
+    # ---- row side: tokens t of block k read columns s <= t (column blocks j <= k) ----
+    Ck = c_ref[blk, :]
+    dyk = dy_ref[blk, :]
+
+    def row_body(j, gC):
+        c0 = pl.multiple_of(j * T, T)
+        cols = pl.ds(c0, T)
+        xj = x_ref[cols, :]
+        dec = _decay(csk, cs_ref[cols], k0, c0, T, cntk, seg(cols))
+        G = (_dot(dyk, xj, _NT, prec) * dec * dt_ref[cols][None, :]).astype(xj.dtype)
+        return gC + _dot(G, b_ref[cols, :], _NN, prec)               # [Tk, N]
+
+    gC = lax.fori_loop(0, k + 1, row_body, jnp.zeros((T, N), _F32))
+    H = h_ref[...].astype(dyk.dtype)
+    dyH = _dot(dyk, H, _NN, prec)                                     # [Tk, N]
+    ek = e_ref[blk]
+    dc_ref[...] = gC + ek[:, None] * dyH
+    Ckf = Ck.astype(_F32)
+    de_ref[...] = jnp.sum(Ckf * dyH, axis=1)
+    dcs_ref[...] = jnp.sum(Ckf * gC, axis=1) - dtk * ddt
+
+    # ---- dH_c = sum_t e_t dy_t C_t^T (one program per chunk) ----
+    @pl.when(k == 0)
+    def _():
+        def dh_body(i, acc):
+            rows = pl.ds(pl.multiple_of(i * T, T), T)
+            dyi = dy_ref[rows, :]
+            dye = (dyi.astype(_F32) * e_ref[rows][:, None]).astype(dyi.dtype)
+            return acc + _dot(dye, c_ref[rows, :], _TN, prec)
+        dh_ref[...] = lax.fori_loop(0, K, dh_body, jnp.zeros((P, N), _F32))
+
+
+def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
+    """Returns dx [b,Lp,h,P], dB, dC per head [b,Lp,h,N], ddt, dcs, de [b,h,Lp], dH [b,h,nc,P,N]; all f32."""
+    b, Lp, h, P = x.shape
+    N = B.shape[3]
+    nc, K = Lp // Q, Q // T
+    has_seg = cnt is not None
+    kern = functools.partial(_scan_bwd_kernel, T=T, K=K, prec=_prec(x.dtype), has_seg=has_seg)
+    chunk_x = pl.BlockSpec((None, Q, None, P), lambda ib, ih, ic, k: (ib, ic, ih, 0))
+    chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ih, ic, k: (ib, ic, ih // hg, 0))
+    chunk_v = pl.BlockSpec((None, None, Q), lambda ib, ih, ic, k: (ib, ih, ic))
+    state = pl.BlockSpec((None, None, None, P, N), lambda ib, ih, ic, k: (ib, ih, ic, 0, 0))
+    in_specs = [chunk_x, chunk_bc, chunk_bc, chunk_v, chunk_v, chunk_v, state, chunk_x]
+    args = [x, B, C, dt, cs, e, H, dy]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, Q), lambda ib, ih, ic, k: (ib, ic)))
+        args.append(cnt)
+    blk_p = pl.BlockSpec((None, T, None, P), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0))
+    blk_n = pl.BlockSpec((None, T, None, N), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0))
+    blk_v = pl.BlockSpec((None, None, T), lambda ib, ih, ic, k: (ib, ih, ic * K + k))
+    return pl.pallas_call(
+        kern,
+        out_shape=[
+            jax.ShapeDtypeStruct((b, Lp, h, P), _F32),
+            jax.ShapeDtypeStruct((b, Lp, h, N), _F32),
+            jax.ShapeDtypeStruct((b, Lp, h, N), _F32),
+            jax.ShapeDtypeStruct((b, h, Lp), _F32),
+            jax.ShapeDtypeStruct((b, h, Lp), _F32),
+            jax.ShapeDtypeStruct((b, h, Lp), _F32),
+            jax.ShapeDtypeStruct((b, h, nc, P, N), _F32),
+        ],
+        grid=(b, h, nc, K),
+        in_specs=in_specs,
+        out_specs=[blk_p, blk_n, blk_n, blk_v, blk_v, blk_v, state],
+        compiler_params=_cparams(num_warps, num_stages),
+        interpret=interpret,
+        name="ssd_chunk_scan_bwd",
+    )(*args)

@@ -1,0 +1,165 @@
+"""SSD with Pallas kernels: jnp glue + custom_vjp wiring around ``kernels.py``.
+
+Forward:  pad -> chunk-local cumsum cs of dt*A (jnp) -> S = chunk_states(x, B, w) (kernel)
+          -> H = state passing across chunks (one batched matmul with a (nc+1)^2 decay matrix, jnp)
+          -> y' = chunk_scan(x, B, C, dt, cs, e, H) (kernel) -> y = (y' + D x) * silu(z) (jnp, fused by XLA).
+Backward: JAX differentiates the glue; the two kernels carry ``jax.custom_vjp`` rules whose backward passes are
+the Pallas kernels ``chunk_scan_bwd`` and ``chunk_states_bwd``.  That gives dx, ddt, dA, dB, dC, dD, dz and
+d initial_state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ssd import kernels as K
+
+_F32 = jnp.float32
+
+
+def _next_pow2(v, lo=16):
+    r = lo
+    while r < v:
+        r *= 2
+    return r
+
+
+def _reduce_groups(d_per_head, g):
+    """[b, Lp, h, N] -> [b, Lp, g, N] (sum over the heads of each group)."""
+    b, Lp, h, N = d_per_head.shape
+    if g == h:
+        return d_per_head
+    return d_per_head.reshape(b, Lp, g, h // g, N).sum(axis=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_states_op(hg, Q, T, interpret):
+    cfg = dict(hg=hg, Q=Q, T=T, interpret=interpret)
+
+    @jax.custom_vjp
+    def f(x, B, w):
+        return K.chunk_states_fwd(x, B, w, **cfg)
+
+    def fwd(x, B, w):
+        return f(x, B, w), (x, B, w)
+
+    def bwd(res, dS):
+        x, B, w = res
+        dx, dB, dw = K.chunk_states_bwd(x, B, w, dS, **cfg)
+        return dx.astype(x.dtype), _reduce_groups(dB, B.shape[2]).astype(B.dtype), dw
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_scan_op(hg, Q, T, interpret):
+    cfg = dict(hg=hg, Q=Q, T=T, interpret=interpret)
+
+    @jax.custom_vjp
+    def f(x, B, C, dt, cs, e, H, cnt):
+        return K.chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, **cfg)
+
+    def fwd(x, B, C, dt, cs, e, H, cnt):
+        return f(x, B, C, dt, cs, e, H, cnt), (x, B, C, dt, cs, e, H, cnt)
+
+    def bwd(res, dy):
+        x, B, C, dt, cs, e, H, cnt = res
+        dx, dB, dC, ddt, dcs, de, dH = K.chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, **cfg)
+        g = B.shape[2]
+        dcnt = None if cnt is None else jnp.zeros(cnt.shape, jax.dtypes.float0)
+        return (dx.astype(x.dtype), _reduce_groups(dB, g).astype(B.dtype), _reduce_groups(dC, g).astype(C.dtype),
+                ddt, dcs, de, dH, dcnt)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def _state_passing(S, cs_end, keep, h0):
+    """H_c (state entering chunk c) for c = 0..nc, where H_0 = h0, H_{c+1} = keep_c exp(cs_end_c) H_c + S_c.
+
+    S [b, h, nc, P, N], cs_end [b, h, nc], keep [b, nc] bool (no document boundary inside chunk c), h0
+    [b, h, P, N].  Computed as one batched matmul H = W @ [h0, S_0, ..., S_{nc-1}] with
+    W[c, j] = exp(sum_{k=j}^{c-1} cs_end_k) * prod keep_k (a stable masked segment sum, as in ssd_minimal).
+    """
+    b, h, nc = cs_end.shape
+    kk = jnp.arange(nc)[:, None]
+    jj = jnp.arange(nc + 1)[None, :]
+    tri = kk >= jj                                                     # [nc, nc+1]
+    Z = jnp.where(tri, cs_end[..., :, None], 0.0)                      # [b, h, nc, nc+1]
+    seg = jnp.concatenate([jnp.zeros((b, h, 1, nc + 1), _F32), jnp.cumsum(Z, axis=2)], axis=2)
+    Zm = jnp.where(tri, (~keep)[:, :, None].astype(jnp.int32), 0)     # [b, nc, nc+1]
+    zc = jnp.concatenate([jnp.zeros((b, 1, nc + 1), jnp.int32), jnp.cumsum(Zm, axis=1)], axis=1)
+    cc = jnp.arange(nc + 1)[:, None]
+    valid = (jj <= cc)[None, None] & (zc == 0)[:, None]               # [b, 1|h, nc+1, nc+1]
+    W = jnp.exp(jnp.where(valid, seg, -jnp.inf))
+    src = jnp.concatenate([h0[:, :, None], S], axis=2)                 # [b, h, nc+1, P, N]
+    Hout = jnp.einsum("bhcj,bhjpn->bhcpn", W, src, precision=jax.lax.Precision.HIGHEST)
+    return Hout[:, :, :nc], Hout[:, :, nc]
+
+
+def ssd_pallas(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=None, segment_ids=None,
+               interpret=False, block_t=None):
+    """SSD scan with the Pallas kernels. Same contract as ``wmjax.ops.ssd.ssd_chunked``: returns
+    (y [b, L, h, p] in x.dtype, final state [b, h, p, n] f32). ``interpret=True`` only for CPU tests."""
+    from wmjax.ops.ssd import _check_shapes, _finish, segment_reset_counts
+
+    _check_shapes(x, dt, A, B, C, D, z, initial_state, segment_ids)
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    Q = int(chunk_size)
+    if Q < 16 or Q & (Q - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernels, got {Q}")
+    T = min(64, Q) if block_t is None else int(block_t)
+    if T < 16 or T & (T - 1) or Q % T:
+        raise ValueError(f"block_t must be a power of two >= 16 dividing chunk_size, got {T}")
+    nc = -(-L // Q)
+    Lp = nc * Q
+    Pp, Np = _next_pow2(p), _next_pow2(n)
+    dtype = x.dtype
+
+    def pad(a, axis_pads):
+        if all(v == 0 for v in axis_pads.values()):
+            return a
+        widths = [(0, axis_pads.get(ax, 0)) for ax in range(a.ndim)]
+        return jnp.pad(a, widths)
+
+    xk = pad(x, {1: Lp - L, 3: Pp - p})
+    Bk = pad(B.astype(dtype), {1: Lp - L, 3: Np - n})
+    Ck = pad(C.astype(dtype), {1: Lp - L, 3: Np - n})
+    dtk = pad(dt.astype(_F32), {1: Lp - L}).transpose(0, 2, 1)         # [b, h, Lp]; dt = 0 on the tail
+    if initial_state is None:
+        h0 = jnp.zeros((b, h, Pp, Np), _F32)
+    else:
+        h0 = pad(initial_state.astype(_F32), {2: Pp - p, 3: Np - n})
+
+    if segment_ids is None:
+        cnt = None
+        cntc = jnp.zeros((b, nc, Q), jnp.int32)
+    else:
+        cnt = segment_reset_counts(segment_ids)
+        if Lp > L:
+            cnt = jnp.pad(cnt, ((0, 0), (0, Lp - L)), mode="edge")
+        cntc = cnt.reshape(b, nc, Q)
+    cnt_end = cntc[:, :, -1]
+    cnt_prev = jnp.concatenate([cntc[:, :1, 0], cnt_end[:, :-1]], axis=1)
+    m_end = (cntc == cnt_end[:, :, None]).astype(_F32)[:, None]        # [b, 1, nc, Q]
+    m_prev = (cntc == cnt_prev[:, :, None]).astype(_F32)[:, None]
+    keep = cnt_end == cnt_prev                                         # [b, nc]
+
+    dtc = dtk.reshape(b, h, nc, Q)
+    cs = jnp.cumsum(dtc * A.astype(_F32)[None, :, None, None], axis=-1)  # [b, h, nc, Q]
+    cs_end = cs[..., -1]
+    w = (jnp.exp(cs_end[..., None] - cs) * dtc * m_end).reshape(b, h, Lp)
+    e = (jnp.exp(cs) * m_prev).reshape(b, h, Lp)
+
+    S = _chunk_states_op(hg, Q, T, interpret)(xk, Bk, w)
+    Hin, final = _state_passing(S, cs_end, keep, h0)
+    y = _chunk_scan_op(hg, Q, T, interpret)(xk, Bk, Ck, dtk, cs.reshape(b, h, Lp), e, Hin, cnt)
+    y = y[:, :L, :, :p].astype(_F32)
+    y = _finish(y, x, D, z)
+    return y.astype(dtype), final[:, :, :p, :n]

@@ -35,20 +35,30 @@ def _reduce_groups(d_per_head, g):
     return d_per_head.reshape(b, Lp, g, h // g, N).sum(axis=3)
 
 
+def _warps(P, N, bwd):
+    big = max(P, N) >= 128
+    return 8 if (bwd and big) else 4
+
+
 @functools.lru_cache(maxsize=None)
-def _chunk_states_op(hg, Q, T, interpret):
+def _chunk_states_op(hg, Q, T, interpret, tuning=()):
+    tune = dict(tuning)
     cfg = dict(hg=hg, Q=Q, T=T, interpret=interpret)
+
+    def tw(name, P, N, bwd):
+        return dict(num_warps=tune.get(name + "_warps", _warps(P, N, bwd)),
+                    num_stages=tune.get(name + "_stages", 2))
 
     @jax.custom_vjp
     def f(x, B, w):
-        return K.chunk_states_fwd(x, B, w, **cfg)
+        return K.chunk_states_fwd(x, B, w, **cfg, **tw("states_fwd", x.shape[3], B.shape[3], False))
 
     def fwd(x, B, w):
         return f(x, B, w), (x, B, w)
 
     def bwd(res, dS):
         x, B, w = res
-        dx, dB, dw = K.chunk_states_bwd(x, B, w, dS, **cfg)
+        dx, dB, dw = K.chunk_states_bwd(x, B, w, dS, **cfg, **tw("states_bwd", x.shape[3], B.shape[3], True))
         return dx.astype(x.dtype), _reduce_groups(dB, B.shape[2]).astype(B.dtype), dw
 
     f.defvjp(fwd, bwd)
@@ -56,19 +66,25 @@ def _chunk_states_op(hg, Q, T, interpret):
 
 
 @functools.lru_cache(maxsize=None)
-def _chunk_scan_op(hg, Q, T, interpret):
+def _chunk_scan_op(hg, Q, T, interpret, tuning=()):
+    tune = dict(tuning)
     cfg = dict(hg=hg, Q=Q, T=T, interpret=interpret)
+
+    def tw(name, P, N, bwd):
+        return dict(num_warps=tune.get(name + "_warps", _warps(P, N, bwd)),
+                    num_stages=tune.get(name + "_stages", 2))
 
     @jax.custom_vjp
     def f(x, B, C, dt, cs, e, H, cnt):
-        return K.chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, **cfg)
+        return K.chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, **cfg, **tw("scan_fwd", x.shape[3], B.shape[3], False))
 
     def fwd(x, B, C, dt, cs, e, H, cnt):
         return f(x, B, C, dt, cs, e, H, cnt), (x, B, C, dt, cs, e, H, cnt)
 
     def bwd(res, dy):
         x, B, C, dt, cs, e, H, cnt = res
-        dx, dB, dC, ddt, dcs, de, dH = K.chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, **cfg)
+        dx, dB, dC, ddt, dcs, de, dH = K.chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, **cfg,
+                                                        **tw("scan_bwd", x.shape[3], B.shape[3], True))
         g = B.shape[2]
         dcnt = None if cnt is None else jnp.zeros(cnt.shape, jax.dtypes.float0)
         return (dx.astype(x.dtype), _reduce_groups(dB, g).astype(B.dtype), _reduce_groups(dC, g).astype(C.dtype),
@@ -102,7 +118,7 @@ def _state_passing(S, cs_end, keep, h0):
 
 
 def ssd_pallas(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=None, segment_ids=None,
-               interpret=False, block_t=None):
+               interpret=False, block_t=None, tuning=None):
     """SSD scan with the Pallas kernels. Same contract as ``wmjax.ops.ssd.ssd_chunked``: returns
     (y [b, L, h, p] in x.dtype, final state [b, h, p, n] f32). ``interpret=True`` only for CPU tests."""
     from wmjax.ops.ssd import _check_shapes, _finish, segment_reset_counts
@@ -157,9 +173,10 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=
     w = (jnp.exp(cs_end[..., None] - cs) * dtc * m_end).reshape(b, h, Lp)
     e = (jnp.exp(cs) * m_prev).reshape(b, h, Lp)
 
-    S = _chunk_states_op(hg, Q, T, interpret)(xk, Bk, w)
+    tuning = tuple(sorted((tuning or {}).items()))
+    S = _chunk_states_op(hg, Q, T, interpret, tuning)(xk, Bk, w)
     Hin, final = _state_passing(S, cs_end, keep, h0)
-    y = _chunk_scan_op(hg, Q, T, interpret)(xk, Bk, Ck, dtk, cs.reshape(b, h, Lp), e, Hin, cnt)
+    y = _chunk_scan_op(hg, Q, T, interpret, tuning)(xk, Bk, Ck, dtk, cs.reshape(b, h, Lp), e, Hin, cnt)
     y = y[:, :L, :, :p].astype(_F32)
     y = _finish(y, x, D, z)
     return y.astype(dtype), final[:, :, :p, :n]

@@ -80,7 +80,7 @@ def prepare_mask(key_bias, valid, keep_window_size: int, cfg: DmattnConfig):
         return dict(e=e)
     bias_m = jnp.where(valid_g, key_bias, -jnp.inf).reshape(b * g, lp)
     e = key_expiry(bias_m, valid_g.reshape(b * g, lp), keep_window_size, cfg)
-    cap = round_up(keep_window_size, 128)
+    cap = _cap(keep_window_size)
     out = dict(e=e.reshape(b, g, lp))
     lists = {}
     for bq in sorted({cfg.block_q, cfg.block_q_dq}):
@@ -93,8 +93,19 @@ def prepare_mask(key_bias, valid, keep_window_size: int, cfg: DmattnConfig):
     return out
 
 
+def _cpu_only() -> bool:
+    try:
+        if jax.default_backend() != "cpu":
+            return False
+        dev = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+        return dev is None or getattr(dev, "platform", "cpu") == "cpu"
+    except Exception:  # pragma: no cover
+        return False
+
+
 def _cap(keep_window_size):
-    return round_up(keep_window_size, 128)
+    """List capacity: without ties at most w earlier keys are kept at a block's first row."""
+    return int(keep_window_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -125,17 +136,21 @@ _dma_core.defvjp(_dma_fwd, _dma_bwd)
 def dynamic_mask_attention_pallas(query, key, value, key_bias, *, keep_window_size, query_positions=None,
                                   key_positions=None, key_mask=None, query_segment_ids=None, key_segment_ids=None,
                                   sliding_window=None, scale=None, config: Optional[DmattnConfig] = None,
-                                  interpret: bool = False):
+                                  interpret: Optional[bool] = None):
     """Flash dynamic-mask attention; same meaning as `wmjax.ops.dmattn.dynamic_mask_attention_reference` on
     the calls `supports` accepts, except that a row with no allowed key outputs zeros (reference: uniform
     average; such rows are padding queries). Ties: keys whose bias equals tau_i are all kept. O(L) memory.
-    `config` overrides the GPU block sizes; `interpret=True` runs Pallas interpret mode (CPU tests only)."""
+    `config` overrides the GPU block sizes. `interpret`: None = auto (interpret mode only when the default
+    backend is the CPU and no GPU target is being lowered for, so that CPU runs of the model work; on a GPU never),
+    True forces Pallas interpret mode (CPU tests), False forces the Triton kernels."""
     if query_segment_ids is not None or key_segment_ids is not None or sliding_window is not None:
         raise ValueError("dynamic_mask_attention_pallas: segment ids / sliding window are not supported")
     b, length, h, d = query.shape
     scale = float(d ** -0.5 if scale is None else scale)
     w = int(keep_window_size)
     cfg = config if config is not None else default_config(d, query.dtype)
+    if interpret is None:
+        interpret = _cpu_only()
     if interpret and not cfg.interpret:
         cfg = DmattnConfig(**{**cfg.__dict__, "interpret": True})
     lp = round_up(length, cfg.seq_multiple)

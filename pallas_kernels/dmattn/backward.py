@@ -117,7 +117,8 @@ def flash_backward(q, k, v, bias, e, o, lse, do, lists, counts, perm, *, scale, 
     g = k.shape[2]
     r = h // g
     prec = dot_precision(q.dtype)
-    delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+    delta = jnp.einsum("blhd,blhd->bhl", o, do, preferred_element_type=jnp.float32,
+                       precision=jax.lax.Precision.HIGHEST)
     sparse = lists is not None
 
     # ---- dq

@@ -152,7 +152,7 @@ DEFAULT_CONFIG: dict = {
         "tokenizer": {"vocab_size": 2048, "corpus": "stdlib", "max_corpus_bytes": 6_000_000},
         "max_documents": 0,
     },
-    "train": {"steps": 400, "global_batch_size": 16, "log_every": 10},
+    "train": {"steps": 500, "global_batch_size": 16, "log_every": 10},
     "optimizer": {"lr": 3e-3, "warmup_steps": 40, "schedule": "wsd", "decay_fraction": 0.25},
     "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
     "checkpoint": {"every": 100, "keep": 3},

@@ -1,0 +1,342 @@
+"""Benchmark: flash dynamic-mask attention (wmjax Pallas kernel, pre-pass included) vs peers, one process.
+
+Doge-160M heads (h_q=6, h_kv=3, d=128), bf16, keep_window_size w=2048, causal, per-key bias f32.
+Shapes (b, L): (4, 2048), (2, 8192), (1, 32768); forward and forward+backward (grads of q, k, v, bias).
+Peers: tokamax `dot_product_attention` (mosaic, causal + key bias, dense: no top-k), the HF path (dense
+[b, h, L, L] mask build with torch.topk + SDPA), flash-dmattn 1.2.2's Triton kernel (dense mask/bias inputs).
+All outputs (and grads where the op is the same) are checked against each other.
+
+Run on the GPU (peers from ../shared/tools/fetch_anchors.sh):
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.anchors/py:$PYTHONPATH python bench/dmattn.py
+Flags: --shapes 4x2048,2x8192,1x32768  --skip hf,fdm,tokamax  --check-only
+TFLOP/s use the dense-causal convention for every implementation (fwd 4*b*h*L^2*d/2, fwd+bwd 3.5x that), so
+they are "equivalent" rates; the top-k kernel does fewer FLOPs than that at L > w.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.dmattn import dynamic_mask_attention_pallas  # noqa: E402
+from wmjax.ops.dmattn import dynamic_mask_attention_reference  # noqa: E402
+
+H, G, D, W = 6, 3, 128, 2048
+
+
+def rel(a, b):
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def time_jax(f, args, n=10, trials=7):
+    out = f(*args)
+    jax.block_until_ready(out)
+    out = f(*args)
+    jax.block_until_ready(out)
+    ts = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = f(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / n)
+    return float(np.median(ts)) * 1e3
+
+
+def time_torch(fn):
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def make_inputs(b, length, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(ks[0], (b, length, H, D), jnp.float32).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, length, G, D), jnp.float32).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, length, G, D), jnp.float32).astype(jnp.bfloat16)
+    dt = jax.random.normal(ks[3], (b, G, length), jnp.float32)
+    bias = jnp.exp(-0.7 * jax.nn.softplus(dt))  # Doge's exp(A softplus(dt)), distinct values
+    do = jax.random.normal(ks[4], (b, length, H, D), jnp.float32).astype(jnp.bfloat16)
+    return q, k, v, bias, do
+
+
+def wmjax_fns(length, w):
+    pos = jnp.arange(length, dtype=jnp.int32)[None]
+
+    def fwd(q, k, v, bias):
+        p = jnp.broadcast_to(pos, q.shape[:2])
+        return dynamic_mask_attention_pallas(q, k, v, bias, keep_window_size=w, query_positions=p, key_positions=p,
+                                             interpret=False)
+
+    def fwdbwd(q, k, v, bias, do):
+        out, vjp = jax.vjp(fwd, q, k, v, bias)
+        return (out,) + vjp(do)
+
+    return jax.jit(fwd), jax.jit(fwdbwd)
+
+
+def tokamax_fns():
+    import tokamax
+
+    def fwd(q, k, v, bias):
+        bias_h = jnp.repeat(bias, H // G, axis=1)[:, :, None, :]  # (b, h, 1, L) f32 per-key bias
+        return tokamax.dot_product_attention(q, k, v, bias=bias_h, is_causal=True, implementation="mosaic")
+
+    def fwdbwd(q, k, v, bias, do):
+        out, vjp = jax.vjp(fwd, q, k, v, bias)
+        return (out,) + vjp(do)
+
+    return jax.jit(fwd), jax.jit(fwdbwd)
+
+
+def to_torch(x, dtype=None):
+    import torch
+    t = torch.from_numpy(np.asarray(x, np.float32)).cuda()
+    return t if dtype is None else t.to(dtype)
+
+
+def hf_fns(w):
+    """HF transformers Doge (sdpa): prepare_dynamic_mask (expand, causal fill, topk, scatter) + repeat_kv + SDPA."""
+    import torch
+    import torch.nn.functional as F
+
+    def build_mask(bias, length, dtype=torch.bfloat16):  # bias (b, g, L) f32 -> (b, h, L, L) additive mask
+        min_dtype = torch.finfo(dtype).min
+        attn = bias[:, :, None, :].expand(-1, -1, length, -1)
+        causal = torch.ones(length, length, dtype=torch.bool, device=bias.device).triu(1)
+        attn = attn.masked_fill(causal, min_dtype)
+        if length > w:
+            active = torch.zeros_like(attn)
+            idx = torch.topk(attn, w, dim=-1, largest=True, sorted=False).indices
+            active = active.scatter(-1, idx, 1.0)
+            attn = attn.masked_fill(active == 0.0, min_dtype)
+        return attn.repeat_interleave(H // G, dim=1).to(dtype)
+
+    def fwd(q, k, v, bias):  # q (b, h, L, d), k/v (b, g, L, d)
+        mask = build_mask(bias, q.shape[2], q.dtype)
+        kk = k.repeat_interleave(H // G, dim=1)
+        vv = v.repeat_interleave(H // G, dim=1)
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=D ** -0.5)
+
+    return build_mask, fwd
+
+
+def fdm_fn(w):
+    from flash_dmattn.flash_dmattn_triton import triton_dmattn_func
+
+    def fwd(q, k, v, mask, bias):  # q (b, L, h, d); k, v (b, L, h, d) repeated; mask/bias (b, h, L, L)
+        return triton_dmattn_func(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=True, softmax_scale=D ** -0.5)
+
+    return fwd
+
+
+def gpu_f32_check():
+    """Small f32 parity check of the kernel (IEEE dots) against the jnp reference, on the device."""
+    b, length, h, g, d, w = 2, 1000, 4, 2, 64, 300
+    ks = jax.random.split(jax.random.PRNGKey(1), 5)
+    q = jax.random.normal(ks[0], (b, length, h, d))
+    k = jax.random.normal(ks[1], (b, length, g, d))
+    v = jax.random.normal(ks[2], (b, length, g, d))
+    bias = jnp.exp(-0.7 * jax.nn.softplus(jax.random.normal(ks[3], (b, g, length))))
+    do = jax.random.normal(ks[4], (b, length, h, d))
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    km = jnp.arange(length)[None, :] < jnp.array([length, length - 77])[:, None]  # right padding
+    res = {}
+    for name, fn in (("pallas", lambda *a: dynamic_mask_attention_pallas(*a, keep_window_size=w, query_positions=pos,
+                                                                         key_positions=pos, key_mask=km,
+                                                                         interpret=False)),
+                     ("ref", lambda *a: dynamic_mask_attention_reference(*a, keep_window_size=w, query_positions=pos,
+                                                                         key_positions=pos, key_mask=km))):
+        def f(q, k, v, bias, fn=fn):
+            out, vjp = jax.vjp(fn, q, k, v, bias)
+            return (out,) + vjp(do)
+        res[name] = jax.jit(f)(q, k, v, bias)
+    names = ("out", "dq", "dk", "dv", "dbias")
+    errs = {n: rel(a, e) for n, a, e in zip(names, res["pallas"], res["ref"])}
+    print("GPU f32 parity (b2 L1000 h4 g2 d64 w300, padding):", {k_: f"{v_:.2e}" for k_, v_ in errs.items()},
+          "PASS" if max(errs.values()) <= 1e-4 else "FAIL", flush=True)
+    return errs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="4x2048,2x8192,1x32768")
+    ap.add_argument("--skip", default="")
+    ap.add_argument("--check-only", action="store_true")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    print("jax", jax.__version__, "device", jax.devices()[0].device_kind, flush=True)
+    try:
+        gpu_f32_check()
+    except Exception:
+        traceback.print_exc()
+    if args.check_only:
+        return
+    have_torch = False
+    if not ({"hf", "fdm"} <= skip):
+        try:
+            import torch
+            have_torch = torch.cuda.is_available()
+            print("torch", torch.__version__, flush=True)
+        except Exception:
+            traceback.print_exc()
+
+    rows = []
+    for shp in args.shapes.split(","):
+        b, length = map(int, shp.split("x"))
+        flop_fwd = 4.0 * b * H * length * length * D / 2
+        q, k, v, bias, do = make_inputs(b, length)
+        res = {}
+        t = {}
+
+        def record(name, fwd_ms, fb_ms):
+            t[name] = (fwd_ms, fb_ms)
+            print(f"  b{b} L{length} {name:28s} fwd {fwd_ms:8.3f} ms  fwd+bwd {fb_ms:8.3f} ms", flush=True)
+
+        # wmjax
+        try:
+            f, fb = wmjax_fns(length, W)
+            res["wmjax"] = jax.device_get(fb(q, k, v, bias, do))
+            record("wmjax pallas (w/ pre-pass)", time_jax(f, (q, k, v, bias)), time_jax(fb, (q, k, v, bias, do)))
+            if length == 32768:
+                try:
+                    ma = fb.lower(q, k, v, bias, do).compile().memory_analysis()
+                    print(f"  memory_analysis fwd+bwd L{length}: temp {ma.temp_size_in_bytes / 2**20:.1f} MiB, "
+                          f"args {ma.argument_size_in_bytes / 2**20:.1f} MiB, out {ma.output_size_in_bytes / 2**20:.1f}"
+                          f" MiB; one [L, L] f32 = {length * length * 4 / 2**20:.0f} MiB", flush=True)
+                except Exception:
+                    traceback.print_exc()
+            if length > W:  # the same kernel without top-k (w = L): dense causal + key bias, no pre-pass
+                fd, fbd = wmjax_fns(length, length)
+                res["wmjax_dense"] = jax.device_get(fbd(q, k, v, bias, do))
+                record("wmjax pallas dense (w=L)", time_jax(fd, (q, k, v, bias)), time_jax(fbd, (q, k, v, bias, do)))
+        except Exception:
+            traceback.print_exc()
+        # tokamax
+        if "tokamax" not in skip:
+            try:
+                f, fb = tokamax_fns()
+                res["tokamax"] = jax.device_get(fb(q, k, v, bias, do))
+                record("tokamax mosaic causal+keybias", time_jax(f, (q, k, v, bias)),
+                       time_jax(fb, (q, k, v, bias, do)))
+            except Exception:
+                traceback.print_exc()
+        # torch peers
+        if have_torch:
+            import torch
+            tq = to_torch(q, torch.bfloat16)
+            tk = to_torch(k, torch.bfloat16)
+            tv = to_torch(v, torch.bfloat16)
+            tb = to_torch(bias)
+            tdo = to_torch(do, torch.bfloat16)
+            if "hf" not in skip:
+                try:
+                    build, hf = hf_fns(W)
+                    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (tq, tk, tv))
+                    doh = tdo.transpose(1, 2).contiguous()
+                    leaves = [x.detach().requires_grad_(True) for x in (qh, kh, vh, tb)]
+
+                    def hf_fb():
+                        for x in leaves:
+                            x.grad = None
+                        o = hf(*leaves)
+                        o.backward(doh)
+                        return o
+
+                    o = hf_fb()
+                    res["hf"] = (o.transpose(1, 2).float().cpu().numpy(),
+                                 leaves[0].grad.transpose(1, 2).float().cpu().numpy(),
+                                 leaves[1].grad.transpose(1, 2).float().cpu().numpy(),
+                                 leaves[2].grad.transpose(1, 2).float().cpu().numpy(),
+                                 leaves[3].grad.float().cpu().numpy())
+                    with torch.no_grad():
+                        tm = time_torch(lambda: build(tb, length))
+                        tf_ = time_torch(lambda: hf(qh, kh, vh, tb))
+                    tfb = time_torch(hf_fb)
+                    print(f"  b{b} L{length} HF mask build alone {tm:.3f} ms", flush=True)
+                    record("HF mask build + SDPA", tf_, tfb)
+                except Exception:
+                    traceback.print_exc()
+                finally:
+                    leaves = None
+                    torch.cuda.empty_cache()
+            if "fdm" not in skip and length <= 8192:
+                try:
+                    build, _ = hf_fns(W)
+                    fdm = fdm_fn(W)
+                    with torch.no_grad():
+                        add = build(tb, length)  # (b, h, L, L) bf16: bias where kept, min elsewhere
+                        mask = (add > torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+                        fb_bias = torch.where(mask > 0, add, torch.zeros((), dtype=add.dtype, device=add.device))
+                    del add
+                    kk = tk.repeat_interleave(H // G, dim=2).contiguous()
+                    vv = tv.repeat_interleave(H // G, dim=2).contiguous()
+                    leaves = [x.detach().requires_grad_(True) for x in (tq, kk, vv)]
+                    fb_bias = fb_bias.requires_grad_(True)
+
+                    def fdm_fb():
+                        for x in leaves + [fb_bias]:
+                            x.grad = None
+                        o = fdm(*leaves, mask, fb_bias)
+                        o.backward(tdo)
+                        return o
+
+                    o = fdm_fb()
+                    res["fdm_out"] = o.float().cpu().numpy()
+                    with torch.no_grad():
+                        tf_ = time_torch(lambda: fdm(tq, kk, vv, mask, fb_bias))
+                    tfb = time_torch(fdm_fb)
+                    record("flash-dmattn 1.2.2 triton", tf_, tfb)
+                except Exception:
+                    traceback.print_exc()
+                finally:
+                    leaves = mask = fb_bias = None
+                    torch.cuda.empty_cache()
+            elif "fdm" not in skip:
+                print(f"  b{b} L{length} flash-dmattn skipped: needs dense (b, h, L, L) bf16 mask and bias "
+                      f"({2 * b * H * length * length * 2 / 2**30:.0f} GiB) and ~16x its 8k time (~1.5 s fwd+bwd)",
+                      flush=True)
+        # cross-checks
+        names = ("out", "dq", "dk", "dv", "dbias")
+        if "wmjax" in res and "hf" in res:
+            print("  check wmjax vs HF (top-k):", {n: f"{rel(a, e):.1e}" for n, a, e in
+                                                 zip(names, res["wmjax"], res["hf"])}, flush=True)
+        if "fdm_out" in res and "hf" in res:
+            print(f"  check flash-dmattn vs HF out: {rel(res['fdm_out'], res['hf'][0]):.1e}", flush=True)
+        if "tokamax" in res:
+            dense = res.get("wmjax_dense", res.get("wmjax"))
+            if dense is not None:
+                print("  check tokamax vs wmjax dense (no top-k):", {n: f"{rel(a, e):.1e}" for n, a, e in
+                                                                     zip(names, dense, res["tokamax"])}, flush=True)
+        rows.append((b, length, flop_fwd, t))
+        res = None
+
+    print("\n| shape | implementation | fwd ms | fwd TF/s* | fwd+bwd ms | fwd+bwd TF/s* | wmjax speedup fwd / fwd+bwd |")
+    print("|---|---|---|---|---|---|---|")
+    for b, length, flop, t in rows:
+        mine = t.get("wmjax pallas (w/ pre-pass)")
+        for name, (tf_, tfb) in t.items():
+            sp = f"{tf_ / mine[0]:.2f}x / {tfb / mine[1]:.2f}x" if mine else "-"
+            print(f"| b{b} L{length} | {name} | {tf_:.3f} | {flop / tf_ / 1e9:.0f} | {tfb:.3f} | "
+                  f"{3.5 * flop / tfb / 1e9:.0f} | {sp} |")
+    print("* dense-causal FLOP convention (fwd 4 b h L^2 d / 2; fwd+bwd 3.5x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Training (``python -m train``): config, data packing/order, optimizer, CLI end to end, exact resume after
+SIGKILL (sharded over 8 fake CPU devices), corrupt-checkpoint fallback, NaN stop.
+
+The CLI runs are subprocesses with a tiny model and few steps, so the whole file stays fast on 2 CPU cores.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from train.config import DEFAULT_CONFIG, ConfigError, load_config, to_dict  # noqa: E402
+from train.data import BatchIterator, PackedDataset, open_token_file, pack, write_token_file  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------------------------
+# config
+
+
+def test_config_defaults_overrides_and_errors(tmp_path):
+    cfg = load_config(None, ["optimizer.lr=3e-4", "mesh.fsdp=2", "model.hidden_size=64", "data.paths=[a, b]"])
+    assert cfg.optimizer.lr == 3e-4 and cfg.mesh.fsdp == 2 and cfg.model["hidden_size"] == 64
+    assert cfg.data.paths == ("a", "b")
+    assert cfg.train.steps == DEFAULT_CONFIG["train"]["steps"]
+    with pytest.raises(ConfigError, match=r"optimizer\.lrr"):
+        load_config(None, ["optimizer.lrr=1"])
+    with pytest.raises(ConfigError, match=r"train\.steps: expected an integer"):
+        load_config(None, ["train.steps=ten"])
+    with pytest.raises(ConfigError, match=r"optimizer\.schedule"):
+        load_config(None, ["optimizer.schedule=linear"])
+    with pytest.raises(ConfigError, match=r"grad_accum"):
+        load_config(None, ["train.global_batch_size=10", "train.grad_accum=3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["optimizer.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer:\n  lr: 1e-3\n  betas: [0.9, 0.95]\n")
+    with pytest.raises(ConfigError, match=r"optimizer\.betas"):
+        load_config(str(bad))
+    # YAML 1.1 reads 1e-3 as a string: still accepted as a float
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("optimizer:\n  lr: 1e-3\n")
+    assert load_config(str(ok)).optimizer.lr == 1e-3
+
+
+def test_shipped_configs_load():
+    tiny = load_config(os.path.join(ROOT, "configs", "tiny.yaml"))
+    assert to_dict(tiny) == to_dict(load_config(None)), "configs/tiny.yaml must equal the embedded default"
+    big = load_config(os.path.join(ROOT, "configs", "doge-160m.yaml"))
+    assert big.model["preset"] == "Doge-160M" and big.data.seq_len == 2048
+
+
+def test_unknown_model_field_is_an_error():
+    from train.trainer import build_model_config
+
+    with pytest.raises(ConfigError, match=r"model\.hiden_size"):
+        build_model_config({"hiden_size": 3}, 256)
+    c = build_model_config({"preset": "Doge-20M", "vocab_size": "tokenizer"}, 512)
+    assert c.vocab_size == 512 and c.hidden_size == 256
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data
+
+
+def test_pack_segments_positions_mask():
+    bos, eos = 2, 3
+    w = np.array([[bos, 10, 11, eos, bos, 12, 13, eos, bos, 14]], np.int32)
+    b = pack(w, eos, bos)
+    assert b["tokens"].tolist() == [[2, 10, 11, 3, 2, 12, 13, 3, 2]]
+    assert b["targets"].tolist() == [[10, 11, 3, 2, 12, 13, 3, 2, 14]]
+    assert b["segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 2, 2, 3]]
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0]]
+    assert b["loss_mask"].tolist() == [[1, 1, 1, 0, 1, 1, 1, 0, 1]]
+    # a window that starts mid-document
+    b = pack(np.array([[20, 21, eos, bos, 22]], np.int32), eos, bos)
+    assert b["segment_ids"].tolist() == [[1, 1, 1, 2]] and b["positions"].tolist() == [[0, 1, 2, 0]]
+
+
+def test_token_file_order_resume_and_host_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[2], rng.integers(4, 100, size=rng.integers(5, 60)), [3]]) for _ in range(80)]
+    info = write_token_file(str(tmp_path / "t.bin"), docs, vocab_size=100, meta={"bos_id": 2, "eos_id": 3})
+    arr, meta = open_token_file(str(tmp_path / "t.bin"))
+    assert arr.shape[0] == info["num_tokens"] == sum(len(d) for d in docs) and arr.dtype == np.uint16
+    assert np.array_equal(np.asarray(arr[: len(docs[0])]), docs[0])
+    ds = PackedDataset([str(tmp_path / "t.bin")], seq_len=16, seed=1)
+    it = BatchIterator(ds, global_batch=8)
+    batches = [next(it) for _ in range(ds.num_windows // 8 + 3)]  # runs into the second epoch
+    # every window appears exactly once per epoch
+    first_epoch = [ds.window_index(k) for k in range(ds.num_windows)]
+    assert sorted(first_epoch) == list(range(ds.num_windows))
+    # resuming from a saved position gives the same batches
+    it2 = BatchIterator(ds, global_batch=8)
+    it2.restore(BatchIterator(ds, 8, samples_seen=8 * 5).state().to_json())
+    assert all(np.array_equal(next(it2)["tokens"], batches[5 + i]["tokens"]) for i in range(3))
+    # two hosts: each reads only its half of every global batch; together they are the global batch
+    h0 = BatchIterator(ds, 8, process_index=0, process_count=2)
+    h1 = BatchIterator(ds, 8, process_index=1, process_count=2)
+    for b in batches[:4]:
+        x0, x1 = next(h0), next(h1)
+        assert x0["tokens"].shape == (4, 16)
+        assert np.array_equal(np.concatenate([x0["tokens"], x1["tokens"]]), b["tokens"])
+    # a different dataset refuses the checkpointed position
+    ds_other = PackedDataset([str(tmp_path / "t.bin")], seq_len=8, seed=1)
+    with pytest.raises(ValueError, match="fingerprint"):
+        BatchIterator(ds_other, 8).restore(it.state().to_json())
+    # truncated token file is detected
+    with open(tmp_path / "t.bin", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(ValueError, match="truncated"):
+        open_token_file(str(tmp_path / "t.bin"))
+
+
+def test_jsonl_and_prepare(tmp_path):
+    """`python -m train.prepare` writes token files from JSONL that the tokens source reads."""
+    src = tmp_path / "d.jsonl"
+    with open(src, "w") as fh:
+        for i in range(200):
+            fh.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n", "id": i}) + "\n")
+    out = tmp_path / "tok" / "train"
+    r = subprocess.run([sys.executable, "-m", "train.prepare", "--input", str(src), "--format", "jsonl",
+                        "--output", str(out), "--vocab-size", "300", "--tokenizer-dir", str(tmp_path / "sp")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    arr, meta = open_token_file(str(out) + ".bin")
+    assert meta["num_documents"] == 200 and arr.shape[0] > 200 * 5
+    assert os.path.exists(meta["tokenizer"])
+    from train.tokenizer import Tokenizer
+
+    tok = Tokenizer(meta["tokenizer"])
+    first = np.asarray(arr[: list(np.asarray(arr)).index(meta["eos_id"]) + 1])
+    assert first[0] == meta["bos_id"] and tok.decode(first[1:-1]) == "def f0(x):\n    return x * 0 + 0\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# optimizer
+
+
+def test_no_weight_decay_on_norms_biases_residuals_A():
+    import jax.numpy as jnp
+
+    from train.optim import decay_mask, make_schedule
+    from train.config import OptimizerConfig
+
+    params = {"model": {"embed_tokens": {"embedding": jnp.zeros((4, 2))},
+                        "layers_0": {"input_residual": jnp.zeros((2,)), "input_layernorm": {"weight": jnp.zeros((2,))},
+                                     "self_attn": {"A": jnp.zeros((2,)), "q_proj": {"kernel": jnp.zeros((2, 2)),
+                                                                                   "bias": jnp.zeros((2,))}}}}}
+    m = decay_mask(params)["model"]
+    assert m["embed_tokens"]["embedding"] and m["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert not any([m["layers_0"]["input_residual"], m["layers_0"]["input_layernorm"]["weight"],
+                    m["layers_0"]["self_attn"]["A"], m["layers_0"]["self_attn"]["q_proj"]["bias"]])
+    s = make_schedule(OptimizerConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2), 100)
+    vals = [float(s(i)) for i in range(100)]
+    assert vals[0] == pytest.approx(0.1) and vals[9] == 1.0 and vals[50] == 1.0 and vals[79] == 1.0
+    assert vals[90] == pytest.approx(0.5) and vals[99] < 0.06
+    c = make_schedule(OptimizerConfig(lr=1.0, warmup_steps=10, schedule="cosine"), 100)
+    assert float(c(10)) == pytest.approx(1.0) and float(c(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the CLI, end to end
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from train.tokenizer import stdlib_files
+
+    d = tmp_path_factory.mktemp("corpus")
+    files = [f for f in stdlib_files() if 8_000 < os.path.getsize(f) < 40_000][:12]
+    for i, f in enumerate(files):
+        shutil.copy(f, d / f"doc{i:02d}.py")
+    return d
+
+
+def _tiny_args(corpus, cache, run_dir, steps, every, extra=()):
+    return ["--run-dir", str(run_dir), "--steps", str(steps),
+            "--set", f"data.source=text", "--set", f"data.paths=[{corpus}]", "--set", "data.seq_len=32",
+            "--set", "data.tokenizer.corpus=data", "--set", "data.tokenizer.vocab_size=320",
+            "--set", f"data.tokenizer.cache_dir={cache}/tok", "--set", f"data.cache_dir={cache}/data",
+            "--set", "model.hidden_size=32", "--set", "model.intermediate_size=64",
+            "--set", "model.num_attention_heads=2", "--set", "model.num_key_value_heads=2",
+            "--set", "model.head_dim=16", "--set", "model.num_hidden_layers=1",
+            "--set", "train.global_batch_size=8", "--set", "train.log_every=2", "--set", "train.sample_tokens=12",
+            "--set", "optimizer.warmup_steps=2", "--set", f"checkpoint.every={every}", "--set", "checkpoint.keep=3",
+            *extra]
+
+
+def _run_cli(args, env_extra=None, devices=1, timeout=420):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _losses(run_dir):
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        for line in fh:
+            r = json.loads(line)
+            out[r["step"]] = r["loss"]
+    return out
+
+
+MESH = ["--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2"]
+
+
+@pytest.fixture(scope="module")
+def full_run(corpus, tmp_path_factory):
+    """An uninterrupted 12-step run (checkpoints at 4, 8, 12), sharded dp2/fsdp2/tp2 over 8 fake devices."""
+    base = tmp_path_factory.mktemp("runs")
+    cache = tmp_path_factory.mktemp("cache")
+    p = _run_cli(_tiny_args(corpus, cache, base / "full", 12, 4, MESH), devices=8)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return base, cache, p
+
+
+def test_cli_outputs(full_run):
+    base, _, p = full_run
+    run = base / "full"
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 13))
+    assert os.path.getsize(run / "loss.png") > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))
+    assert sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit()) == [4, 8, 12]
+    assert "[sample]" in p.stdout and "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in p.stdout
+    assert "tok/s" in p.stdout  # the progress bar
+    assert json.load(open(run / "summary.json"))["steps"] == 12
+
+
+def test_exact_resume_after_sigkill(full_run, corpus):
+    """Killed by SIGKILL right after its step-8 checkpoint, then resumed: steps 9..12 are bitwise the same."""
+    base, cache, _ = full_run
+    run = base / "killed"
+    args = _tiny_args(corpus, cache, run, 12, 4, MESH)
+    p = _run_cli(args, env_extra={"WMJAX_DEBUG_SIGKILL_AFTER_CKPT": "8"}, devices=8)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    assert max(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit()) == 8
+    p = _run_cli(args + ["--resume"], devices=8)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert "resumed from step 8" in p.stdout
+    full, resumed = _losses(base / "full"), _losses(run)
+    assert sorted(resumed) == list(range(1, 13))
+    for s in range(1, 13):
+        assert resumed[s] == full[s], (s, resumed[s], full[s])  # bitwise (floats round-trip through JSON)
+
+
+def test_corrupt_latest_checkpoint_falls_back(full_run, corpus):
+    base, cache, _ = full_run
+    run = base / "corrupt"
+    shutil.copytree(base / "full", run)
+    # corrupt step 12: truncate every array data file of its state
+    n = 0
+    for root, _, files in os.walk(run / "checkpoints" / "12" / "state"):
+        for f in files:
+            if not f.endswith(".json") and "METADATA" not in f and not f.startswith("_"):
+                with open(os.path.join(root, f), "r+b") as fh:
+                    fh.truncate(3)
+                n += 1
+    assert n > 0
+    p = _run_cli(_tiny_args(corpus, cache, run, 12, 4, MESH) + ["--resume"], devices=8)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert "step 12" in p.stdout and "corrupt or partial" in p.stdout, p.stdout[-3000:]
+    assert "resumed from step 8" in p.stdout
+    full, again = _losses(base / "full"), _losses(run)
+    assert all(again[s] == full[s] for s in range(9, 13))
+
+
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(corpus, tmp_path):
+    run = tmp_path / "nan"
+    p = _run_cli(_tiny_args(corpus, tmp_path / "cache", run, 30, 1,
+                            ["--set", "optimizer.lr=1e30", "--set", "optimizer.clip_norm=0",
+                             "--set", "optimizer.warmup_steps=0", "--set", "optimizer.schedule=constant"]))
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    msg = p.stdout + p.stderr
+    assert "non-finite" in msg and "at step" in msg, msg[-2000:]
+    bad_step = int(msg.split("at step ")[1].split()[0])
+    steps = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
+    assert steps and steps[-1] < bad_step, (steps, bad_step)
+    assert f"step {steps[-1]}" in msg

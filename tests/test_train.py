@@ -184,7 +184,7 @@ def corpus(tmp_path_factory):
 def _tiny_args(corpus, cache, run_dir, steps, every, extra=()):
     return ["--run-dir", str(run_dir), "--steps", str(steps),
             "--set", f"data.source=text", "--set", f"data.paths=[{corpus}]", "--set", "data.seq_len=32",
-            "--set", "data.tokenizer.corpus=data", "--set", "data.tokenizer.vocab_size=320",
+            "--set", "data.tokenizer.corpus=data", "--set", "data.tokenizer.vocab_size=512",
             "--set", f"data.tokenizer.cache_dir={cache}/tok", "--set", f"data.cache_dir={cache}/data",
             "--set", "model.hidden_size=32", "--set", "model.intermediate_size=64",
             "--set", "model.num_attention_heads=2", "--set", "model.num_key_value_heads=2",

@@ -79,7 +79,7 @@ class Tokenizer:
 
 def tokenizer_key(vocab_size: int, corpus: str, files: list[str], max_bytes: int, model_type: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([vocab_size, corpus, max_bytes, model_type, len(files)]).encode())
+    h.update(json.dumps(["v2", vocab_size, corpus, max_bytes, model_type, len(files)]).encode())
     for f in files[:5000]:
         try:
             st = os.stat(f)
@@ -108,7 +108,7 @@ def train_tokenizer(
         model_prefix=tmp_prefix,
         vocab_size=vocab_size,
         model_type=model_type,
-        character_coverage=1.0,
+        character_coverage=0.9995,  # rare characters go through byte fallback
         byte_fallback=True,
         pad_id=PAD_ID,
         unk_id=UNK_ID,

@@ -1,0 +1,263 @@
+"""Benchmark: Doge-160M training throughput, wmjax (the `python -m train` step) vs transformers, one process.
+
+Model: the published Doge-160M (vocab 32768, d 768, F 1536, 24 layers, 6 heads / 3 kv heads, head_dim 128,
+tied embeddings, keep_window_size 2048), L = 2048, random tokens, next-token loss on every position.
+
+* wmjax: exactly the train step of ``python -m train`` (train.trainer make_loss_fn / make_grad_fn /
+  make_train_step: bf16 compute, f32 master params, optax AdamW + global-norm clip + WSD schedule),
+  ``jax.jit`` with in/out shardings over a (data, fsdp, tensor) mesh, attention through wmjax's dispatcher
+  (the Pallas flash dynamic-mask kernel on GPU).
+* HF: ``transformers.DogeForCausalLM`` (attn_implementation="sdpa"), f32 params, ``torch.autocast(bf16)``,
+  ``torch.optim.AdamW(fused=True)``, clip_grad_norm_ 1.0; forward with labels, backward, step, zero_grad.
+
+MFU counts 6N + 6 * layers * H * head_dim * L FLOPs per token (N = all 152.7M params, attention causal:
+fwd 2 matmuls * 2 FLOPs * L/2 keys, x3 for fwd+bwd) against 989 TFLOP/s dense bf16 (H100/H200 SXM).
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/train.py [--batch 4,8,16] [--hf-batch 4] [--steps 10]
+        [--remat 0,1] [--scaling]        # --scaling: 1 GPU vs all GPUs, data parallel and FSDP
+    python bench/train.py --tiny          # CPU smoke test with a tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import numpy as np  # noqa: E402
+
+PEAK = 989e12
+
+
+def flops_per_token(cfg, n_params, seq):
+    hd = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    return 6 * n_params + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * seq
+
+
+def model_config(tiny: bool):
+    from wmjax.config import DogeConfig
+
+    if tiny:
+        return DogeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, keep_window_size=2048,
+                          max_position_embeddings=2048, tie_word_embeddings=True)
+    return DogeConfig.preset("Doge-160M")
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from train import sharding as shd
+    from train.config import OptimizerConfig
+    from train.optim import make_optimizer
+    from train.trainer import make_grad_fn, make_loss_fn, make_train_step, opt_state_shardings
+    from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes
+
+    mesh = shd.make_mesh(*mesh_shape, devices=devices)
+    model = DogeForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=bool(remat))
+    tx, sched = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=10), 1000)
+    shapes = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
+    psh = shd.param_shardings(param_logical_axes(cfg), shapes, mesh, warn=None)
+    osh = opt_state_shardings(jax.eval_shape(tx.init, shapes), shapes, psh, mesh)
+    rep = shd.replicated(mesh)
+    ssh = {"params": psh, "opt_state": osh, "step": rep, "rng": rep}
+    bsh = shd.batch_sharding(mesh)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.flax_rules()):
+        def init_state(r):
+            p = init_params(cfg, r)
+            return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32), "rng": r}
+
+        state = jax.jit(init_state, out_shardings=ssh)(jax.random.PRNGKey(0))
+        loss_fn = make_loss_fn(model, cfg, 0.0, use_segments=False)
+        step_fn = jax.jit(make_train_step(make_grad_fn(loss_fn, 1, mesh), tx, sched, cfg, 0.0),
+                          in_shardings=(ssh, {k: bsh for k in ("tokens", "targets", "loss_mask")}),
+                          out_shardings=(ssh, rep), donate_argnums=(0,))
+        rng = np.random.default_rng(0)
+        batches = []
+        for i in range(3):  # rotate a few batches
+            x = rng.integers(0, cfg.vocab_size, size=(batch, seq + 1)).astype(np.int32)
+            b = {"tokens": x[:, :-1], "targets": x[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
+            batches.append({k: jax.device_put(v, bsh) for k, v in b.items()})
+        t0 = time.perf_counter()
+        state, m = step_fn(state, batches[0])
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        for i in range(warmup):
+            state, m = step_fn(state, batches[i % 3])
+        jax.block_until_ready(m)
+        losses = []
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, m = step_fn(state, batches[i % 3])
+            losses.append(m["loss"])
+        jax.block_until_ready(m)
+        dt = (time.perf_counter() - t0) / steps
+        losses = [float(x) for x in jax.device_get(losses)]
+        peak = 0
+        for d in mesh.devices.flat:
+            try:
+                peak = max(peak, d.memory_stats().get("peak_bytes_in_use", 0))
+            except Exception:
+                pass
+    del state, batches
+    gc.collect()
+    jax.clear_caches()
+    return {"impl": "wmjax", "batch": batch, "seq": seq, "remat": int(remat), "mesh": dict(mesh.shape),
+            "gpus": len(devices), "step_ms": dt * 1e3, "tok_s": batch * seq / dt, "compile_s": compile_s,
+            "n_params": n_params, "peak_gib": peak / 2**30, "loss_first": losses[0], "loss_last": losses[-1],
+            "finite": bool(np.all(np.isfinite(losses)))}
+
+
+def bench_hf(cfg, batch, seq, steps, warmup):
+    import torch
+    import transformers
+
+    d = cfg.to_hf_dict()
+    d.pop("model_type", None)
+    d.pop("architectures", None)
+    hf_cfg = transformers.DogeConfig(**d)
+    model = transformers.DogeForCausalLM._from_config(hf_cfg, attn_implementation="sdpa").cuda().train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g) for _ in range(3)]
+    torch.cuda.reset_peak_memory_stats()
+
+    def step(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    t0 = time.perf_counter()
+    step(xs[0])
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for i in range(warmup):
+        step(xs[i % 3])
+    torch.cuda.synchronize()
+    losses = []
+    t0 = time.perf_counter()
+    for i in range(steps):
+        losses.append(step(xs[i % 3]))
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    losses = [float(x) for x in losses]
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt, xs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"impl": "hf", "batch": batch, "seq": seq, "remat": 0, "mesh": {}, "gpus": 1, "step_ms": dt * 1e3,
+            "tok_s": batch * seq / dt, "compile_s": first, "n_params": n_params, "peak_gib": peak,
+            "loss_first": losses[0], "loss_last": losses[-1], "finite": bool(np.all(np.isfinite(losses))),
+            "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", default="4,8,16", help="wmjax batch sizes (sequences per step, per GPU)")
+    ap.add_argument("--hf-batch", default="4", help="HF batch sizes ('' to skip HF)")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--remat", default="0", help="wmjax remat settings to try, e.g. 0,1")
+    ap.add_argument("--scaling", action="store_true", help="also all GPUs: data parallel and FSDP")
+    ap.add_argument("--scaling-batch", type=int, default=0, help="per-GPU batch for the scaling runs")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train.json"))
+    args = ap.parse_args()
+
+    import jax
+
+    cfg = model_config(args.tiny)
+    devs = jax.devices()
+    print(f"jax {jax.__version__} on {devs[0].device_kind} x{len(devs)} ({jax.default_backend()})", flush=True)
+    results = []
+
+    def record(r):
+        n = r["n_params"]
+        r["mfu"] = r["tok_s"] * flops_per_token(cfg, n, r["seq"]) / (PEAK * r["gpus"])
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
+    hf_batches = [int(b) for b in args.hf_batch.split(",") if b.strip()]
+    if hf_batches and jax.default_backend() == "gpu":
+        for b in hf_batches:
+            try:
+                record(bench_hf(cfg, b, args.seq, args.steps, args.warmup))
+            except Exception as e:
+                traceback.print_exc()
+                print(f"HF b={b} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    for remat in [int(x) for x in args.remat.split(",")]:
+        for b in [int(x) for x in args.batch.split(",")]:
+            try:
+                record(bench_wmjax(cfg, b, args.seq, args.steps, args.warmup, remat, (1, 1, 1), devs[:1]))
+            except Exception as e:
+                traceback.print_exc()
+                print(f"wmjax b={b} remat={remat} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if args.scaling and len(devs) > 1:
+        n = len(devs)
+        pb = args.scaling_batch or int(args.batch.split(",")[-1])
+        remat = int(args.remat.split(",")[-1])
+        one = [r for r in results if r["impl"] == "wmjax" and r["batch"] == pb and r["remat"] == remat]
+        if not one:
+            record(bench_wmjax(cfg, pb, args.seq, args.steps, args.warmup, remat, (1, 1, 1), devs[:1]))
+        for name, shape in (("dp", (n, 1, 1)), ("fsdp", (1, n, 1))):
+            try:
+                r = bench_wmjax(cfg, pb * n, args.seq, args.steps, args.warmup, remat, shape, devs)
+                r["parallel"] = name
+                record(r)
+            except Exception as e:
+                traceback.print_exc()
+                print(f"wmjax {name} x{n} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+    base = {}
+    for r in results:
+        if r["impl"] == "wmjax" and r["gpus"] == 1:
+            base[(r["batch"], r["remat"])] = r["tok_s"]
+    hf_best = max([r["tok_s"] for r in results if r["impl"] == "hf"] or [0])
+    print()
+    print(f"{'impl':6} {'par':5} {'gpus':>4} {'batch':>5} {'remat':>5} {'step ms':>9} {'tok/s':>10} {'MFU':>6} "
+          f"{'peak GiB':>8} {'vs HF':>6} {'scal.eff':>8} {'compile s':>9}")
+    for r in results:
+        eff = ""
+        if r["gpus"] > 1:
+            b1 = base.get((r["batch"] // r["gpus"], r["remat"]))
+            if b1:
+                eff = f"{r['tok_s'] / (b1 * r['gpus']):.1%}"
+        vs = f"{r['tok_s'] / hf_best:.2f}x" if hf_best else ""
+        print(f"{r['impl']:6} {r.get('parallel', '-'):5} {r['gpus']:>4} {r['batch']:>5} {r['remat']:>5} "
+              f"{r['step_ms']:>9.1f} {r['tok_s']:>10,.0f} {r['mfu']:>6.1%} {r['peak_gib']:>8.1f} {vs:>6} {eff:>8} "
+              f"{r['compile_s']:>9.1f}")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump({"jax": jax.__version__, "device": devs[0].device_kind, "n_devices": len(devs),
+                       "results": results}, fh, indent=1)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -82,55 +82,59 @@ def chunk_states_fwd(x, B, w, *, hg, Q, T, interpret, num_warps=4, num_stages=2)
     return pl.pallas_call(
         kern,
         out_shape=jax.ShapeDtypeStruct((b, h, nc, P, N), _F32),
-        grid=(b, h, nc),
+        grid=(b, nc, h),
         in_specs=[
-            pl.BlockSpec((None, Q, None, P), lambda ib, ih, ic: (ib, ic, ih, 0)),
-            pl.BlockSpec((None, Q, None, N), lambda ib, ih, ic: (ib, ic, ih // hg, 0)),
-            pl.BlockSpec((None, None, Q), lambda ib, ih, ic: (ib, ih, ic)),
+            pl.BlockSpec((None, Q, None, P), lambda ib, ic, ih: (ib, ic, ih, 0)),
+            pl.BlockSpec((None, Q, None, N), lambda ib, ic, ih: (ib, ic, ih // hg, 0)),
+            pl.BlockSpec((None, None, Q), lambda ib, ic, ih: (ib, ih, ic)),
         ],
-        out_specs=pl.BlockSpec((None, None, None, P, N), lambda ib, ih, ic: (ib, ih, ic, 0, 0)),
+        out_specs=pl.BlockSpec((None, None, None, P, N), lambda ib, ic, ih: (ib, ih, ic, 0, 0)),
         compiler_params=_cparams(num_warps, num_stages),
         interpret=interpret,
         name="ssd_chunk_states_fwd",
     )(x, B, w)
 
 
-def _states_bwd_kernel(x_ref, b_ref, w_ref, ds_ref, dx_ref, db_ref, dw_ref, *, prec):
-    x = x_ref[...]
+def _states_bwd_kernel(x_ref, b_ref, w_ref, ds_ref, dx_ref, db_ref, dw_ref, *, hs, prec):
     Bm = b_ref[...]
-    w = w_ref[...]
-    dS = ds_ref[...].astype(x.dtype)
-    BdS = _dot(Bm, dS, _NT, prec)           # [T, P]
-    xdS = _dot(x, dS, _NN, prec)            # [T, N]
-    dx_ref[...] = w[:, None] * BdS
-    db_ref[...] = w[:, None] * xdS
-    dw_ref[...] = jnp.sum(x.astype(_F32) * BdS, axis=1)
+
+    def head(hh, dB):
+        x = x_ref[:, hh, :]
+        w = w_ref[hh, :]
+        dS = ds_ref[hh, :, :].astype(x.dtype)
+        BdS = _dot(Bm, dS, _NT, prec)           # [T, P]
+        xdS = _dot(x, dS, _NN, prec)            # [T, N]
+        dx_ref[:, hh, :] = w[:, None] * BdS
+        dw_ref[hh, :] = jnp.sum(x.astype(_F32) * BdS, axis=1)
+        return dB + w[:, None] * xdS
+
+    db_ref[...] = lax.fori_loop(0, hs, head, jnp.zeros(db_ref.shape, _F32))
 
 
-def chunk_states_bwd(x, B, w, dS, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
-    """Returns dx [b, Lp, h, P] f32, dB per head [b, Lp, h, N] f32, dw [b, h, Lp] f32."""
+def chunk_states_bwd(x, B, w, dS, *, hg, Q, T, interpret, hs=1, num_warps=4, num_stages=2):
+    """Returns dx [b, Lp, h, P] f32, dB summed over blocks of hs heads [b, Lp, h // hs, N] f32, dw [b, h, Lp]."""
     b, Lp, h, P = x.shape
     N = B.shape[3]
     nc, K = Lp // Q, Q // T
-    kern = functools.partial(_states_bwd_kernel, prec=_prec(x.dtype))
+    kern = functools.partial(_states_bwd_kernel, hs=hs, prec=_prec(x.dtype))
     return pl.pallas_call(
         kern,
         out_shape=[
             jax.ShapeDtypeStruct((b, Lp, h, P), _F32),
-            jax.ShapeDtypeStruct((b, Lp, h, N), _F32),
+            jax.ShapeDtypeStruct((b, Lp, h // hs, N), _F32),
             jax.ShapeDtypeStruct((b, h, Lp), _F32),
         ],
-        grid=(b, h, nc, K),
+        grid=(b, nc, h // hs, K),
         in_specs=[
-            pl.BlockSpec((None, T, None, P), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0)),
-            pl.BlockSpec((None, T, None, N), lambda ib, ih, ic, k: (ib, ic * K + k, ih // hg, 0)),
-            pl.BlockSpec((None, None, T), lambda ib, ih, ic, k: (ib, ih, ic * K + k)),
-            pl.BlockSpec((None, None, None, P, N), lambda ib, ih, ic, k: (ib, ih, ic, 0, 0)),
+            pl.BlockSpec((None, T, hs, P), lambda ib, ic, ih, k: (ib, ic * K + k, ih, 0)),
+            pl.BlockSpec((None, T, None, N), lambda ib, ic, ih, k: (ib, ic * K + k, (ih * hs) // hg, 0)),
+            pl.BlockSpec((None, hs, T), lambda ib, ic, ih, k: (ib, ih, ic * K + k)),
+            pl.BlockSpec((None, hs, None, P, N), lambda ib, ic, ih, k: (ib, ih, ic, 0, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, T, None, P), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0)),
-            pl.BlockSpec((None, T, None, N), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0)),
-            pl.BlockSpec((None, None, T), lambda ib, ih, ic, k: (ib, ih, ic * K + k)),
+            pl.BlockSpec((None, T, hs, P), lambda ib, ic, ih, k: (ib, ic * K + k, ih, 0)),
+            pl.BlockSpec((None, T, None, N), lambda ib, ic, ih, k: (ib, ic * K + k, ih, 0)),
+            pl.BlockSpec((None, hs, T), lambda ib, ic, ih, k: (ib, ih, ic * K + k)),
         ],
         compiler_params=_cparams(num_warps, num_stages),
         interpret=interpret,
@@ -174,128 +178,138 @@ def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, *, hg, Q, T, interpret, num_warps
     nc, K = Lp // Q, Q // T
     has_seg = cnt is not None
     kern = functools.partial(_scan_fwd_kernel, T=T, prec=_prec(x.dtype), has_seg=has_seg)
-    chunk_x = pl.BlockSpec((None, Q, None, P), lambda ib, ih, ic, i: (ib, ic, ih, 0))
-    chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ih, ic, i: (ib, ic, ih // hg, 0))
-    chunk_v = pl.BlockSpec((None, None, Q), lambda ib, ih, ic, i: (ib, ih, ic))
+    chunk_x = pl.BlockSpec((None, Q, None, P), lambda ib, ic, ih, i: (ib, ic, ih, 0))
+    chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ic, ih, i: (ib, ic, ih // hg, 0))
+    chunk_v = pl.BlockSpec((None, None, Q), lambda ib, ic, ih, i: (ib, ih, ic))
     in_specs = [chunk_x, chunk_bc, chunk_bc, chunk_v, chunk_v, chunk_v,
-                pl.BlockSpec((None, None, None, P, N), lambda ib, ih, ic, i: (ib, ih, ic, 0, 0))]
+                pl.BlockSpec((None, None, None, P, N), lambda ib, ic, ih, i: (ib, ih, ic, 0, 0))]
     args = [x, B, C, dt, cs, e, H]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, Q), lambda ib, ih, ic, i: (ib, ic)))
+        in_specs.append(pl.BlockSpec((None, Q), lambda ib, ic, ih, i: (ib, ic)))
         args.append(cnt)
     return pl.pallas_call(
         kern,
         out_shape=jax.ShapeDtypeStruct((b, Lp, h, P), x.dtype),
-        grid=(b, h, nc, K),
+        grid=(b, nc, h, K),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, T, None, P), lambda ib, ih, ic, i: (ib, ic * K + i, ih, 0)),
+        out_specs=pl.BlockSpec((None, T, None, P), lambda ib, ic, ih, i: (ib, ic * K + i, ih, 0)),
         compiler_params=_cparams(num_warps, num_stages),
         interpret=interpret,
         name="ssd_chunk_scan_fwd",
     )(*args)
 
 
-def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, *rest, T, K, prec, has_seg):
+def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, *rest, T, K, hs, prec, has_seg):
     if has_seg:
         cnt_ref, *outs = rest
     else:
         outs = rest
-    dx_ref, db_ref, dc_ref, ddt_ref, dcs_ref, de_ref, dh_ref = outs
-    P, N = h_ref.shape
+    dx_ref, db_ref, dc_ref, ddt_ref, rt_ref, de_ref, dh_ref = outs
+    P, N = h_ref.shape[-2:]
     k = pl.program_id(3)
     k0 = pl.multiple_of(k * T, T)
     blk = pl.ds(k0, T)
     seg = (lambda sl: cnt_ref[sl]) if has_seg else (lambda sl: None)
-
-    # ---- column side: tokens s of block k receive from rows t >= s (row blocks i >= k) ----
-    xk = x_ref[blk, :]
     Bk = b_ref[blk, :]
-    dtk = dt_ref[blk]
-    csk = cs_ref[blk]
+    Ck = c_ref[blk, :]
+    Ckf = Ck.astype(_F32)
     cntk = seg(blk)
 
-    def col_body(i, carry):
-        gx, gB = carry
-        r0 = pl.multiple_of(i * T, T)
-        rows = pl.ds(r0, T)
-        Ci = c_ref[rows, :]
-        dyi = dy_ref[rows, :]
-        dec = _decay(cs_ref[rows], csk, r0, k0, T, seg(rows), cntk)   # [Ti, Tk]
-        Wt = (_dot(Ci, Bk, _NT, prec) * dec).astype(dyi.dtype)
-        gx = gx + _dot(Wt, dyi, _TN, prec)                             # [Tk, P]
-        G = (_dot(dyi, xk, _NT, prec) * dec).astype(Ci.dtype)
-        gB = gB + _dot(G, Ci, _TN, prec)                               # [Tk, N]
-        return gx, gB
+    def head(hh, carry):
+        dB, dC = carry
+        # ---- column side: tokens s of block k receive from rows t >= s (row blocks i >= k) ----
+        xk = x_ref[blk, hh, :]
+        dtk = dt_ref[hh, blk]
+        csk = cs_ref[hh, blk]
 
-    gx, gB = lax.fori_loop(k, K, col_body, (jnp.zeros((T, P), _F32), jnp.zeros((T, N), _F32)))
-    dx_ref[...] = dtk[:, None] * gx
-    db_ref[...] = dtk[:, None] * gB
-    ddt = jnp.sum(xk.astype(_F32) * gx, axis=1)
-    ddt_ref[...] = ddt
+        def col_body(i, cc):
+            gx, gB = cc
+            r0 = pl.multiple_of(i * T, T)
+            rows = pl.ds(r0, T)
+            Ci = c_ref[rows, :]
+            dyi = dy_ref[rows, hh, :]
+            dec = _decay(cs_ref[hh, rows], csk, r0, k0, T, seg(rows), cntk)   # [Ti, Tk]
+            Wt = (_dot(Ci, Bk, _NT, prec) * dec).astype(dyi.dtype)
+            gx = gx + _dot(Wt, dyi, _TN, prec)                                  # [Tk, P]
+            G = (_dot(dyi, xk, _NT, prec) * dec).astype(Ci.dtype)
+            gB = gB + _dot(G, Ci, _TN, prec)                                    # [Tk, N]
+            return gx, gB
 
-    # ---- row side: tokens t of block k read columns s <= t (column blocks j <= k) ----
-    Ck = c_ref[blk, :]
-    dyk = dy_ref[blk, :]
+        gx, gB = lax.fori_loop(k, K, col_body, (jnp.zeros((T, P), _F32), jnp.zeros((T, N), _F32)))
+        dx_ref[:, hh, :] = dtk[:, None] * gx
+        ddt_ref[hh, :] = jnp.sum(xk.astype(_F32) * gx, axis=1)
+        dB = dB + dtk[:, None] * gB
 
-    def row_body(j, gC):
-        c0 = pl.multiple_of(j * T, T)
-        cols = pl.ds(c0, T)
-        xj = x_ref[cols, :]
-        dec = _decay(csk, cs_ref[cols], k0, c0, T, cntk, seg(cols))
-        G = (_dot(dyk, xj, _NT, prec) * dec * dt_ref[cols][None, :]).astype(xj.dtype)
-        return gC + _dot(G, b_ref[cols, :], _NN, prec)               # [Tk, N]
+        # ---- row side: tokens t of block k read columns s <= t (column blocks j <= k) ----
+        dyk = dy_ref[blk, hh, :]
 
-    gC = lax.fori_loop(0, k + 1, row_body, jnp.zeros((T, N), _F32))
-    H = h_ref[...].astype(dyk.dtype)
-    dyH = _dot(dyk, H, _NN, prec)                                     # [Tk, N]
-    ek = e_ref[blk]
-    dc_ref[...] = gC + ek[:, None] * dyH
-    Ckf = Ck.astype(_F32)
-    de_ref[...] = jnp.sum(Ckf * dyH, axis=1)
-    dcs_ref[...] = jnp.sum(Ckf * gC, axis=1) - dtk * ddt
+        def row_body(j, gC):
+            c0 = pl.multiple_of(j * T, T)
+            cols = pl.ds(c0, T)
+            xj = x_ref[cols, hh, :]
+            dec = _decay(csk, cs_ref[hh, cols], k0, c0, T, cntk, seg(cols))
+            G = (_dot(dyk, xj, _NT, prec) * dec * dt_ref[hh, cols][None, :]).astype(xj.dtype)
+            return gC + _dot(G, b_ref[cols, :], _NN, prec)                    # [Tk, N]
 
-    # ---- dH_c = sum_t e_t dy_t C_t^T (one program per chunk) ----
+        gC = lax.fori_loop(0, k + 1, row_body, jnp.zeros((T, N), _F32))
+        H = h_ref[hh, :, :].astype(dyk.dtype)
+        dyH = _dot(dyk, H, _NN, prec)                                           # [Tk, N]
+        de_ref[hh, :] = jnp.sum(Ckf * dyH, axis=1)
+        rt_ref[hh, :] = jnp.sum(Ckf * gC, axis=1)
+        dC = dC + gC + e_ref[hh, blk][:, None] * dyH
+        return dB, dC
+
+    zN = jnp.zeros((T, N), _F32)
+    dB, dC = lax.fori_loop(0, hs, head, (zN, zN))
+    db_ref[...] = dB
+    dc_ref[...] = dC
+
+    # ---- dH_c = sum_t e_t dy_t C_t^T (program k = 0 of each chunk) ----
     @pl.when(k == 0)
     def _():
-        def dh_body(i, acc):
-            rows = pl.ds(pl.multiple_of(i * T, T), T)
-            dyi = dy_ref[rows, :]
-            dye = (dyi.astype(_F32) * e_ref[rows][:, None]).astype(dyi.dtype)
-            return acc + _dot(dye, c_ref[rows, :], _TN, prec)
-        dh_ref[...] = lax.fori_loop(0, K, dh_body, jnp.zeros((P, N), _F32))
+        def dh_head(hh, _):
+            def dh_body(i, acc):
+                rows = pl.ds(pl.multiple_of(i * T, T), T)
+                dyi = dy_ref[rows, hh, :]
+                dye = (dyi.astype(_F32) * e_ref[hh, rows][:, None]).astype(dyi.dtype)
+                return acc + _dot(dye, c_ref[rows, :], _TN, prec)
+            dh_ref[hh, :, :] = lax.fori_loop(0, K, dh_body, jnp.zeros((P, N), _F32))
+            return 0
+        lax.fori_loop(0, hs, dh_head, 0)
 
 
-def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
-    """Returns dx [b,Lp,h,P], dB, dC per head [b,Lp,h,N], ddt, dcs, de [b,h,Lp], dH [b,h,nc,P,N]; all f32."""
+def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, *, hg, Q, T, interpret, hs=1, num_warps=4, num_stages=2):
+    """Returns dx [b,Lp,h,P]; dB, dC summed over blocks of hs heads [b,Lp,h//hs,N]; ddt, rowterm, de [b,h,Lp];
+    dH [b,h,nc,P,N]; all f32.  rowterm_t = C_t . (intra-chunk part of dC_t); d cs_t = rowterm_t - dt_t ddt_t."""
     b, Lp, h, P = x.shape
     N = B.shape[3]
     nc, K = Lp // Q, Q // T
     has_seg = cnt is not None
-    kern = functools.partial(_scan_bwd_kernel, T=T, K=K, prec=_prec(x.dtype), has_seg=has_seg)
-    chunk_x = pl.BlockSpec((None, Q, None, P), lambda ib, ih, ic, k: (ib, ic, ih, 0))
-    chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ih, ic, k: (ib, ic, ih // hg, 0))
-    chunk_v = pl.BlockSpec((None, None, Q), lambda ib, ih, ic, k: (ib, ih, ic))
-    state = pl.BlockSpec((None, None, None, P, N), lambda ib, ih, ic, k: (ib, ih, ic, 0, 0))
+    kern = functools.partial(_scan_bwd_kernel, T=T, K=K, hs=hs, prec=_prec(x.dtype), has_seg=has_seg)
+    chunk_x = pl.BlockSpec((None, Q, hs, P), lambda ib, ic, ih, k: (ib, ic, ih, 0))
+    chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ic, ih, k: (ib, ic, (ih * hs) // hg, 0))
+    chunk_v = pl.BlockSpec((None, hs, Q), lambda ib, ic, ih, k: (ib, ih, ic))
+    state = pl.BlockSpec((None, hs, None, P, N), lambda ib, ic, ih, k: (ib, ih, ic, 0, 0))
     in_specs = [chunk_x, chunk_bc, chunk_bc, chunk_v, chunk_v, chunk_v, state, chunk_x]
     args = [x, B, C, dt, cs, e, H, dy]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, Q), lambda ib, ih, ic, k: (ib, ic)))
+        in_specs.append(pl.BlockSpec((None, Q), lambda ib, ic, ih, k: (ib, ic)))
         args.append(cnt)
-    blk_p = pl.BlockSpec((None, T, None, P), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0))
-    blk_n = pl.BlockSpec((None, T, None, N), lambda ib, ih, ic, k: (ib, ic * K + k, ih, 0))
-    blk_v = pl.BlockSpec((None, None, T), lambda ib, ih, ic, k: (ib, ih, ic * K + k))
+    blk_p = pl.BlockSpec((None, T, hs, P), lambda ib, ic, ih, k: (ib, ic * K + k, ih, 0))
+    blk_n = pl.BlockSpec((None, T, None, N), lambda ib, ic, ih, k: (ib, ic * K + k, ih, 0))
+    blk_v = pl.BlockSpec((None, hs, T), lambda ib, ic, ih, k: (ib, ih, ic * K + k))
     return pl.pallas_call(
         kern,
         out_shape=[
             jax.ShapeDtypeStruct((b, Lp, h, P), _F32),
-            jax.ShapeDtypeStruct((b, Lp, h, N), _F32),
-            jax.ShapeDtypeStruct((b, Lp, h, N), _F32),
+            jax.ShapeDtypeStruct((b, Lp, h // hs, N), _F32),
+            jax.ShapeDtypeStruct((b, Lp, h // hs, N), _F32),
             jax.ShapeDtypeStruct((b, h, Lp), _F32),
             jax.ShapeDtypeStruct((b, h, Lp), _F32),
             jax.ShapeDtypeStruct((b, h, Lp), _F32),
             jax.ShapeDtypeStruct((b, h, nc, P, N), _F32),
         ],
-        grid=(b, h, nc, K),
+        grid=(b, nc, h // hs, K),
         in_specs=in_specs,
         out_specs=[blk_p, blk_n, blk_n, blk_v, blk_v, blk_v, state],
         compiler_params=_cparams(num_warps, num_stages),

@@ -27,12 +27,21 @@ def _next_pow2(v, lo=16):
     return r
 
 
-def _reduce_groups(d_per_head, g):
-    """[b, Lp, h, N] -> [b, Lp, g, N] (sum over the heads of each group)."""
-    b, Lp, h, N = d_per_head.shape
-    if g == h:
-        return d_per_head
-    return d_per_head.reshape(b, Lp, g, h // g, N).sum(axis=3)
+def _reduce_groups(d_blocks, g):
+    """[b, Lp, nb, N] (partial sums per block of heads) -> [b, Lp, g, N] (sum over the blocks of each group)."""
+    b, Lp, nb, N = d_blocks.shape
+    if g == nb:
+        return d_blocks
+    return d_blocks.reshape(b, Lp, g, nb // g, N).sum(axis=3)
+
+
+def _heads_per_program(hg, cap):
+    """Largest power of two dividing hg, at most cap: the backward kernels loop over that many heads of one
+    group and sum their dB/dC contributions in registers (instead of writing per-head f32 dB/dC)."""
+    hs = 1
+    while hs * 2 <= cap and hg % (hs * 2) == 0:
+        hs *= 2
+    return hs
 
 
 def _warps(P, N, bwd):
@@ -58,7 +67,9 @@ def _chunk_states_op(hg, Q, T, interpret, tuning=()):
 
     def bwd(res, dS):
         x, B, w = res
-        dx, dB, dw = K.chunk_states_bwd(x, B, w, dS, **cfg, **tw("states_bwd", x.shape[3], B.shape[3], True))
+        hs = _heads_per_program(hg, tune.get("bwd_heads", 8))
+        dx, dB, dw = K.chunk_states_bwd(x, B, w, dS, **cfg, hs=hs,
+                                        **tw("states_bwd", x.shape[3], B.shape[3], True))
         return dx.astype(x.dtype), _reduce_groups(dB, B.shape[2]).astype(B.dtype), dw
 
     f.defvjp(fwd, bwd)
@@ -83,8 +94,10 @@ def _chunk_scan_op(hg, Q, T, interpret, tuning=()):
 
     def bwd(res, dy):
         x, B, C, dt, cs, e, H, cnt = res
-        dx, dB, dC, ddt, dcs, de, dH = K.chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, **cfg,
-                                                        **tw("scan_bwd", x.shape[3], B.shape[3], True))
+        hs = _heads_per_program(hg, tune.get("bwd_heads", 8))
+        dx, dB, dC, ddt, rowterm, de, dH = K.chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, **cfg, hs=hs,
+                                                            **tw("scan_bwd", x.shape[3], B.shape[3], True))
+        dcs = rowterm - dt * ddt
         g = B.shape[2]
         dcnt = None if cnt is None else jnp.zeros(cnt.shape, jax.dtypes.float0)
         return (dx.astype(x.dtype), _reduce_groups(dB, g).astype(B.dtype), _reduce_groups(dC, g).astype(C.dtype),
@@ -177,6 +190,8 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=
     S = _chunk_states_op(hg, Q, T, interpret, tuning)(xk, Bk, w)
     Hin, final = _state_passing(S, cs_end, keep, h0)
     y = _chunk_scan_op(hg, Q, T, interpret, tuning)(xk, Bk, Ck, dtk, cs.reshape(b, h, Lp), e, Hin, cnt)
-    y = y[:, :L, :, :p].astype(_F32)
-    y = _finish(y, x, D, z)
-    return y.astype(dtype), final[:, :, :p, :n]
+    if Lp > L or Pp > p:
+        y = y[:, :L, :, :p]
+    if D is not None or z is not None:
+        y = _finish(y.astype(_F32), x, D, z).astype(dtype)
+    return y, final[:, :, :p, :n]

@@ -145,11 +145,11 @@ def chunk_states_bwd(x, B, w, dS, *, hg, Q, T, interpret, hs=1, num_warps=4, num
 # ------------------------------------------------------------------------------------------------------------
 # chunk_scan
 # ------------------------------------------------------------------------------------------------------------
-def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T, prec, has_seg):
-    if has_seg:
-        cnt_ref, y_ref = rest
-    else:
-        (y_ref,) = rest
+def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T, prec, has_seg, has_cb):
+    rest = list(rest)
+    cnt_ref = rest.pop(0) if has_seg else None
+    cb_ref = rest.pop(0) if has_cb else None
+    (y_ref,) = rest
     i = pl.program_id(3)
     r0 = pl.multiple_of(i * T, T)
     rows = pl.ds(r0, T)
@@ -163,7 +163,7 @@ def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T
         c0 = pl.multiple_of(j * T, T)
         cols = pl.ds(c0, T)
         xj = x_ref[cols, :]
-        CB = _dot(Ci, b_ref[cols, :], _NT, prec)          # [T, T]
+        CB = cb_ref[rows, cols] if has_cb else _dot(Ci, b_ref[cols, :], _NT, prec)   # [T, T]
         dec = _decay(cs_i, cs_ref[cols], r0, c0, T, cnt_i, cnt_ref[cols] if has_seg else None)
         W = CB * dec * dt_ref[cols][None, :]
         return acc + _dot(W.astype(xj.dtype), xj, _NN, prec)
@@ -172,12 +172,14 @@ def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T
     y_ref[...] = acc.astype(y_ref.dtype)
 
 
-def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
+def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, CB=None, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
+    """y' [b, Lp, h, P] in x.dtype.  CB: optional precomputed C B^T per chunk and group [b, nc, g, Q, Q] f32."""
     b, Lp, h, P = x.shape
     N = B.shape[3]
     nc, K = Lp // Q, Q // T
     has_seg = cnt is not None
-    kern = functools.partial(_scan_fwd_kernel, T=T, prec=_prec(x.dtype), has_seg=has_seg)
+    has_cb = CB is not None
+    kern = functools.partial(_scan_fwd_kernel, T=T, prec=_prec(x.dtype), has_seg=has_seg, has_cb=has_cb)
     chunk_x = pl.BlockSpec((None, Q, None, P), lambda ib, ic, ih, i: (ib, ic, ih, 0))
     chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ic, ih, i: (ib, ic, ih // hg, 0))
     chunk_v = pl.BlockSpec((None, None, Q), lambda ib, ic, ih, i: (ib, ih, ic))
@@ -187,6 +189,9 @@ def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, *, hg, Q, T, interpret, num_warps
     if has_seg:
         in_specs.append(pl.BlockSpec((None, Q), lambda ib, ic, ih, i: (ib, ic)))
         args.append(cnt)
+    if has_cb:
+        in_specs.append(pl.BlockSpec((None, None, None, Q, Q), lambda ib, ic, ih, i: (ib, ic, ih // hg, 0, 0)))
+        args.append(CB)
     return pl.pallas_call(
         kern,
         out_shape=jax.ShapeDtypeStruct((b, Lp, h, P), x.dtype),
@@ -199,11 +204,12 @@ def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, *, hg, Q, T, interpret, num_warps
     )(*args)
 
 
-def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, *rest, T, K, hs, prec, has_seg):
-    if has_seg:
-        cnt_ref, *outs = rest
-    else:
-        outs = rest
+def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, *rest, T, K, hs, prec, has_seg,
+                     has_cb):
+    rest = list(rest)
+    cnt_ref = rest.pop(0) if has_seg else None
+    cb_ref = rest.pop(0) if has_cb else None
+    outs = rest
     dx_ref, db_ref, dc_ref, ddt_ref, rt_ref, de_ref, dh_ref = outs
     P, N = h_ref.shape[-2:]
     k = pl.program_id(3)
@@ -229,7 +235,8 @@ def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, 
             Ci = c_ref[rows, :]
             dyi = dy_ref[rows, hh, :]
             dec = _decay(cs_ref[hh, rows], csk, r0, k0, T, seg(rows), cntk)   # [Ti, Tk]
-            Wt = (_dot(Ci, Bk, _NT, prec) * dec).astype(dyi.dtype)
+            CB = cb_ref[rows, blk] if has_cb else _dot(Ci, Bk, _NT, prec)
+            Wt = (CB * dec).astype(dyi.dtype)
             gx = gx + _dot(Wt, dyi, _TN, prec)                                  # [Tk, P]
             G = (_dot(dyi, xk, _NT, prec) * dec).astype(Ci.dtype)
             gB = gB + _dot(G, Ci, _TN, prec)                                    # [Tk, N]
@@ -278,14 +285,17 @@ def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, 
         lax.fori_loop(0, hs, dh_head, 0)
 
 
-def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, *, hg, Q, T, interpret, hs=1, num_warps=4, num_stages=2):
+def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, CB=None, *, hg, Q, T, interpret, hs=1, num_warps=4,
+                   num_stages=2):
     """Returns dx [b,Lp,h,P]; dB, dC summed over blocks of hs heads [b,Lp,h//hs,N]; ddt, rowterm, de [b,h,Lp];
     dH [b,h,nc,P,N]; all f32.  rowterm_t = C_t . (intra-chunk part of dC_t); d cs_t = rowterm_t - dt_t ddt_t."""
     b, Lp, h, P = x.shape
     N = B.shape[3]
     nc, K = Lp // Q, Q // T
     has_seg = cnt is not None
-    kern = functools.partial(_scan_bwd_kernel, T=T, K=K, hs=hs, prec=_prec(x.dtype), has_seg=has_seg)
+    has_cb = CB is not None
+    kern = functools.partial(_scan_bwd_kernel, T=T, K=K, hs=hs, prec=_prec(x.dtype), has_seg=has_seg,
+                             has_cb=has_cb)
     chunk_x = pl.BlockSpec((None, Q, hs, P), lambda ib, ic, ih, k: (ib, ic, ih, 0))
     chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ic, ih, k: (ib, ic, (ih * hs) // hg, 0))
     chunk_v = pl.BlockSpec((None, hs, Q), lambda ib, ic, ih, k: (ib, ih, ic))
@@ -295,6 +305,9 @@ def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, *, hg, Q, T, interpret, hs=1,
     if has_seg:
         in_specs.append(pl.BlockSpec((None, Q), lambda ib, ic, ih, k: (ib, ic)))
         args.append(cnt)
+    if has_cb:
+        in_specs.append(pl.BlockSpec((None, None, None, Q, Q), lambda ib, ic, ih, k: (ib, ic, (ih * hs) // hg, 0, 0)))
+        args.append(CB)
     blk_p = pl.BlockSpec((None, T, hs, P), lambda ib, ic, ih, k: (ib, ic * K + k, ih, 0))
     blk_n = pl.BlockSpec((None, T, None, N), lambda ib, ic, ih, k: (ib, ic * K + k, ih, 0))
     blk_v = pl.BlockSpec((None, hs, T), lambda ib, ic, ih, k: (ib, ih, ic * K + k))

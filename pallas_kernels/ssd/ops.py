@@ -86,22 +86,25 @@ def _chunk_scan_op(hg, Q, T, interpret, tuning=()):
                     num_stages=tune.get(name + "_stages", 2))
 
     @jax.custom_vjp
-    def f(x, B, C, dt, cs, e, H, cnt):
-        return K.chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, **cfg, **tw("scan_fwd", x.shape[3], B.shape[3], False))
+    def f(x, B, C, dt, cs, e, H, cnt, CB):
+        return K.chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, CB, **cfg,
+                                **tw("scan_fwd", x.shape[3], B.shape[3], False))
 
-    def fwd(x, B, C, dt, cs, e, H, cnt):
-        return f(x, B, C, dt, cs, e, H, cnt), (x, B, C, dt, cs, e, H, cnt)
+    def fwd(x, B, C, dt, cs, e, H, cnt, CB):
+        return f(x, B, C, dt, cs, e, H, cnt, CB), (x, B, C, dt, cs, e, H, cnt, CB)
 
     def bwd(res, dy):
-        x, B, C, dt, cs, e, H, cnt = res
+        # CB (if given) is a cache of C B^T: dB and dC below already contain its contribution, so its own
+        # cotangent is zero (the caller passes it through stop_gradient).
+        x, B, C, dt, cs, e, H, cnt, CB = res
         hs = _heads_per_program(hg, tune.get("bwd_heads", 8))
-        dx, dB, dC, ddt, rowterm, de, dH = K.chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, **cfg, hs=hs,
+        dx, dB, dC, ddt, rowterm, de, dH = K.chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, CB, **cfg, hs=hs,
                                                             **tw("scan_bwd", x.shape[3], B.shape[3], True))
         dcs = rowterm - dt * ddt
         g = B.shape[2]
         dcnt = None if cnt is None else jnp.zeros(cnt.shape, jax.dtypes.float0)
         return (dx.astype(x.dtype), _reduce_groups(dB, g).astype(B.dtype), _reduce_groups(dC, g).astype(C.dtype),
-                ddt, dcs, de, dH, dcnt)
+                ddt, dcs, de, dH, dcnt, None if CB is None else jnp.zeros_like(CB))
 
     f.defvjp(fwd, bwd)
     return f
@@ -189,7 +192,13 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=
     tuning = tuple(sorted((tuning or {}).items()))
     S = _chunk_states_op(hg, Q, T, interpret, tuning)(xk, Bk, w)
     Hin, final = _state_passing(S, cs_end, keep, h0)
-    y = _chunk_scan_op(hg, Q, T, interpret, tuning)(xk, Bk, Ck, dtk, cs.reshape(b, h, Lp), e, Hin, cnt)
+    CB = None
+    if hg > 1 and dict(tuning).get("cb_precompute", True):
+        # C B^T once per chunk and group (shared by the group's heads), f32
+        CB = jax.lax.stop_gradient(jnp.einsum(
+            "bcqgn,bcsgn->bcgqs", Ck.reshape(b, nc, Q, g, Np), Bk.reshape(b, nc, Q, g, Np),
+            preferred_element_type=_F32, precision=jax.lax.Precision.HIGHEST))
+    y = _chunk_scan_op(hg, Q, T, interpret, tuning)(xk, Bk, Ck, dtk, cs.reshape(b, h, Lp), e, Hin, cnt, CB)
     if Lp > L or Pp > p:
         y = y[:, :L, :, :p]
     if D is not None or z is not None:

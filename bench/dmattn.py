@@ -107,7 +107,7 @@ def tokamax_fns():
 
 def to_torch(x, dtype=None):
     import torch
-    t = torch.from_numpy(np.asarray(x, np.float32)).cuda()
+    t = torch.from_numpy(np.array(x, np.float32)).cuda()
     return t if dtype is None else t.to(dtype)
 
 
@@ -174,18 +174,101 @@ def gpu_f32_check():
     return errs
 
 
+def bf16_check():
+    """bf16, Doge heads: wmjax (sparse and L <= w paths) and tokamax vs the f32 jnp reference (out and grads)."""
+    names = ("out", "dq", "dk", "dv", "dbias")
+    for b, length, w in ((1, 2048, 2048), (1, 4096, 2048)):
+        q, k, v, bias, do = make_inputs(b, length, seed=3)
+        pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        f32 = lambda x: x.astype(jnp.float32)
+
+        def ref(q, k, v, bias):
+            return dynamic_mask_attention_reference(f32(q), f32(k), f32(v), bias, keep_window_size=w,
+                                                    query_positions=pos, key_positions=pos)
+
+        impls = {"ref": ref}
+        impls["wmjax"] = lambda q, k, v, bias: dynamic_mask_attention_pallas(
+            q, k, v, bias, keep_window_size=w, query_positions=pos, key_positions=pos, interpret=False)
+        if length <= w:
+            impls["tokamax"] = tokamax_fns()[0]
+        out = {}
+        for name, fn in impls.items():
+            def f(q, k, v, bias, fn=fn):
+                o, vjp = jax.vjp(fn, q, k, v, bias)
+                return (o,) + vjp(do.astype(o.dtype))
+            try:
+                out[name] = jax.device_get(jax.jit(f)(q, k, v, bias))
+            except Exception:
+                traceback.print_exc()
+        for name in out:
+            if name != "ref":
+                print(f"bf16 check b{b} L{length} w{w} {name} vs f32 reference:",
+                      {n: f"{rel(a, e):.1e}" for n, a, e in zip(names, out[name], out["ref"])}, flush=True)
+
+
+def sweep(shapes):
+    """Per-kernel breakdown (pre-pass, fwd kernel, bwd kernels) for config variants of the wmjax kernel."""
+    import dataclasses
+    from pallas_kernels.dmattn import DmattnConfig, prepare_mask
+    from pallas_kernels.dmattn.api import _cap
+    from pallas_kernels.dmattn.backward import flash_backward
+    from pallas_kernels.dmattn.forward import flash_forward
+    base = DmattnConfig(interpret=jax.default_backend() == "cpu")  # interpret: CPU smoke runs only
+    variants = {
+        "default": base,
+        "fwd bk128": dataclasses.replace(base, block_k=128),
+        "fwd bq64 w4": dataclasses.replace(base, block_q=64, num_warps_fwd=4),
+        "fwd s3": dataclasses.replace(base, num_stages_fwd=3),
+        "fwd w4": dataclasses.replace(base, num_warps_fwd=4),
+        "dq bq128": dataclasses.replace(base, block_q_dq=128),
+        "dq w4": dataclasses.replace(base, num_warps_dq=4),
+        "dq bk32 s3": dataclasses.replace(base, block_k_dq=32, num_stages_dq=3),
+        "dkv bk128": dataclasses.replace(base, block_k_dkv=128),
+        "dkv w4": dataclasses.replace(base, num_warps_dkv=4),
+        "dkv bq32 s3": dataclasses.replace(base, block_q_dkv=32, num_stages_dkv=3),
+        "dkv grp1024": dataclasses.replace(base, dkv_group=1024),
+    }
+    for shp in shapes.split(","):
+        b, length = map(int, shp.split("x"))
+        q, k, v, bias, do = make_inputs(b, length)
+        valid = jnp.ones((b, length), bool)
+        for name, cfg in variants.items():
+            try:
+                cap = _cap(W)
+                prep = jax.jit(lambda bias, cfg=cfg: prepare_mask(bias, valid, W, cfg))
+                aux = prep(bias)
+                fwd = jax.jit(lambda q, k, v, bias, aux, cfg=cfg: flash_forward(
+                    q, k, v, bias, aux["e"], aux.get("lists_fwd"), aux.get("counts_fwd"), scale=D ** -0.5,
+                    cap=cap, cfg=cfg))
+                o, lse = fwd(q, k, v, bias, aux)
+                bwd = jax.jit(lambda q, k, v, bias, aux, o, lse, do, cfg=cfg: flash_backward(
+                    q, k, v, bias, aux["e"], o, lse, do, aux.get("lists_dq"), aux.get("counts_dq"), aux.get("perm"),
+                    scale=D ** -0.5, cap=cap, cfg=cfg))
+                tp = time_jax(prep, (bias,)) if length > W else 0.0
+                tf_ = time_jax(fwd, (q, k, v, bias, aux))
+                tb = time_jax(bwd, (q, k, v, bias, aux, o, lse, do))
+                print(f"  sweep b{b} L{length} {name:14s} prepass {tp:7.3f}  fwd kernel {tf_:7.3f}  bwd (delta+dq+dkv)"
+                      f" {tb:7.3f} ms", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  sweep b{b} L{length} {name}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4x2048,2x8192,1x32768")
     ap.add_argument("--skip", default="")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--sweep", default="", help="shapes for the per-kernel config sweep, e.g. 4x2048,2x8192")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     print("jax", jax.__version__, "device", jax.devices()[0].device_kind, flush=True)
     try:
         gpu_f32_check()
+        bf16_check()
     except Exception:
         traceback.print_exc()
+    if args.sweep:
+        sweep(args.sweep)
     if args.check_only:
         return
     have_torch = False
@@ -260,6 +343,7 @@ def main():
                         return o
 
                     o = hf_fb()
+                    o = o.detach()
                     res["hf"] = (o.transpose(1, 2).float().cpu().numpy(),
                                  leaves[0].grad.transpose(1, 2).float().cpu().numpy(),
                                  leaves[1].grad.transpose(1, 2).float().cpu().numpy(),
@@ -298,7 +382,7 @@ def main():
                         return o
 
                     o = fdm_fb()
-                    res["fdm_out"] = o.float().cpu().numpy()
+                    res["fdm_out"] = o.detach().float().cpu().numpy()
                     with torch.no_grad():
                         tf_ = time_torch(lambda: fdm(tq, kk, vv, mask, fb_bias))
                     tfb = time_torch(fdm_fb)

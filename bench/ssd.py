@@ -33,9 +33,11 @@ from wmjax.ops.ssd import ssd, ssd_chunked, ssd_naive  # noqa: E402
 # wmjax kernel variants timed per shape (the first is the default; the table reports the best)
 VARIANTS = [
     {},
-    {"block_t": 32},
     {"scan_fwd_stages": 3, "scan_bwd_stages": 3, "states_fwd_stages": 3},
-    {"scan_fwd_warps": 8, "states_fwd_warps": 8, "scan_bwd_warps": 4},
+    {"cb_precompute": False},
+    {"bwd_heads": 1},
+    {"scan_bwd_warps": 4, "states_bwd_warps": 4},
+    {"block_t": 32},  # measured 25-45 % slower on H100 (measurement 1)
 ]
 
 CONFIGS = [
@@ -298,6 +300,60 @@ def print_table(rows):
                   f"{fl_us / 1e3 / tw:11.2f} |")
 
 
+def breakdown(cfg, interpret=False):
+    """Times each stage of the wmjax forward/backward separately at one shape (synthetic stage inputs)."""
+    from pallas_kernels.ssd import kernels as Kn
+    from pallas_kernels.ssd import ops as O
+
+    name, b, L, h, p, g, n = cfg
+    hg, T, nc = h // g, 64, L // Q
+    rng = np.random.default_rng(0)
+    bf = jnp.bfloat16
+    x = jnp.asarray(rng.standard_normal((b, L, h, p)), bf)
+    B = jnp.asarray(rng.standard_normal((b, L, g, n)), bf)
+    C = jnp.asarray(rng.standard_normal((b, L, g, n)), bf)
+    dt = jnp.asarray(rng.uniform(1e-3, 0.1, (b, h, L)), jnp.float32)
+    cs = jnp.cumsum(-dt.reshape(b, h, nc, Q), axis=-1).reshape(b, h, L)
+    e = jnp.exp(cs)
+    S = jnp.asarray(rng.standard_normal((b, h, nc, p, n)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((b, L, h, p)), bf)
+    cs_end = cs.reshape(b, h, nc, Q)[..., -1]
+    keep = jnp.ones((b, nc), bool)
+    h0 = jnp.zeros((b, h, p, n), jnp.float32)
+    CB = (jnp.einsum("bcqgn,bcsgn->bcgqs", C.reshape(b, nc, Q, g, n), B.reshape(b, nc, Q, g, n),
+                     preferred_element_type=jnp.float32) if hg > 1 else None)
+    hs = O._heads_per_program(hg, 8)
+    cfgk = dict(hg=hg, Q=Q, T=T, interpret=interpret)
+    w4 = dict(num_warps=4, num_stages=2)
+    w8 = dict(num_warps=8 if max(p, n) >= 128 else 4, num_stages=2)
+    ein = lambda C_, B_: jnp.einsum("bcqgn,bcsgn->bcgqs", C_.reshape(b, nc, Q, g, n),  # noqa: E731
+                                    B_.reshape(b, nc, Q, g, n), preferred_element_type=jnp.float32)
+    sp = lambda S_, ce_, h0_: O._state_passing(S_, ce_, keep, h0_)  # noqa: E731
+    stages = {
+        "states_fwd": (lambda x_, B_, e_: Kn.chunk_states_fwd(x_, B_, e_, **cfgk, **w4), (x, B, e)),
+        "state_passing": (sp, (S, cs_end, h0)),
+        "CB einsum": (ein, (C, B)),
+        "scan_fwd (CB if hg>1)": (lambda *a: Kn.chunk_scan_fwd(*a[:7], None, a[7], **cfgk, **w4),
+                                  (x, B, C, dt, cs, e, S, CB)),
+        "scan_fwd (no CB)": (lambda *a: Kn.chunk_scan_fwd(*a, None, None, **cfgk, **w4), (x, B, C, dt, cs, e, S)),
+        "state_passing vjp": (lambda S_, ce_, h0_: jax.vjp(sp, S_, ce_, h0_)[1]((S_, h0_)), (S, cs_end, h0)),
+        "scan_bwd": (lambda *a: Kn.chunk_scan_bwd(*a[:7], None, a[7], a[8], **cfgk, hs=hs, **w8),
+                     (x, B, C, dt, cs, e, S, dy, CB)),
+        "scan_bwd hs=1": (lambda *a: Kn.chunk_scan_bwd(*a[:7], None, a[7], a[8], **cfgk, hs=1, **w8),
+                          (x, B, C, dt, cs, e, S, dy, CB)),
+        "states_bwd": (lambda x_, B_, e_, S_: Kn.chunk_states_bwd(x_, B_, e_, S_, **cfgk, hs=hs, **w8),
+                       (x, B, e, S)),
+    }
+    print(f"== breakdown {name} (hs={hs}) ==")
+    for k, (f, fargs) in stages.items():
+        try:
+            jf = jax.jit(f)
+            t, _ = time_fn(lambda: jf(*fargs), jax_sync)
+            print(f"  {k:24s} {t * 1e3:8.3f} ms")
+        except Exception as exc:
+            print(f"  {k:24s} FAILED {type(exc).__name__}: {str(exc)[:300]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true", help="f32 correctness check on the device first")
@@ -305,6 +361,7 @@ def main():
     ap.add_argument("--only", default=None, help="substring filter on config names")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="time each stage at the b2 L8192 shapes first")
     ap.add_argument("--nvar", type=int, default=len(VARIANTS), help="time only the first NVAR kernel variants")
     a = ap.parse_args()
     del VARIANTS[a.nvar:]
@@ -315,6 +372,10 @@ def main():
         return
     if a.check:
         correctness_check()
+    if a.breakdown:
+        for c in CONFIGS:
+            if "L8192" in c[0]:
+                breakdown(c)
     cfgs = [c for c in CONFIGS if a.only is None or a.only in c[0]]
     run_bench(cfgs, with_peer=not a.no_peer, json_path=a.json)
 

@@ -355,3 +355,26 @@ def test_failure_while_writing_leaves_destination_untouched(tmp_path, monkeypatc
     save_hf(cfg, params, tmp_path / "dst", overwrite=True)  # success replaces it
     assert sorted(os.listdir(tmp_path / "dst")) == ["config.json", "model.safetensors"]
     assert_no_leftovers(tmp_path, ["dst"])
+
+
+def test_single_file_tied_head_and_square_query_dt(tmp_path):
+    cfg = DogeConfig(**dict(TINY, tie_word_embeddings=True))
+    params = random_params(cfg)
+    save_hf(cfg, params, tmp_path / "hf")
+    # a single safetensors file needs a config
+    with pytest.raises(ConversionError, match="no config given"):
+        load_hf(tmp_path / "hf" / "model.safetensors")
+    _, p = load_hf(tmp_path / "hf" / "model.safetensors", config=cfg)
+    chex.assert_trees_all_equal(p, params)
+    # HF's state_dict() carries the tied head: accepted when it is the embedding, an error when it is not
+    sd = to_state_dict(cfg, params, include_tied_head=True)
+    chex.assert_trees_all_equal(from_state_dict(cfg, sd), params)
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1
+    with pytest.raises(ConversionError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        from_state_dict(cfg, sd)
+    # legacy "A/dt_proj by query heads" with H == G is the same tensors as HF-native: written as dt_heads="kv"
+    sq = DogeConfig(**dict(TINY, num_key_value_heads=4, dt_heads="query"))
+    save_hf(sq, random_params(sq), tmp_path / "sq")
+    assert load_hf(tmp_path / "sq")[0] == sq.replace(dt_heads="kv")
+    with pytest.raises(ValueError, match="legacy="):
+        load_hf(tmp_path / "sq", legacy="maybe")

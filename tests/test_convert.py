@@ -378,3 +378,19 @@ def test_single_file_tied_head_and_square_query_dt(tmp_path):
     assert load_hf(tmp_path / "sq")[0] == sq.replace(dt_heads="kv")
     with pytest.raises(ValueError, match="legacy="):
         load_hf(tmp_path / "sq", legacy="maybe")
+
+
+def test_legacy_router_bias_dropped_with_warning_when_nonzero():
+    cfg = DogeConfig(**dict(TINY, **MOE, tie_word_embeddings=True))
+    params = random_params(cfg)
+    sd = {k.replace(".mlp.", ".feed_forward."): v for k, v in to_state_dict(cfg, params).items()}
+    sd["model.rotary_emb.inv_freq"] = np.ones(8, np.float32)  # old persistent RoPE buffer: ignored
+    for i in range(cfg.num_hidden_layers):
+        sd[f"model.layers.{i}.feed_forward.router_gate.bias"] = np.zeros(2 * cfg.num_keys, np.float32)
+    chex.assert_trees_all_equal(from_state_dict(cfg, sd), params)
+    sd["model.layers.1.feed_forward.router_gate.bias"] = np.full(2 * cfg.num_keys, 0.5, np.float32)
+    with pytest.warns(UserWarning, match=r"dropping non-zero legacy model.layers.1.feed_forward.router_gate.bias"):
+        from_state_dict(cfg, sd)
+    with pytest.raises(ConversionError, match="both map to"):
+        from_state_dict(cfg, dict(sd, **{"model.layers.0.mlp.up_proj.weight": sd[
+            "model.layers.0.feed_forward.up_proj.weight"]}))

@@ -111,7 +111,7 @@ _TOP_RENAMES = {
 LEGACY_RENAMES = (_TOP_RENAMES, _LAYER_RENAMES)
 _LAYER_KEY = re.compile(r"^(model\.layers\.\d+\.)(.*)$")
 # present in some old checkpoints, carry no parameters of the model (RoPE tables are recomputed)
-IGNORED_KEY_PATTERNS = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
+IGNORED_KEY_PATTERNS = (re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|rotary_emb)$"),)
 # dropped by the official converters (doge.md s5.1: an early CDMoE had a router bias; the current one has none)
 DROPPED_KEY_PATTERN = re.compile(r"^model\.layers\.\d+\.mlp\.router_gate\.bias$")
 

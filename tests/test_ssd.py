@@ -12,8 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import functools
+
 from pallas_kernels.ssd import ssd_pallas
-from wmjax.ops.ssd import segment_reset_counts, ssd, ssd_chunked, ssd_naive, ssd_step
+from wmjax.ops.ssd import segment_reset_counts, ssd, ssd_step
+from wmjax.ops.ssd import ssd_chunked as _ssd_chunked
+from wmjax.ops.ssd import ssd_naive as _ssd_naive
+
+# jit the references once per shape (eager op-by-op dispatch is far slower on CPU)
+ssd_naive = jax.jit(_ssd_naive)
+ssd_chunked = jax.jit(_ssd_chunked, static_argnames=("chunk_size",))
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
@@ -136,17 +144,17 @@ PALLAS_CASES = [
 def test_pallas_interpret_fwd_bwd(shape, chunk, block_t, opts):
     arrs, kw = _inputs(sum(shape), *shape, **opts)
     seg = kw.pop("segment_ids", None)
-    pallas = lambda *a, **k: ssd_pallas(*a, interpret=True, chunk_size=chunk, block_t=block_t, **k)  # noqa
+    pallas = functools.partial(ssd_pallas, interpret=True, chunk_size=chunk, block_t=block_t)
     y0, s0 = ssd_naive(**arrs, segment_ids=seg, **kw)
-    y1, s1 = pallas(**arrs, segment_ids=seg, **kw)
+    y1, s1 = jax.jit(pallas)(**arrs, segment_ids=seg, **kw)
     chex.assert_equal_shape([y0, y1])
     chex.assert_trees_all_equal_dtypes(y1, arrs["x"])
     assert np.isfinite(np.asarray(y1)).all()
     assert _rel(y1, y0) <= 1e-4 and _rel(s1, s0) <= 1e-4
 
     args = (arrs["x"], arrs["dt"], arrs["A"], arrs["B"], arrs["C"], kw)
-    g0 = jax.grad(_loss(ssd_naive, dict(segment_ids=seg)), argnums=(0, 1, 2, 3, 4, 5))(*args)
-    g1 = jax.grad(_loss(pallas, dict(segment_ids=seg)), argnums=(0, 1, 2, 3, 4, 5))(*args)
+    g0 = jax.jit(jax.grad(_loss(_ssd_naive, dict(segment_ids=seg)), argnums=(0, 1, 2, 3, 4, 5)))(*args)
+    g1 = jax.jit(jax.grad(_loss(pallas, dict(segment_ids=seg)), argnums=(0, 1, 2, 3, 4, 5)))(*args)
     names = ["dx", "ddt", "dA", "dB", "dC"] + [f"d{k}" for k in kw]
     flat0 = list(g0[:5]) + [g0[5][k] for k in kw]
     flat1 = list(g1[:5]) + [g1[5][k] for k in kw]
@@ -161,7 +169,7 @@ def test_pallas_interpret_bf16_close():
     arrs, kw = _inputs(7, 1, 64, 2, 32, 1, 32, D=True)
     y0, _ = ssd_naive(**arrs, **kw)
     a16 = {k: (v.astype(jnp.bfloat16) if k in ("x", "B", "C") else v) for k, v in arrs.items()}
-    y1, _ = ssd_pallas(**a16, **kw, chunk_size=32, block_t=16, interpret=True)
+    y1, _ = jax.jit(functools.partial(ssd_pallas, chunk_size=32, block_t=16, interpret=True))(**a16, **kw)
     assert y1.dtype == jnp.bfloat16
     assert _rel(y1, y0) < 2e-2
 

@@ -45,14 +45,33 @@ def _inputs(b, length, h, g, d, dtype, seed, ties=False):
     return q, k, v, bias, do
 
 
-def _run_pair(b, length, h, g, d, w, *, dtype=jnp.float32, left_pad=(), seed=0, ties=False, cfg=SMALL):
+def _packed(b, length, doc_lens):
+    """segment ids 1, 2, ... per document (contiguous runs) and per-document positions, as train/data.py packs."""
+    seg = np.zeros((b, length), np.int32)
+    pos = np.zeros((b, length), np.int32)
+    for r in range(b):
+        i, sid = 0, 1
+        lens = list(doc_lens[r % len(doc_lens)])
+        while i < length:
+            n = min(lens.pop(0) if lens else length, length - i)
+            seg[r, i:i + n] = sid
+            pos[r, i:i + n] = np.arange(n)
+            i, sid = i + n, sid + 1
+    return jnp.asarray(seg), jnp.asarray(pos)
+
+
+def _run_pair(b, length, h, g, d, w, *, dtype=jnp.float32, left_pad=(), seed=0, ties=False, cfg=SMALL, docs=None):
     q, k, v, bias, do = _inputs(b, length, h, g, d, dtype, seed, ties)
     pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    seg = None
+    if docs is not None:
+        seg, pos = _packed(b, length, docs)
     key_mask = None
     if left_pad:
         npad = jnp.array(list(left_pad) + [0] * (b - len(left_pad)), jnp.int32)
         key_mask = jnp.arange(length)[None, :] >= npad[:, None]
-    kw = dict(keep_window_size=w, query_positions=pos, key_positions=pos, key_mask=key_mask)
+    kw = dict(keep_window_size=w, query_positions=pos, key_positions=pos, key_mask=key_mask,
+              query_segment_ids=seg, key_segment_ids=seg)
     # rows with no allowed key (left padding): the kernel outputs zeros, the reference the uniform average;
     # compare only rows with an allowed key, and give the others no cotangent
     has_key = jnp.ones((b, length), bool) if key_mask is None else (jnp.cumsum(key_mask, axis=1) > 0)
@@ -90,6 +109,14 @@ CASES = [
 @pytest.mark.parametrize("b,length,h,g,d,w,left_pad,ties", CASES)
 def test_matches_reference_f32(b, length, h, g, d, w, left_pad, ties):
     errs = _run_pair(b, length, h, g, d, w, left_pad=left_pad, ties=ties)
+    assert all(e <= 1e-4 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("w", [30, 200])
+def test_packed_documents_segment_ids(w):
+    """Packed training batches: segment ids (contiguous documents) and per-document positions; top-k per document
+    (w=30: sparse path; w=200 >= L: fast path), GQA 2, ragged L."""
+    errs = _run_pair(2, 90, 4, 2, 64, w, docs=[(20, 45, 25), (60, 10)], seed=11)
     assert all(e <= 1e-4 for e in errs.values()), errs
 
 
@@ -161,7 +188,10 @@ def test_supports_subset():
     kw = dict(keep_window_size=8, query_positions=pos, key_positions=pos)
     assert supports(q, k, k, bias, **kw)
     assert not supports(q, k, k, bias, **{**kw, "sliding_window": 4})
-    assert not supports(q, k, k, bias, **kw, query_segment_ids=pos, key_segment_ids=pos)
+    seg = jnp.broadcast_to((jnp.arange(length) >= 10).astype(jnp.int32), (b, length))
+    assert supports(q, k, k, bias, **kw, query_segment_ids=seg, key_segment_ids=seg)  # packed documents
+    seg_split = jnp.broadcast_to((jnp.arange(length) % 8 >= 4).astype(jnp.int32), (b, length))
+    assert not supports(q, k, k, bias, **kw, query_segment_ids=seg_split, key_segment_ids=seg_split)  # 0,1,0,...
     assert not supports(q, k, k, bias, **{**kw, "key_positions": pos + 1})  # not self-attention by position
     assert not supports(q[:, :1], k, k, bias, **{**kw, "query_positions": pos[:, :1]})  # decode
     assert not supports(q, k, k, jnp.zeros((b, h, length)), **kw)  # per-query-head bias, h != g

@@ -12,7 +12,7 @@ import numpy as np
 from .backward import flash_backward
 from .config import DmattnConfig, default_config, round_up
 from .forward import flash_forward
-from .prepass import dkv_key_order, key_expiry, query_block_lists
+from .prepass import dkv_key_order, key_expiry, query_block_lists, segment_ends
 
 __all__ = ["supports", "dynamic_mask_attention_pallas", "prepare_mask"]
 
@@ -23,17 +23,46 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _positions_ok(query_positions, key_positions, length) -> bool:
-    """Index causality must equal position causality. Concrete positions: checked (equal to arange). Traced
-    positions: accepted only when the same array is passed for queries and keys (self-attention; the kernel then
-    assumes positions increase along the sequence on real tokens, as with right or HF-style left padding)."""
+def _segments_ok(query_segment_ids, key_segment_ids, b, length) -> bool:
+    """Packed documents: the same segment ids for queries and keys, each document one contiguous run (checked
+    when concrete; assumed when traced, which is what packing produces)."""
+    if query_segment_ids is None and key_segment_ids is None:
+        return True
+    if query_segment_ids is None or key_segment_ids is None:
+        return False
+    if tuple(query_segment_ids.shape) != (b, length) or tuple(key_segment_ids.shape) != (b, length):
+        return False
+    if _is_concrete(query_segment_ids) and _is_concrete(key_segment_ids):
+        qs, ks = np.asarray(query_segment_ids), np.asarray(key_segment_ids)
+        if not np.array_equal(qs, ks):
+            return False
+        for row in qs:  # contiguous runs: an id never reappears after its run ended
+            starts = np.concatenate([[True], row[1:] != row[:-1]])
+            if len(np.unique(row[starts])) != int(starts.sum()):
+                return False
+        return True
+    return query_segment_ids is key_segment_ids
+
+
+def _positions_ok(query_positions, key_positions, length, segment_ids=None, key_mask=None) -> bool:
+    """Index causality must equal position causality: positions strictly increase along the sequence over real
+    tokens (within each document when segment ids are given). Concrete positions: checked. Traced positions:
+    accepted only when the same array is passed for queries and keys (self-attention), and then assumed (right
+    padding, HF-style left padding and per-document packing positions all satisfy it)."""
     if query_positions is None or key_positions is None:
-        return query_positions is None and key_positions is None
+        return False
     if _is_concrete(query_positions) and _is_concrete(key_positions):
         qp, kp = np.asarray(query_positions), np.asarray(key_positions)
-        ar = np.arange(length)
-        return qp.shape[-1] == length and kp.shape[-1] == length and bool(
-            np.all(qp == ar) and np.all(kp == ar))
+        if qp.shape != kp.shape or qp.shape[-1] != length or not np.array_equal(qp, kp):
+            return False
+        pair = np.ones(qp[:, 1:].shape, bool)
+        if key_mask is not None and _is_concrete(key_mask):
+            km = np.asarray(key_mask).astype(bool)
+            pair &= km[:, 1:] & km[:, :-1]
+        if segment_ids is not None and _is_concrete(segment_ids):
+            sg = np.asarray(segment_ids)
+            pair &= sg[:, 1:] == sg[:, :-1]
+        return bool(np.all(np.where(pair, qp[:, 1:] > qp[:, :-1], True)))
     return query_positions is key_positions
 
 
@@ -43,8 +72,9 @@ def supports(query, key, value, key_bias, *, keep_window_size, query_positions=N
     """True for self-attention training/prefill calls the kernel handles; the dispatcher uses the reference
     otherwise. Accepted: query [b, L, H, D], key/value [b, L, G, D] (same L, H % G == 0), key_bias [b, G, L]
     (or [b, H, L] with H == G), D a power of two in [16, 256], dtypes f32/bf16/f16 (q, k, v alike), any L >= 1,
-    key_mask [b, L] or None, positions = arange (or the same traced array for queries and keys), no segment
-    ids, no sliding window."""
+    key_mask [b, L] or None, positions increasing along the sequence (checked when concrete; when traced, the
+    same array must be passed for queries and keys), segment ids None or the same [b, L] array for queries and
+    keys with each document one contiguous run (packing), no sliding window."""
     try:
         if query.ndim != 4 or key.ndim != 4 or key.shape != value.shape or key_bias.ndim != 3:
             return False
@@ -58,28 +88,34 @@ def supports(query, key, value, key_bias, *, keep_window_size, query_positions=N
             return False
         if query.dtype != key.dtype or key.dtype != value.dtype or not any(query.dtype == t for t in _DTYPES):
             return False
-        if query_segment_ids is not None or key_segment_ids is not None or sliding_window is not None:
+        if sliding_window is not None:
+            return False
+        if not _segments_ok(query_segment_ids, key_segment_ids, b, sk):
             return False
         if int(keep_window_size) < 1:
             return False
         if key_mask is not None and tuple(key_mask.shape) != (b, sk):
             return False
-        return _positions_ok(query_positions, key_positions, sk)
+        return _positions_ok(query_positions, key_positions, sk, query_segment_ids, key_mask)
     except Exception:  # pragma: no cover - anything unexpected: let the reference handle it
         return False
 
 
-def prepare_mask(key_bias, valid, keep_window_size: int, cfg: DmattnConfig):
-    """Pre-pass on the padded bias [b, G, Lp] f32 and validity [b, Lp] bool. Returns a dict of int arrays:
-    e [b, G, Lp]; in sparse mode also the forward and dq key lists, and the dk/dv key order."""
+def prepare_mask(key_bias, valid, keep_window_size: int, cfg: DmattnConfig, segment_ids=None):
+    """Pre-pass on the padded bias [b, G, Lp] f32, validity [b, Lp] bool and segment ids [b, Lp] int32 or None.
+    Returns a dict of int arrays: e [b, G, Lp] (key j kept by rows [j, e_j)); in sparse mode also the forward and
+    dq key lists, and the dk/dv key order."""
     b, g, lp = key_bias.shape
     valid_g = jnp.broadcast_to(valid[:, None, :], (b, g, lp))
+    seg_g = None if segment_ids is None else jnp.broadcast_to(segment_ids[:, None, :], (b, g, lp))
     j = jnp.arange(lp, dtype=jnp.int32)
     if keep_window_size >= lp:  # fast path: no row keeps more than L <= w keys -> plain causal + key bias
-        e = jnp.where(valid_g, lp, j).astype(jnp.int32)
+        end = lp if seg_g is None else segment_ends(seg_g.reshape(b * g, lp)).reshape(b, g, lp)
+        e = jnp.where(valid_g, end, j).astype(jnp.int32)
         return dict(e=e)
     bias_m = jnp.where(valid_g, key_bias, -jnp.inf).reshape(b * g, lp)
-    e = key_expiry(bias_m, valid_g.reshape(b * g, lp), keep_window_size, cfg)
+    e = key_expiry(bias_m, valid_g.reshape(b * g, lp), keep_window_size, cfg,
+                   seg=None if seg_g is None else seg_g.reshape(b * g, lp))
     cap = _cap(keep_window_size)
     out = dict(e=e.reshape(b, g, lp))
     lists = {}
@@ -143,8 +179,10 @@ def dynamic_mask_attention_pallas(query, key, value, key_bias, *, keep_window_si
     `config` overrides the GPU block sizes. `interpret`: None = auto (interpret mode only when the default
     backend is the CPU and no GPU target is being lowered for, so that CPU runs of the model work; on a GPU never),
     True forces Pallas interpret mode (CPU tests), False forces the Triton kernels."""
-    if query_segment_ids is not None or key_segment_ids is not None or sliding_window is not None:
-        raise ValueError("dynamic_mask_attention_pallas: segment ids / sliding window are not supported")
+    if sliding_window is not None:
+        raise ValueError("dynamic_mask_attention_pallas: sliding_window is not supported")
+    if (query_segment_ids is None) != (key_segment_ids is None):
+        raise ValueError("dynamic_mask_attention_pallas: pass both segment ids (self-attention) or neither")
     b, length, h, d = query.shape
     scale = float(d ** -0.5 if scale is None else scale)
     w = int(keep_window_size)
@@ -162,6 +200,11 @@ def dynamic_mask_attention_pallas(query, key, value, key_bias, *, keep_window_si
         query, key, value = padl(query), padl(key), padl(value)
         bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad)))
         valid = jnp.pad(valid, ((0, 0), (0, pad)))
-    aux = prepare_mask(jax.lax.stop_gradient(bias), valid, w, cfg)
+    seg = None
+    if key_segment_ids is not None:
+        seg = key_segment_ids.astype(jnp.int32)
+        if pad:
+            seg = jnp.pad(seg, ((0, 0), (0, pad)), mode="edge")
+    aux = prepare_mask(jax.lax.stop_gradient(bias), valid, w, cfg, seg)
     out = _dma_core(query, key, value, bias, aux, scale, w, cfg)
     return out[:, :length] if pad else out

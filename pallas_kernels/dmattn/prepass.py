@@ -48,7 +48,13 @@ def sort_ranks(bias_masked):
     return srank, r_sorted, perm
 
 
-def _expiry_kernel(r_ref, srank_ref, p_ref, *, w, bx, nx):
+def _expiry_kernel(*refs, w, bx, nx, segmented):
+    if segmented:
+        r_ref, segj_ref, endj_ref, srank_ref, segx_ref, p_ref = refs
+        seg_j = segj_ref[...]
+        end_j = endj_ref[...]
+    else:
+        r_ref, srank_ref, p_ref = refs
     r = r_ref[...]  # [bj] strict-greater counts of this block's keys (consecutive ranks)
     bj = r.shape[0]
     done0 = (r < w).astype(jnp.int32)  # fewer than w larger keys: never expires
@@ -56,12 +62,19 @@ def _expiry_kernel(r_ref, srank_ref, p_ref, *, w, bx, nx):
 
     def cond(c):
         xb, _, _, done = c
-        return (xb < nx) & (jnp.min(done) == 0)
+        go = (xb < nx) & (jnp.min(done) == 0)
+        if segmented:  # no key's segment reaches this far: stop
+            go = go & (xb * bx < jnp.max(jnp.where(done == 0, end_j, 0)))
+        return go
 
     def body(c):
         xb, cnt, p, done = c
-        sr = srank_ref[pl.ds(pl.multiple_of(xb * bx, bx), bx)]
-        ind = (sr[None, :] < r[:, None]).astype(jnp.int32)  # [bj, bx]: key k (index order) larger than key j
+        sl = pl.ds(pl.multiple_of(xb * bx, bx), bx)
+        sr = srank_ref[sl]
+        larger = sr[None, :] < r[:, None]  # [bj, bx]: key k (index order) larger than key j
+        if segmented:
+            larger = larger & (segx_ref[sl][None, :] == seg_j[:, None])
+        ind = larger.astype(jnp.int32)
         tot = cnt + jnp.sum(ind, axis=1)
         cross = (done == 0) & (tot >= w)
 
@@ -78,28 +91,50 @@ def _expiry_kernel(r_ref, srank_ref, p_ref, *, w, bx, nx):
     p_ref[...] = p
 
 
-def key_expiry(bias_masked, valid, keep_window_size: int, cfg: DmattnConfig):
-    """bias_masked [n, L] f32 (-inf at padding), valid [n, L] bool -> e [n, L] int32 (row range [j, e_j))."""
+def segment_ends(seg):
+    """seg [n, L] int32 (documents = contiguous runs) -> [n, L] int32: one past the last index of each run."""
+    n, length = seg.shape
+    idx = jnp.arange(length, dtype=jnp.int32)[None, :]
+    last = jnp.concatenate([seg[:, 1:] != seg[:, :-1], jnp.ones((n, 1), bool)], axis=1)
+    return jax.lax.cummin(jnp.where(last, idx + 1, BIG), axis=1, reverse=True)
+
+
+def key_expiry(bias_masked, valid, keep_window_size: int, cfg: DmattnConfig, seg=None):
+    """bias_masked [n, L] f32 (-inf at padding), valid [n, L] bool, seg [n, L] int32 or None (packed documents:
+    contiguous runs; only keys of the same run count, and e_j stops at the run's end) -> e [n, L] int32."""
     n, length = bias_masked.shape
     bj, bx = cfg.expiry_block_j, min(cfg.expiry_block_x, round_up(length, 16))
     assert length % bj == 0, (length, bj)
-    srank, r_sorted, _ = sort_ranks(bias_masked)
+    srank, r_sorted, perm = sort_ranks(bias_masked)
     lx = round_up(length, bx)
     srank_p = jnp.pad(srank, ((0, 0), (0, lx - length)), constant_values=BIG)
-    kernel = functools.partial(_expiry_kernel, w=keep_window_size, bx=bx, nx=lx // bx)
+    segmented = seg is not None
+    kernel = functools.partial(_expiry_kernel, w=keep_window_size, bx=bx, nx=lx // bx, segmented=segmented)
+    jspec = pl.BlockSpec((None, bj), lambda s, i: (i, s))
+    xspec = pl.BlockSpec((None, lx), lambda s, i: (i, 0))
+    if segmented:
+        ends = segment_ends(seg)
+        seg_sorted = jnp.take_along_axis(seg, perm, axis=1)
+        end_sorted = jnp.take_along_axis(ends, perm, axis=1)
+        seg_p = jnp.pad(seg, ((0, 0), (0, lx - length)))
+        args, in_specs = (r_sorted, seg_sorted, end_sorted, srank_p, seg_p), [jspec, jspec, jspec, xspec, xspec]
+    else:
+        args, in_specs = (r_sorted, srank_p), [jspec, xspec]
     p_sorted = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, length), jnp.int32),
         grid=(length // bj, n),
-        in_specs=[pl.BlockSpec((None, bj), lambda s, i: (i, s)), pl.BlockSpec((None, lx), lambda s, i: (i, 0))],
-        out_specs=pl.BlockSpec((None, bj), lambda s, i: (i, s)),
+        in_specs=in_specs,
+        out_specs=jspec,
         compiler_params=compiler_params(cfg.num_warps_aux, 1),
         interpret=cfg.interpret,
         name="dmattn_key_expiry",
-    )(r_sorted, srank_p)
+    )(*args)
     p = jnp.take_along_axis(p_sorted, srank, axis=1)  # back to index order
     j = jnp.arange(length, dtype=jnp.int32)[None, :]
     e = jnp.minimum(jnp.maximum(p, j), length)
+    if segmented:
+        e = jnp.minimum(e, ends)
     return jnp.where(valid, e, j)
 
 

@@ -255,6 +255,20 @@ def test_lowers_for_h100_triton(length, w, d, dtype):
     assert n_bwd == n_fwd + 2, n_bwd  # + dq, dkv (the forward runs once, inside the vjp)
 
 
+def test_lowers_for_h100_triton_packed_segments():
+    """Segment ids take the segmented key-expiry kernel; it must lower too."""
+    w = 512
+
+    def grad(q, k, v, bias, pos, km, seg):
+        f = lambda *a: jnp.sum(dynamic_mask_attention_pallas(
+            *a, keep_window_size=w, query_positions=pos, key_positions=pos, key_mask=km, query_segment_ids=seg,
+            key_segment_ids=seg).astype(jnp.float32))
+        return jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+    shapes = _shapes(2, 2048, 6, 3, 128, jnp.bfloat16) + (jax.ShapeDtypeStruct((2, 2048), jnp.int32),)
+    assert _lower_cuda(grad, *shapes).as_text().count("__gpu$xla.gpu.triton") == 6
+
+
 _TENSOR = re.compile(r"tensor<((?:\d+x)+)(\w+)>")
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "i1": 1, "i8": 1, "ui32": 4, "i64": 8, "f64": 8}
 

@@ -36,8 +36,9 @@ VARIANTS = [
     {"scan_fwd_stages": 3, "scan_bwd_stages": 3, "states_fwd_stages": 3},
     {"cb_precompute": False},
     {"bwd_heads": 1},
-    {"scan_bwd_warps": 4, "states_bwd_warps": 4},
-    {"block_t": 32},  # measured 25-45 % slower on H100 (measurement 1)
+    {"scan_fwd_warps": 8, "states_fwd_warps": 8},
+    {"block_t": 128, "scan_fwd_warps": 8, "states_fwd_warps": 8},
+    # {"block_t": 32} measured 25-45 % slower on H100 (measurement 1)
 ]
 
 CONFIGS = [

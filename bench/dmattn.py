@@ -218,15 +218,10 @@ def sweep(shapes):
         "default": base,
         "fwd bk128": dataclasses.replace(base, block_k=128),
         "fwd bq64 w4": dataclasses.replace(base, block_q=64, num_warps_fwd=4),
-        "fwd s3": dataclasses.replace(base, num_stages_fwd=3),
-        "fwd w4": dataclasses.replace(base, num_warps_fwd=4),
         "dq bq128": dataclasses.replace(base, block_q_dq=128),
         "dq w4": dataclasses.replace(base, num_warps_dq=4),
-        "dq bk32 s3": dataclasses.replace(base, block_k_dq=32, num_stages_dq=3),
         "dkv bk128": dataclasses.replace(base, block_k_dkv=128),
-        "dkv w4": dataclasses.replace(base, num_warps_dkv=4),
-        "dkv bq32 s3": dataclasses.replace(base, block_q_dkv=32, num_stages_dkv=3),
-        "dkv grp1024": dataclasses.replace(base, dkv_group=1024),
+        "dkv w4 s3": dataclasses.replace(base, num_warps_dkv=4, num_stages_dkv=3),
     }
     for shp in shapes.split(","):
         b, length = map(int, shp.split("x"))
@@ -328,7 +323,10 @@ def main():
             tv = to_torch(v, torch.bfloat16)
             tb = to_torch(bias)
             tdo = to_torch(do, torch.bfloat16)
-            if "hf" not in skip:
+            if "hf" not in skip and length > 8192:
+                print(f"  b{b} L{length} HF path skipped: its dense masks need > 80 GB (first run 2026-11-23: CUDA OOM "
+                      "allocating 12 GiB in the topk scatter with 70 GiB in use)", flush=True)
+            elif "hf" not in skip:
                 try:
                     build, hf = hf_fns(W)
                     qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (tq, tk, tv))

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wmjax.cache import write_kv
+from wmjax.cache import BoundedKVCache, bounded_kv_attention, write_kv
 from wmjax.config import DogeConfig
 from wmjax.layers.linear import dense
 from wmjax.layers.norm import RMSNorm
@@ -61,6 +61,14 @@ class DynamicMaskAttention(nn.Module):
         key_bias = jnp.exp(A.astype(jnp.float32) * jax.nn.softplus(dt.astype(jnp.float32)))  # [b, s, hb]
         key_bias = key_bias.transpose(0, 2, 1)  # [b, hb, s]
 
+        if isinstance(layer_cache, BoundedKVCache):
+            # bounded dynamic-mask cache (wmjax.cache): w slots per bias head + the new tokens as candidates
+            if segment_ids is not None:
+                raise ValueError("segment_ids are not supported together with a decode cache")
+            out, layer_cache = bounded_kv_attention(layer_cache, q, k, v, key_bias, positions, token_mask,
+                                                    keep_window_size=cfg.keep_window_size, scale=d ** -0.5)
+            out = out.reshape(b, s, h * d)
+            return mk(cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out), layer_cache
         if layer_cache is not None:
             layer_cache = write_kv(layer_cache, k, v, key_bias, positions, token_mask, cache_length)
             keys, values, kbias = layer_cache["key"], layer_cache["value"], layer_cache["key_bias"]

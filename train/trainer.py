@@ -224,11 +224,10 @@ def sample_continuation(model, params, tok: Tokenizer, prompt: str, max_new: int
         gen = None
     if gen is not None:
         try:
-            out = gen(model, params, jnp.asarray([ids], jnp.int32), max_new_tokens=max_new, temperature=temperature,
-                      top_k=top_k, rng=rng)
-            out = np.asarray(out[0] if isinstance(out, (tuple, list)) else out)
-            seq = out[0].tolist()
-            new = seq[len(ids):] if seq[:len(ids)] == ids else seq
+            out = gen(model, params, [ids], max_new_tokens=max_new, temperature=temperature, top_k=top_k,
+                      stop_tokens=[tok.eos_id], rng=rng, pad_id=tok.pad_id)
+            n = int(np.asarray(out.lengths)[0])
+            new = np.asarray(out.tokens)[0, :n].tolist()
             return prompt + tok.decode(_cut_eos(new, tok.eos_id)), "wmjax.sampling.generate"
         except Exception as e:  # fall back to the local loop
             log0(f"[sample] wmjax.sampling.generate failed ({type(e).__name__}: {e}); using the local loop")

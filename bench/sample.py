@@ -1,0 +1,195 @@
+"""Sampling throughput: wmjax `generate` vs `transformers` generate, and constant decode memory of the bounded cache.
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/sample.py            # GPU: Doge-160M, bf16
+    python bench/sample.py --tiny                                          # CPU smoke test of the script
+
+One process. Random-init weights (same weights in both frameworks via wmjax.convert.to_state_dict), prompt 128
+random tokens, greedy, no stop token (every row generates all new tokens), tok/s = batch * new tokens / wall time
+of the whole `generate` call (prefill included), best of `--repeats` after a compile + warm-up call.
+transformers: torch bf16 on the same GPU, eager attention, `generate(do_sample=False, min_new_tokens=max_new_tokens)`;
+its per-token cost is flat, so it is measured on `--hf-new` tokens to save device time.
+
+Bounded cache (--long): a small model (Doge-20M config, keep_window_size 2048) generates N tokens for N in
+--long-lengths with cache="bounded"; reported: cache pytree bytes (from the shapes), device peak memory
+in use after each run, and ms per generated token. Constant memory = the same cache bytes and peak for every N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def cast_params(params, dtype):
+    import jax
+    import jax.numpy as jnp
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def peak_bytes():
+    import jax
+    try:
+        st = jax.devices()[0].memory_stats() or {}
+        return st.get("peak_bytes_in_use"), st.get("bytes_in_use")
+    except Exception:  # noqa: BLE001
+        return None, None
+
+
+def time_generate(model, params, prompts, new, repeats, **kw):
+    import jax
+    from wmjax.sampling import generate
+    t0 = time.perf_counter()
+    out = generate(model, params, prompts, max_new_tokens=new, stop_tokens=[], **kw)
+    jax.block_until_ready(out.tokens)
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = generate(model, params, prompts, max_new_tokens=new, stop_tokens=[], **kw)
+        jax.block_until_ready(out.tokens)
+        best = min(best, time.perf_counter() - t0)
+    return out, first, best
+
+
+def bench_long(args, results):
+    import jax
+    import jax.numpy as jnp
+    from wmjax.cache import cache_nbytes, init_cache
+    from wmjax.config import DogeConfig
+    from wmjax.models.doge import DogeForCausalLM, init_params
+    cfg = DogeConfig.preset("Doge-20M") if not args.tiny else DogeConfig.preset(
+        "Doge-20M", hidden_size=64, intermediate_size=64, num_hidden_layers=2, keep_window_size=64)
+    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, 65536))
+    dtype = jnp.bfloat16
+    params = cast_params(init_params(cfg, jax.random.PRNGKey(0)), dtype)
+    rng = np.random.default_rng(0)
+    for name, layer in params["model"].items():  # non-zero A so the top-k / eviction is exercised
+        if name.startswith("layers_"):
+            a = layer["self_attn"]["A"]
+            layer["self_attn"]["A"] = jnp.asarray(rng.normal(size=a.shape), dtype)
+    model = DogeForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
+    prompt = [rng.integers(0, cfg.vocab_size, 128).tolist()]
+    rows = []
+    for n in args.long_lengths:
+        nbytes = cache_nbytes(jax.eval_shape(lambda: init_cache(cfg, 1, 0, dtype, "bounded")))
+        full_bytes = cache_nbytes(jax.eval_shape(lambda: init_cache(cfg, 1, 128 + n, dtype, "full")))
+        out, first, best = time_generate(model, params, prompt, n, 1, cache="bounded")
+        assert int(out.lengths[0]) == n
+        peak, inuse = peak_bytes()
+        row = dict(generated=n, bounded_cache_bytes=nbytes, full_cache_bytes_would_be=full_bytes,
+                   ms_per_token=1e3 * best / n, first_call_s=first, device_peak_bytes=peak, device_bytes_in_use=inuse)
+        log("[long]", json.dumps(row))
+        rows.append(row)
+    results["bounded_long"] = dict(model="Doge-20M config" + (" (tiny)" if args.tiny else ""),
+                                   keep_window_size=cfg.keep_window_size, rows=rows)
+
+
+def bench_main(args, results):
+    import jax
+    import jax.numpy as jnp
+    from wmjax.config import DogeConfig
+    from wmjax.models.doge import DogeForCausalLM, init_params
+    cfg = DogeConfig.preset(args.preset)
+    if args.tiny:
+        cfg = cfg.replace(hidden_size=64, intermediate_size=64, num_hidden_layers=2, vocab_size=512)
+    dtype = jnp.bfloat16
+    params32 = init_params(cfg, jax.random.PRNGKey(0))
+    params = cast_params(params32, dtype)
+    model = DogeForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
+    rng = np.random.default_rng(0)
+    wm = {}
+    for bs in args.batch_sizes:
+        prompts = rng.integers(0, cfg.vocab_size, (bs, args.prompt_len)).tolist()
+        out, first, best = time_generate(model, params, prompts, args.new, args.repeats, cache="full")
+        tps = bs * args.new / best
+        wm[bs] = dict(tok_s=tps, seconds=best, first_call_s=first, ms_per_step=1e3 * best / args.new)
+        log(f"[wmjax] {args.preset} bs={bs} prompt={args.prompt_len} new={args.new}: {tps:,.0f} tok/s "
+            f"({1e3 * best / args.new:.3f} ms/step incl. prefill; first call {first:.1f}s)")
+        wm[bs]["tokens"] = np.asarray(out.tokens)
+        wm[bs]["prompts"] = prompts
+    results["wmjax"] = {bs: {k: v for k, v in d.items() if k not in ("tokens", "prompts")} for bs, d in wm.items()}
+    if args.no_hf:
+        return
+    try:
+        import torch
+        import transformers
+        from wmjax.convert import to_state_dict
+    except Exception as e:  # noqa: BLE001
+        log(f"[hf] skipped: {type(e).__name__}: {e}")
+        return
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hcfg = transformers.DogeConfig(**cfg.to_hf_dict())
+    hf = transformers.DogeForCausalLM(hcfg)
+    sd = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in to_state_dict(cfg, params32).items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not cfg.tie_word_embeddings]
+    if missing or unexpected:
+        log(f"[hf] state dict mismatch: missing {missing[:5]} unexpected {unexpected[:5]}")
+    hf.config._attn_implementation = "eager"
+    hf = hf.to(dev, torch.bfloat16).eval()
+    results["hf"] = {}
+    for bs in args.batch_sizes:
+        ids = torch.tensor(wm[bs]["prompts"], device=dev)
+        kw = dict(do_sample=False, max_new_tokens=args.hf_new, min_new_tokens=args.hf_new, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids))
+        with torch.no_grad():
+            hf.generate(ids, **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm-up
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = hf.generate(ids, **kw)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        new = out.shape[1] - ids.shape[1]
+        tps = bs * new / dt
+        ours = wm[bs]["tokens"][:, :new]
+        agree = float(np.mean(np.cumprod(ours == out[:, ids.shape[1]:].cpu().numpy(), axis=1).sum(1)))
+        results["hf"][bs] = dict(tok_s=tps, seconds=dt, new_tokens=new, mean_greedy_prefix_agreement=agree)
+        log(f"[hf] bs={bs} new={new}: {tps:,.1f} tok/s ({dt:.2f}s); greedy tokens equal to wmjax for the first "
+            f"{agree:.1f} tokens on average (bf16 in both)")
+        log(f"[speedup] bs={bs}: wmjax / transformers = {results['wmjax'][bs]['tok_s'] / tps:,.0f}x")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="Doge-160M")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hf-new", type=int, default=48)
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--long-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 32768])
+    p.add_argument("--no-long", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny widths, short runs")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.new, args.prompt_len, args.hf_new, args.repeats = 16, 8, 8, 1
+        args.long_lengths = [128, 512]
+    import jax
+    log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    results = {"device": jax.devices()[0].device_kind, "args": vars(args)}
+    if not args.no_long:
+        bench_long(args, results)
+    bench_main(args, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    log("[results]", json.dumps(results, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -329,3 +329,77 @@ def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, CB=None, *, hg, Q, T, interpr
         interpret=interpret,
         name="ssd_chunk_scan_bwd",
     )(*args)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# state passing across chunks: Hin[0] = h0, Hin[c+1] = E_c Hin[c] + S_c (sequential over chunks, parallel over
+# (b, h, blocks of the flattened p*n state)); backward is the reverse recurrence.
+# ------------------------------------------------------------------------------------------------------------
+def _pass_fwd_kernel(s_ref, e_ref, h0_ref, hin_ref, fin_ref, *, nc):
+    def body(c, Hc):
+        hin_ref[c, :] = Hc
+        return e_ref[c] * Hc + s_ref[c, :]
+
+    fin_ref[...] = lax.fori_loop(0, nc, body, h0_ref[...])
+
+
+def state_passing_fwd(S, E, h0, *, interpret, block=1024, num_warps=4, num_stages=2):
+    """S [b, h, nc, M] f32, E [b, h, nc] f32, h0 [b, h, M] -> (Hin [b, h, nc, M], final [b, h, M])."""
+    b, h, nc, M = S.shape
+    blk = min(block, M)
+    kern = functools.partial(_pass_fwd_kernel, nc=nc)
+    return pl.pallas_call(
+        kern,
+        out_shape=[jax.ShapeDtypeStruct((b, h, nc, M), _F32), jax.ShapeDtypeStruct((b, h, M), _F32)],
+        grid=(b, h, M // blk),
+        in_specs=[
+            pl.BlockSpec((None, None, nc, blk), lambda ib, ih, j: (ib, ih, 0, j)),
+            pl.BlockSpec((None, None, nc), lambda ib, ih, j: (ib, ih, 0)),
+            pl.BlockSpec((None, None, blk), lambda ib, ih, j: (ib, ih, j)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, nc, blk), lambda ib, ih, j: (ib, ih, 0, j)),
+            pl.BlockSpec((None, None, blk), lambda ib, ih, j: (ib, ih, j)),
+        ],
+        compiler_params=_cparams(num_warps, num_stages),
+        interpret=interpret,
+        name="ssd_state_passing_fwd",
+    )(S, E, h0)
+
+
+def _pass_bwd_kernel(e_ref, hin_ref, dhin_ref, dfin_ref, ds_ref, dh0_ref, de_ref, *, nc):
+    def body(i, G):
+        c = nc - 1 - i
+        ds_ref[c, :] = G
+        de_ref[c] = jnp.sum(G * hin_ref[c, :])
+        return dhin_ref[c, :] + e_ref[c] * G
+
+    dh0_ref[...] = lax.fori_loop(0, nc, body, dfin_ref[...])
+
+
+def state_passing_bwd(E, Hin, dHin, dfin, *, interpret, block=1024, num_warps=4, num_stages=2):
+    """Returns dS [b, h, nc, M], dh0 [b, h, M], dE partial sums [b, h, M // block, nc] (sum over axis 2)."""
+    b, h, nc, M = Hin.shape
+    blk = min(block, M)
+    nb = M // blk
+    kern = functools.partial(_pass_bwd_kernel, nc=nc)
+    return pl.pallas_call(
+        kern,
+        out_shape=[jax.ShapeDtypeStruct((b, h, nc, M), _F32), jax.ShapeDtypeStruct((b, h, M), _F32),
+                   jax.ShapeDtypeStruct((b, h, nb, nc), _F32)],
+        grid=(b, h, nb),
+        in_specs=[
+            pl.BlockSpec((None, None, nc), lambda ib, ih, j: (ib, ih, 0)),
+            pl.BlockSpec((None, None, nc, blk), lambda ib, ih, j: (ib, ih, 0, j)),
+            pl.BlockSpec((None, None, nc, blk), lambda ib, ih, j: (ib, ih, 0, j)),
+            pl.BlockSpec((None, None, blk), lambda ib, ih, j: (ib, ih, j)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, nc, blk), lambda ib, ih, j: (ib, ih, 0, j)),
+            pl.BlockSpec((None, None, blk), lambda ib, ih, j: (ib, ih, j)),
+            pl.BlockSpec((None, None, None, nc), lambda ib, ih, j: (ib, ih, j, 0)),
+        ],
+        compiler_params=_cparams(num_warps, num_stages),
+        interpret=interpret,
+        name="ssd_state_passing_bwd",
+    )(E, Hin, dHin, dfin)

@@ -110,6 +110,36 @@ def _chunk_scan_op(hg, Q, T, interpret, tuning=()):
     return f
 
 
+@functools.lru_cache(maxsize=None)
+def _state_passing_op(interpret):
+    @jax.custom_vjp
+    def f(S, E, h0):
+        b, h, nc, P, N = S.shape
+        Hin, fin = K.state_passing_fwd(S.reshape(b, h, nc, P * N), E, h0.reshape(b, h, P * N), interpret=interpret)
+        return Hin.reshape(S.shape), fin.reshape(h0.shape)
+
+    def fwd(S, E, h0):
+        Hin, fin = f(S, E, h0)
+        return (Hin, fin), (E, Hin)
+
+    def bwd(res, cts):
+        E, Hin = res
+        dHin, dfin = cts
+        b, h, nc, P, N = Hin.shape
+        dS, dh0, dE = K.state_passing_bwd(E, Hin.reshape(b, h, nc, P * N), dHin.reshape(b, h, nc, P * N),
+                                          dfin.reshape(b, h, P * N), interpret=interpret)
+        return dS.reshape(Hin.shape), dE.sum(axis=2), dh0.reshape(b, h, P, N)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def _state_passing_kernel(S, cs_end, keep, h0, interpret):
+    """Same as ``_state_passing`` with the sequential Pallas kernels (one pass over the states)."""
+    E = jnp.exp(cs_end) * keep[:, None, :].astype(_F32)
+    return _state_passing_op(interpret)(S, E, h0)
+
+
 def _state_passing(S, cs_end, keep, h0):
     """H_c (state entering chunk c) for c = 0..nc, where H_0 = h0, H_{c+1} = keep_c exp(cs_end_c) H_c + S_c.
 
@@ -191,9 +221,12 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=
 
     tuning = tuple(sorted((tuning or {}).items()))
     S = _chunk_states_op(hg, Q, T, interpret, tuning)(xk, Bk, w)
-    Hin, final = _state_passing(S, cs_end, keep, h0)
+    if dict(tuning).get("passing_matmul", False):
+        Hin, final = _state_passing(S, cs_end, keep, h0)
+    else:
+        Hin, final = _state_passing_kernel(S, cs_end, keep, h0, interpret)
     CB = None
-    if hg > 1 and dict(tuning).get("cb_precompute", True):
+    if hg > 1 and dict(tuning).get("cb_precompute", False):
         # C B^T once per chunk and group (shared by the group's heads), f32
         CB = jax.lax.stop_gradient(jnp.einsum(
             "bcqgn,bcsgn->bcgqs", Ck.reshape(b, nc, Q, g, Np), Bk.reshape(b, nc, Q, g, Np),

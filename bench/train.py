@@ -59,7 +59,7 @@ def model_config(tiny: bool):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices):
+def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd="auto"):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -67,7 +67,7 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices):
     from train import sharding as shd
     from train.config import OptimizerConfig
     from train.optim import make_optimizer
-    from train.trainer import make_grad_fn, make_loss_fn, make_train_step, opt_state_shardings
+    from train.trainer import build_grad_fn, make_loss_fn, make_train_step, opt_state_shardings
     from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes
 
     mesh = shd.make_mesh(*mesh_shape, devices=devices)
@@ -87,7 +87,8 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices):
 
         state = jax.jit(init_state, out_shardings=ssh)(jax.random.PRNGKey(0))
         loss_fn = make_loss_fn(model, cfg, 0.0, use_segments=False)
-        step_fn = jax.jit(make_train_step(make_grad_fn(loss_fn, 1, mesh), tx, sched, cfg, 0.0),
+        grad_fn, spmd = build_grad_fn(loss_fn, 1, mesh, psh, cfg, spmd)
+        step_fn = jax.jit(make_train_step(grad_fn, tx, sched, cfg, 0.0),
                           in_shardings=(ssh, {k: bsh for k in ("tokens", "targets", "loss_mask")}),
                           out_shardings=(ssh, rep), donate_argnums=(0,))
         rng = np.random.default_rng(0)
@@ -121,7 +122,7 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices):
     gc.collect()
     jax.clear_caches()
     return {"impl": "wmjax", "batch": batch, "seq": seq, "remat": int(remat), "mesh": dict(mesh.shape),
-            "gpus": len(devices), "step_ms": dt * 1e3, "tok_s": batch * seq / dt, "compile_s": compile_s,
+            "gpus": len(devices), "spmd": spmd, "step_ms": dt * 1e3, "tok_s": batch * seq / dt, "compile_s": compile_s,
             "n_params": n_params, "peak_gib": peak / 2**30, "loss_first": losses[0], "loss_last": losses[-1],
             "finite": bool(np.all(np.isfinite(losses)))}
 
@@ -184,6 +185,8 @@ def main():
     ap.add_argument("--remat", default="0", help="wmjax remat settings to try, e.g. 0,1")
     ap.add_argument("--scaling", action="store_true", help="also all GPUs: data parallel and FSDP")
     ap.add_argument("--scaling-batch", type=int, default=0, help="per-GPU batch for the scaling runs")
+    ap.add_argument("--spmd", default="auto,gspmd", help="DP/FSDP expression(s) for the scaling runs: "
+                    "auto (= shard_map for dense DP/FSDP), gspmd, shard_map")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train.json"))
     args = ap.parse_args()
@@ -223,14 +226,15 @@ def main():
         one = [r for r in results if r["impl"] == "wmjax" and r["batch"] == pb and r["remat"] == remat]
         if not one:
             record(bench_wmjax(cfg, pb, args.seq, args.steps, args.warmup, remat, (1, 1, 1), devs[:1]))
-        for name, shape in (("dp", (n, 1, 1)), ("fsdp", (1, n, 1))):
-            try:
-                r = bench_wmjax(cfg, pb * n, args.seq, args.steps, args.warmup, remat, shape, devs)
-                r["parallel"] = name
-                record(r)
-            except Exception as e:
-                traceback.print_exc()
-                print(f"wmjax {name} x{n} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        for spmd in args.spmd.split(","):
+            for name, shape in (("dp", (n, 1, 1)), ("fsdp", (1, n, 1))):
+                try:
+                    r = bench_wmjax(cfg, pb * n, args.seq, args.steps, args.warmup, remat, shape, devs, spmd)
+                    r["parallel"] = name
+                    record(r)
+                except Exception as e:
+                    traceback.print_exc()
+                    print(f"wmjax {name} x{n} {spmd} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
     base = {}
     for r in results:
@@ -238,7 +242,7 @@ def main():
             base[(r["batch"], r["remat"])] = r["tok_s"]
     hf_best = max([r["tok_s"] for r in results if r["impl"] == "hf"] or [0])
     print()
-    print(f"{'impl':6} {'par':5} {'gpus':>4} {'batch':>5} {'remat':>5} {'step ms':>9} {'tok/s':>10} {'MFU':>6} "
+    print(f"{'impl':6} {'par':5} {'spmd':9} {'gpus':>4} {'batch':>5} {'remat':>5} {'step ms':>9} {'tok/s':>10} {'MFU':>6} "
           f"{'peak GiB':>8} {'vs HF':>6} {'scal.eff':>8} {'compile s':>9}")
     for r in results:
         eff = ""
@@ -247,7 +251,7 @@ def main():
             if b1:
                 eff = f"{r['tok_s'] / (b1 * r['gpus']):.1%}"
         vs = f"{r['tok_s'] / hf_best:.2f}x" if hf_best else ""
-        print(f"{r['impl']:6} {r.get('parallel', '-'):5} {r['gpus']:>4} {r['batch']:>5} {r['remat']:>5} "
+        print(f"{r['impl']:6} {r.get('parallel', '-'):5} {r.get('spmd', '-'):9} {r['gpus']:>4} {r['batch']:>5} {r['remat']:>5} "
               f"{r['step_ms']:>9.1f} {r['tok_s']:>10,.0f} {r['mfu']:>6.1%} {r['peak_gib']:>8.1f} {vs:>6} {eff:>8} "
               f"{r['compile_s']:>9.1f}")
     try:

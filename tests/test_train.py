@@ -290,3 +290,18 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(corpus, tmp_p
     steps = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
     assert steps and steps[-1] < bad_step, (steps, bad_step)
     assert f"step {steps[-1]}" in msg
+
+
+def test_cli_dp_fsdp_through_shard_map(corpus, tmp_path):
+    """mesh data=2 x fsdp=4 (tensor=1): the step runs per device through shard_map; same losses as 1 device."""
+    cache = tmp_path / "cache"
+    one = _run_cli(_tiny_args(corpus, cache, tmp_path / "one", 4, 4))
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    p = _run_cli(_tiny_args(corpus, cache, tmp_path / "sm", 4, 4,
+                            ["--set", "mesh.data=2", "--set", "mesh.fsdp=4", "--set", "mesh.tensor=1"]), devices=8)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert "through shard_map" in p.stdout
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "sm")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])

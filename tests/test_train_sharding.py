@@ -24,7 +24,7 @@ WORKER = textwrap.dedent(r'''
     from wmjax.config import DogeConfig
     from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes
     from train import sharding as shd
-    from train.trainer import make_loss_fn, make_grad_fn
+    from train.trainer import make_loss_fn, make_grad_fn, build_grad_fn
     from train.optim import make_optimizer
     from train.config import OptimizerConfig
     from train.data import pack
@@ -40,7 +40,7 @@ WORKER = textwrap.dedent(r'''
             kw.update(is_moe=True, num_experts=64, num_experts_per_tok=4, router_layout="per_token",
                       router_aux_loss_coef=0.01)
         cfg = DogeConfig(**kw)
-        grad_accum = 2 if variant == "accum" else 1
+        grad_accum = 2 if variant in ("accum", "shard_map") else 1
         model = DogeForCausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.float32)
         params = init_params(cfg, jax.random.PRNGKey(0))
         # non-zero A so the dynamic mask is not trivial
@@ -53,7 +53,7 @@ WORKER = textwrap.dedent(r'''
         params = jax.tree_util.tree_map_with_path(
             lambda p, x: x * 25.0 if "dt_proj" in jax.tree_util.keystr(p) else x, params)
         rng = np.random.default_rng(0)
-        B, L = 8, 32
+        B, L = 16, 32
         win = rng.integers(4, 256, size=(B, L + 1)).astype(np.int32)
         win[:, 0] = 2
         for r in range(B):  # a few document boundaries per row
@@ -62,11 +62,12 @@ WORKER = textwrap.dedent(r'''
         batch = pack(win, eos_id=3, bos_id=2)
         axes = param_logical_axes(cfg)
 
-        def run(mesh, grad_accum):
+        def run(mesh, grad_accum, mode="gspmd"):
             psh = shd.param_shardings(axes, params, mesh, warn=None)
             bsh = shd.batch_sharding(mesh)
             loss_fn = make_loss_fn(model, cfg, z_loss=1e-4, use_segments=True)
-            grad_fn = make_grad_fn(loss_fn, grad_accum, mesh)
+            grad_fn, chosen = build_grad_fn(loss_fn, grad_accum, mesh, psh, cfg, mode)
+            assert chosen == mode, (chosen, mode)
             with jax.set_mesh(mesh), nn.logical_axis_rules(shd.flax_rules()):
                 p = jax.device_put(params, psh)
                 b = {k: jax.device_put(v, bsh) for k, v in batch.items()}
@@ -76,8 +77,12 @@ WORKER = textwrap.dedent(r'''
 
         devs = jax.devices()
         g1, m1, _ = run(shd.make_mesh(1, 1, 1, devices=devs[:1]), 1)  # plain full-batch step
-        mesh8 = shd.make_mesh(2, 2, 2, devices=devs)
-        g8, m8, specs = run(mesh8, grad_accum)
+        if variant == "shard_map":  # DP x FSDP through shard_map (per-device model, explicit collectives)
+            mesh8 = shd.make_mesh(2, 4, 1, devices=devs)
+            g8, m8, specs = run(mesh8, grad_accum, "shard_map")
+        else:
+            mesh8 = shd.make_mesh(2, 2, 2, devices=devs)
+            g8, m8, specs = run(mesh8, grad_accum)
 
         def loss(m):  # what the train step reports: ce + aux_coef * aux + z_loss * z
             return m["ce"] + cfg.router_aux_loss_coef * m["aux"] * cfg.is_moe + 1e-4 * m["z"]
@@ -108,7 +113,7 @@ WORKER = textwrap.dedent(r'''
 ''')
 
 
-VARIANTS = ["dense", "moe", "accum"]
+VARIANTS = ["dense", "moe", "accum", "shard_map"]
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +136,13 @@ def _run_worker(*variants):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sharded_step_matches_single_device(results, variant):
     r = results[variant]
-    assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
-    # the gradients (laid out like the params) really are sharded over fsdp and tensor
-    assert any("fsdp" in s for s in r["specs"]) and any("tensor" in s for s in r["specs"]), r["specs"]
+    if variant == "shard_map":
+        assert r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+        assert any("fsdp" in s for s in r["specs"]), r["specs"]
+    else:
+        assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+        # the gradients (laid out like the params) really are sharded over fsdp and tensor
+        assert any("fsdp" in s for s in r["specs"]) and any("tensor" in s for s in r["specs"]), r["specs"]
     assert r["loss_rel"] <= 1e-5, r
     assert r["ce_rel"] <= 1e-5, r
     assert r["grad_rel_max"] <= 1e-5, r

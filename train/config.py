@@ -98,6 +98,9 @@ class TrainLoopConfig:
     compute_dtype: str = "auto"  # auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
     param_dtype: str = "float32"
     z_loss: float = 0.0
+    # How DP/FSDP is expressed: gspmd (jit shardings only), shard_map (per-device model, explicit collectives;
+    # dense models, mesh.tensor == 1), auto (shard_map when it applies and there are several devices).
+    spmd: str = "auto"
     log_every: int = 10
     progress: bool = True
     plot: bool = True
@@ -354,6 +357,7 @@ def validate(cfg: TrainConfig) -> None:
          f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
     need(t.compute_dtype in ("auto", "float32", "bfloat16"), f"train.compute_dtype: expected auto|float32|bfloat16, got {t.compute_dtype!r}")
     need(t.param_dtype in ("float32", "bfloat16"), f"train.param_dtype: expected float32|bfloat16, got {t.param_dtype!r}")
+    need(t.spmd in ("auto", "gspmd", "shard_map"), f"train.spmd: expected auto|gspmd|shard_map, got {t.spmd!r}")
     need(t.z_loss >= 0, f"train.z_loss: must be >= 0, got {t.z_loss}")
     need(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
     need(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")

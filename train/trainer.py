@@ -123,7 +123,7 @@ def make_loss_fn(model, model_cfg, z_loss: float = 0.0, use_segments: bool = Tru
     return loss_fn
 
 
-def make_grad_fn(loss_fn, grad_accum: int, mesh=None):
+def make_grad_fn(loss_fn, grad_accum: int, mesh=None, denom_axes=None):
     """(params, batch) -> (grads, metrics), accumulating over ``grad_accum`` micro-batches with lax.scan.
 
     The loss is normalised by the token count of the *whole* batch, so the accumulated gradient equals the
@@ -132,7 +132,10 @@ def make_grad_fn(loss_fn, grad_accum: int, mesh=None):
     vg = jax.value_and_grad(loss_fn, has_aux=True)
 
     def grad_fn(params, batch):
-        denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        denom = jnp.sum(batch["loss_mask"])
+        if denom_axes:  # inside shard_map: normalise by the token count of the global batch
+            denom = jax.lax.psum(denom, denom_axes)
+        denom = jnp.maximum(denom, 1.0)
         if grad_accum == 1:
             (loss, aux), grads = vg(params, batch, denom)
             ce, auxl, z = aux["ce_sum"], aux["aux"], aux["z_sum"]
@@ -161,6 +164,78 @@ def make_grad_fn(loss_fn, grad_accum: int, mesh=None):
         return grads, {"ce": ce_mean, "aux": auxl, "z": z / denom, "tokens": denom}
 
     return grad_fn
+
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_shard_map_grad_fn(loss_fn, grad_accum: int, mesh, param_specs):
+    """Data parallel / FSDP with ``jax.shard_map``: every device runs the model on its own rows only.
+
+    GSPMD cannot partition custom calls that carry no sharding rule (the Pallas/Triton attention kernel is
+    one): it all-gathers their operands and every device computes them for the whole batch.  Here the model
+    runs per device on local arrays: params sharded over ``fsdp`` are all-gathered in, gradients are summed over
+    ``data`` and reduce-scattered back over ``fsdp`` (ZeRO-3), and the loss is normalised by the global token
+    count, so the result equals the global-batch gradient up to summation order.  Needs ``mesh.tensor == 1``.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    inner = make_grad_fn(loss_fn, grad_accum, mesh=None, denom_axes=BATCH_AXES)
+
+    def fsdp_dim(spec):
+        for d, a in enumerate(spec):
+            if a == "fsdp" or (isinstance(a, tuple) and "fsdp" in a):
+                return d
+        return None
+
+    dims = jax.tree_util.tree_map(fsdp_dim, param_specs, is_leaf=lambda x: isinstance(x, P))
+
+    def local(params, batch):
+        full = jax.tree_util.tree_map(
+            lambda x, d: x if d is None else jax.lax.all_gather(x, "fsdp", axis=d, tiled=True), params, dims)
+        with nn.logical_axis_rules(()):  # no sharding constraints on local arrays
+            grads, m = inner(full, batch)
+
+        def reduce(g, d):
+            if d is None:
+                return jax.lax.psum(g, BATCH_AXES)
+            return jax.lax.psum_scatter(jax.lax.psum(g, "data"), "fsdp", scatter_dimension=d, tiled=True)
+
+        grads = jax.tree_util.tree_map(reduce, grads, dims)
+        m = {"ce": jax.lax.psum(m["ce"], BATCH_AXES), "z": jax.lax.psum(m["z"], BATCH_AXES),
+             "aux": jax.lax.pmean(m["aux"], BATCH_AXES), "tokens": m["tokens"]}
+        return grads, m
+
+    bspec = P(BATCH_AXES)
+    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, bspec), out_specs=(param_specs, P()),
+                         check_vma=False)
+
+
+def choose_spmd(mode: str, mesh, model_cfg) -> str:
+    """'shard_map' for pure DP/FSDP of dense models on several devices (auto), else 'gspmd'.
+
+    MoE stays on GSPMD: its aux loss is a nonlinear function of whole-batch router statistics and the HF
+    router layout mixes tokens across batch rows, so per-device computation would change the math.
+    """
+    if mode == "auto":
+        ok = mesh.shape["tensor"] == 1 and mesh.size > 1 and not getattr(model_cfg, "is_moe", False)
+        return "shard_map" if ok else "gspmd"
+    if mode == "shard_map":
+        if mesh.shape["tensor"] != 1:
+            raise ConfigError("train.spmd=shard_map needs mesh.tensor == 1 (use gspmd for tensor parallelism)")
+        if getattr(model_cfg, "is_moe", False):
+            raise ConfigError("train.spmd=shard_map is for dense models (MoE aux loss / HF router layout are "
+                              "whole-batch); use gspmd")
+    return mode
+
+
+def build_grad_fn(loss_fn, grad_accum: int, mesh, param_sh, model_cfg, mode: str = "auto"):
+    """-> (grad_fn, chosen mode)."""
+    chosen = choose_spmd(mode, mesh, model_cfg)
+    if chosen == "shard_map":
+        specs = jax.tree_util.tree_map(lambda s: s.spec, param_sh)
+        return make_shard_map_grad_fn(loss_fn, grad_accum, mesh, specs), chosen
+    return make_grad_fn(loss_fn, grad_accum, mesh), chosen
 
 
 def make_train_step(grad_fn, tx, sched, model_cfg, z_loss: float):
@@ -500,7 +575,9 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
                 fh.write(dump_yaml(cfg))
 
         loss_fn = make_loss_fn(model, model_cfg, tc.z_loss, use_segments)
-        grad_fn = make_grad_fn(loss_fn, tc.grad_accum, mesh)
+        grad_fn, spmd = build_grad_fn(loss_fn, tc.grad_accum, mesh, param_sh, model_cfg, tc.spmd)
+        if mesh.size > 1:
+            log0(f"[run] data/fsdp parallelism through {spmd}")
         train_step = make_train_step(grad_fn, tx, sched, model_cfg, tc.z_loss)
         batch_sh_tree = {k: batch_sh for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
         step_fn = jax.jit(train_step, in_shardings=(state_sh, batch_sh_tree), out_shardings=(state_sh, rep),

@@ -33,12 +33,12 @@ from wmjax.ops.ssd import ssd, ssd_chunked, ssd_naive  # noqa: E402
 # wmjax kernel variants timed per shape (the first is the default; the table reports the best)
 VARIANTS = [
     {},
-    {"scan_fwd_stages": 3, "scan_bwd_stages": 3, "states_fwd_stages": 3},
-    {"scan_fwd_warps": 8, "states_fwd_warps": 8},
-    {"block_t": 128, "scan_fwd_warps": 8, "states_fwd_warps": 8},
-    {"cb_precompute": False},
-    {"bwd_heads": 1},
-    # {"block_t": 32} measured 25-45 % slower on H100 (measurement 1)
+    {"bwd_heads": 4},
+    {"scan_fwd_stages": 3, "states_fwd_stages": 3},
+    {"cb_precompute": True},
+    {"passing_matmul": True},
+    # measured on H100 (measurements 1-2) and dropped: {"block_t": 32} 25-45 % slower;
+    # {"block_t": 128, 8 warps} and 8 forward warps: slower at g=1, ±7 % for Cheems
 ]
 
 CONFIGS = [
@@ -332,12 +332,17 @@ def breakdown(cfg, interpret=False):
     sp = lambda S_, ce_, h0_: O._state_passing(S_, ce_, keep, h0_)  # noqa: E731
     stages = {
         "states_fwd": (lambda x_, B_, e_: Kn.chunk_states_fwd(x_, B_, e_, **cfgk, **w4), (x, B, e)),
-        "state_passing": (sp, (S, cs_end, h0)),
+        "state_passing (matmul)": (sp, (S, cs_end, h0)),
+        "state_passing (kernel)": (lambda S_, ce_, h0_: O._state_passing_kernel(S_, ce_, keep, h0_, interpret),
+                                   (S, cs_end, h0)),
         "CB einsum": (ein, (C, B)),
         "scan_fwd (CB if hg>1)": (lambda *a: Kn.chunk_scan_fwd(*a[:7], None, a[7], **cfgk, **w4),
                                   (x, B, C, dt, cs, e, S, CB)),
         "scan_fwd (no CB)": (lambda *a: Kn.chunk_scan_fwd(*a, None, None, **cfgk, **w4), (x, B, C, dt, cs, e, S)),
-        "state_passing vjp": (lambda S_, ce_, h0_: jax.vjp(sp, S_, ce_, h0_)[1]((S_, h0_)), (S, cs_end, h0)),
+        "state_passing vjp (matmul)": (lambda S_, ce_, h0_: jax.vjp(sp, S_, ce_, h0_)[1]((S_, h0_)), (S, cs_end, h0)),
+        "state_passing vjp (kernel)": (lambda S_, ce_, h0_: jax.vjp(
+            lambda a, b_, c: O._state_passing_kernel(a, b_, keep, c, interpret), S_, ce_, h0_)[1]((S_, h0_)),
+            (S, cs_end, h0)),
         "scan_bwd": (lambda *a: Kn.chunk_scan_bwd(*a[:7], None, a[7], a[8], **cfgk, hs=hs, **w8),
                      (x, B, C, dt, cs, e, S, dy, CB)),
         "scan_bwd hs=1": (lambda *a: Kn.chunk_scan_bwd(*a[:7], None, a[7], a[8], **cfgk, hs=1, **w8),

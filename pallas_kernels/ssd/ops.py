@@ -56,7 +56,7 @@ def _chunk_states_op(hg, Q, T, interpret, tuning=()):
 
     def tw(name, P, N, bwd):
         return dict(num_warps=tune.get(name + "_warps", _warps(P, N, bwd)),
-                    num_stages=tune.get(name + "_stages", 2))
+                    num_stages=tune.get(name + "_stages", 3 if name == "scan_bwd" else 2))
 
     @jax.custom_vjp
     def f(x, B, w):
@@ -83,7 +83,7 @@ def _chunk_scan_op(hg, Q, T, interpret, tuning=()):
 
     def tw(name, P, N, bwd):
         return dict(num_warps=tune.get(name + "_warps", _warps(P, N, bwd)),
-                    num_stages=tune.get(name + "_stages", 2))
+                    num_stages=tune.get(name + "_stages", 3 if name == "scan_bwd" else 2))
 
     @jax.custom_vjp
     def f(x, B, C, dt, cs, e, H, cnt, CB):

@@ -104,6 +104,73 @@ def dynamic_mask_attention_reference(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, d).astype(query.dtype)
 
 
+def _kernel_partition_specs(query, key, key_bias):
+    """Batch / head mesh axes for running the kernel per shard, from the active mesh and flax logical rules.
+
+    A Pallas custom call has no sharding rule: under GSPMD its operands would be all-gathered and every device
+    would run the whole batch. So when a mesh is active (``jax.set_mesh``) and the logical rules
+    (``nn.logical_axis_rules``) map ``activation_batch`` / ``activation_kv_heads`` to mesh axes, the dispatcher
+    runs the kernel inside ``jax.shard_map`` over those axes (each shard: its batch rows, its kv-head group
+    with the matching query heads). Returns (batch_axes, head_axes) or None when there is nothing to split.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        return None  # already inside a shard_map: operands are local
+    import flax.linen as nn
+
+    def axes_for(name, dim):
+        spec = nn.logical_to_mesh_axes((name,))[0]
+        if spec is None:
+            return ()
+        spec = (spec,) if isinstance(spec, str) else tuple(spec)
+        spec = tuple(a for a in spec if a in mesh.axis_names and mesh.shape[a] > 1)
+        size = 1
+        for a in spec:
+            size *= mesh.shape[a]
+        return spec if spec and dim % size == 0 else ()
+
+    try:
+        batch_axes = axes_for("activation_batch", query.shape[0])
+        head_axes = axes_for("activation_kv_heads", key.shape[2])
+    except Exception:  # no logical rules in context
+        return None
+    if head_axes:
+        size = 1
+        for a in head_axes:
+            size *= mesh.shape[a]
+        if query.shape[2] % size or key_bias.shape[1] % size:
+            head_axes = ()
+    if not batch_axes and not head_axes:
+        return None
+    return batch_axes, head_axes
+
+
+def _sharded_kernel_call(kernel_fn, axes, query, key, value, key_bias, kwargs):
+    """Run `kernel_fn` per shard with jax.shard_map (see `_kernel_partition_specs`)."""
+    from jax.sharding import PartitionSpec as P
+
+    batch_axes, head_axes = axes
+    bt = batch_axes or None
+    hd = head_axes or None
+    names = ("query_positions", "key_positions", "key_mask", "query_segment_ids", "key_segment_ids")
+    arrays = {n: kwargs[n] for n in names if kwargs.get(n) is not None}
+    static = {n: v for n, v in kwargs.items() if n not in names}
+    in_specs = (P(bt, None, hd, None), P(bt, None, hd, None), P(bt, None, hd, None), P(bt, hd, None),
+                {n: P(bt, None) for n in arrays})
+
+    def local(q, k, v, kb, arr):
+        return kernel_fn(q, k, v, kb, **arr, **static)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):  # explicit sharding: reshard first
+        query, key, value, key_bias, arrays = jax.tree_util.tree_map(
+            jax.reshard, (query, key, value, key_bias, arrays), in_specs)
+    return jax.shard_map(local, in_specs=in_specs, out_specs=P(bt, None, hd, None), check_vma=False)(
+        query, key, value, key_bias, arrays)
+
+
 def _on_gpu() -> bool:
     try:
         return jax.default_backend() == "gpu"
@@ -118,7 +185,8 @@ def dynamic_mask_attention(
     """Dispatcher: `implementation` in {None (auto), "reference", "pallas"}.
 
     Auto picks the Pallas kernel on GPU when it supports the call (see `pallas_kernels.dmattn.supports`) and
-    the reference elsewhere. Shapes and semantics: `dynamic_mask_attention_reference`.
+    the reference elsewhere. Under an active mesh the kernel runs per shard (`_kernel_partition_specs`).
+    Shapes and semantics: `dynamic_mask_attention_reference`.
     """
     kwargs = dict(keep_window_size=keep_window_size, query_positions=query_positions, key_positions=key_positions,
                   key_mask=key_mask, query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
@@ -136,6 +204,10 @@ def dynamic_mask_attention(
         supported = _kernel is not None and hasattr(_kernel, "supports") and _kernel.supports(
             query, key, value, key_bias, **kwargs)
         if supported:
+            axes = _kernel_partition_specs(query, key, key_bias)
+            if axes is not None:
+                return _sharded_kernel_call(_kernel.dynamic_mask_attention_pallas, axes, query, key, value,
+                                            key_bias, kwargs)
             return _kernel.dynamic_mask_attention_pallas(query, key, value, key_bias, **kwargs)
         if implementation == "pallas":
             raise ValueError("dynamic_mask_attention: the Pallas kernel does not support this call "

@@ -217,11 +217,9 @@ def sweep(shapes):
     variants = {
         "default": base,
         "fwd bk128": dataclasses.replace(base, block_k=128),
-        "fwd bq64 w4": dataclasses.replace(base, block_q=64, num_warps_fwd=4),
         "dq bq128": dataclasses.replace(base, block_q_dq=128),
-        "dq w4": dataclasses.replace(base, num_warps_dq=4),
         "dkv bk128": dataclasses.replace(base, block_k_dkv=128),
-        "dkv w4 s3": dataclasses.replace(base, num_warps_dkv=4, num_stages_dkv=3),
+        "dkv bq32": dataclasses.replace(base, block_q_dkv=32),
     }
     for shp in shapes.split(","):
         b, length = map(int, shp.split("x"))

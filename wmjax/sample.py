@@ -1,0 +1,208 @@
+"""Sample from a Doge checkpoint, streaming the text to the terminal.
+
+    python -m wmjax.sample --hf DIR --prompt "Once upon a time" [--max-new-tokens 128] [--temperature 0.8 --top-p 0.9]
+    python -m wmjax.sample --checkpoint DIR --prompt "..."
+
+--hf DIR: a `transformers` Doge checkpoint (config.json + safetensors/bin, read by wmjax.convert.load_hf), with
+  its tokenizer.json (HF `tokenizers`) or tokenizer.model (sentencepiece) in DIR.
+--checkpoint DIR, any of:
+  * a wmjax-native directory (wmjax.convert.save_wmjax: wmjax_config.json + params.safetensors);
+  * a training run directory or its checkpoints/ directory (train/: orbax steps holding `state` and `meta`):
+    the newest step's params are restored, the model config and the sentencepiece model path come from `meta`
+    (a specific step: --checkpoint RUN/checkpoints/STEP).
+  --tokenizer PATH overrides the tokenizer (a tokenizer.json or a sentencepiece .model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+class Tok:
+    """encode(text) -> ids (with BOS where the tokenizer/model uses one), decode(ids) -> text."""
+
+    def __init__(self, path: str, bos_id=None):
+        self.path = path
+        if path.endswith(".json"):
+            from tokenizers import Tokenizer
+            self.kind, self.tk = "hf", Tokenizer.from_file(path)
+        else:
+            import sentencepiece as spm
+            self.kind, self.tk = "sp", spm.SentencePieceProcessor(model_file=path)
+        self.bos_id = bos_id
+
+    def encode(self, text: str) -> list:
+        if self.kind == "hf":
+            ids = self.tk.encode(text).ids
+        else:
+            ids = list(self.tk.encode(text))
+            bos = self.tk.bos_id() if self.bos_id is None else self.bos_id
+            if bos is not None and bos >= 0:
+                ids = [bos] + ids
+        if self.kind == "hf" and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        return self.tk.decode(ids) if self.kind == "sp" else self.tk.decode(ids, skip_special_tokens=True)
+
+
+def _find_tokenizer(*dirs):
+    for d in dirs:
+        if not d:
+            continue
+        for name in ("tokenizer.json", "tokenizer.model"):
+            p = os.path.join(d, name)
+            if os.path.isfile(p):
+                return p
+    return None
+
+
+def load_train_checkpoint(path: str):
+    """(config, params, tokenizer path or None) from a train/ orbax checkpoint (run dir, checkpoints/ or a step)."""
+    import orbax.checkpoint as ocp
+    from wmjax.config import DogeConfig
+    path = os.path.abspath(path)
+    step = None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    elif os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+        step, path = int(os.path.basename(path)), os.path.dirname(path)
+    mngr = ocp.CheckpointManager(path, item_names=("state", "meta"))
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise SystemExit(f"error: no checkpoint steps under {path}")
+    step = steps[-1] if step is None else step
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if "model_config" not in meta:
+        raise SystemExit(f"error: {path}/{step}/meta has no model_config (not a wmjax train/ checkpoint?)")
+    config = DogeConfig.from_dict(meta["model_config"])
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return config, state["params"], meta.get("tokenizer"), f"{path} step {step}"
+
+
+def load(args):
+    """-> (config, params, tokenizer path or None, description)."""
+    from wmjax import convert
+    if args.hf:
+        config, params = convert.load_hf(args.hf)
+        return config, params, _find_tokenizer(args.hf), args.hf
+    d = args.checkpoint
+    if os.path.isfile(os.path.join(d, convert.WMJAX_CONFIG)):
+        config, params = convert.load_wmjax(d)
+        return config, params, _find_tokenizer(d), d
+    return load_train_checkpoint(d)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m wmjax.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="wmjax-native dir, or a train/ run / checkpoints / step dir")
+    src.add_argument("--hf", help="transformers Doge checkpoint dir")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch; the first one streams")
+    p.add_argument("--tokenizer", help="tokenizer.json or sentencepiece .model (default: found with the weights)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", choices=("auto", "full", "bounded"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--no-stream", action="store_true", help="print the texts at the end only")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from wmjax.models.doge import DogeForCausalLM
+    from wmjax.sampling import generate
+
+    if args.max_new_tokens <= 0:
+        p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    try:
+        config, params, tok_path, desc = load(args)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tok_path = args.tokenizer or tok_path
+    if not tok_path or not os.path.isfile(tok_path):
+        print(f"error: no tokenizer found for {desc} (looked for tokenizer.json / tokenizer.model); pass --tokenizer",
+              file=sys.stderr)
+        return 2
+    tok = Tok(tok_path, bos_id=config.bos_token_id)
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = jnp.dtype(dtype)
+    params = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x),
+        params)
+    model = DogeForCausalLM(config, dtype=dtype, param_dtype=dtype)
+    prompts = [tok.encode(t) for t in args.prompt]
+    for t, ids in zip(args.prompt, prompts):
+        if not ids:
+            print(f"error: prompt {t!r} encodes to no tokens", file=sys.stderr)
+            return 2
+    print(f"[{desc}: Doge {config.num_hidden_layers} layers, d={config.hidden_size}, {dtype.name}; "
+          f"tokenizer {tok_path}]", file=sys.stderr, flush=True)
+
+    state = {"ids": [], "shown": ""}
+
+    def stream(step, toks, active):
+        if not bool(active[0]):
+            return
+        t = int(toks[0])
+        if config.eos_token_id is not None and t == config.eos_token_id:
+            return
+        state["ids"].append(t)
+        text = tok.decode(state["ids"])
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return
+        sys.stdout.write(text[len(state["shown"]):])
+        sys.stdout.flush()
+        state["shown"] = text
+
+    streaming = not args.no_stream
+    if streaming:
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
+    t0 = time.perf_counter()
+    try:
+        out = generate(model, params, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       repetition_penalty=args.repetition_penalty, rng=jax.random.PRNGKey(args.seed),
+                       cache=args.cache, callback=stream if streaming else None)
+        toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        jax.effects_barrier()
+    except ValueError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    dt = time.perf_counter() - t0
+    texts = []
+    for i in range(len(prompts)):
+        ids = toks[i, :lengths[i]].tolist()
+        if config.eos_token_id is not None and ids and ids[-1] == config.eos_token_id:
+            ids = ids[:-1]
+        texts.append(tok.decode(ids))
+    if streaming:
+        rest = texts[0][len(state["shown"]):]
+        sys.stdout.write(rest + "\n")
+        for t, txt in zip(args.prompt[1:], texts[1:]):
+            sys.stdout.write(f"---\n{t}{txt}\n")
+    else:
+        for t, txt in zip(args.prompt, texts):
+            sys.stdout.write(f"{t}{txt}\n---\n")
+    sys.stdout.flush()
+    print(f"[{int(lengths.sum())} tokens in {dt:.2f}s incl. compilation]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

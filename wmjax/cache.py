@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 __all__ = ["KVCache", "BoundedKVCache", "SSMCache", "init_cache", "init_kv_layer_cache",
            "init_bounded_kv_layer_cache", "init_ssm_layer_cache", "layer_kinds", "write_kv", "bounded_kv_attention",
-           "cache_logical_axes", "cache_nbytes", "CACHE_KINDS"]
+           "cache_logical_axes", "cache_nbytes", "kv_decode_attention", "CACHE_KINDS"]
 
 CACHE_KINDS = ("full", "bounded")
 
@@ -272,3 +272,37 @@ def bounded_kv_attention(cache: BoundedKVCache, query, key, value, key_bias, pos
         new_cache = BoundedKVCache(key=take4(ck), value=take4(cv), key_bias=take(cb), key_position=take(cpos),
                                    key_mask=take(cmask))
     return out, new_cache
+
+
+def kv_decode_attention(cache: KVCache, query, query_positions, *, keep_window_size: int, scale: float):
+    """One query per row over a full KV cache (already holding the new token): the DMA op's semantics
+    (wmjax.ops.dmattn) for Sq = 1, written for decode: no [Sq, Sk] broadcasts, the cache read in its own
+    layout and dtype with f32 accumulation (exact products of bf16/f32 inputs, as the reference's f32 upcast).
+
+    query [b, 1, H, D]; query_positions [b, 1]. Returns [b, 1, H, D] in query.dtype.
+    """
+    b, _, h, d = query.shape
+    keys, values = cache.key, cache.value  # [b, C, G, D]
+    c, g = keys.shape[1], keys.shape[2]
+    bias = cache.key_bias  # [b, Hb, C] f32
+    hb = bias.shape[1]
+    allowed = cache.key_mask & (cache.key_position <= query_positions)  # [b, C]
+    if keep_window_size < c:
+        masked = jnp.where(allowed[:, None], bias, -jnp.inf)
+        tau = jax.lax.top_k(masked, keep_window_size)[0][..., -1:]
+        kept = allowed[:, None] & (bias >= tau)
+    else:
+        kept = jnp.broadcast_to(allowed[:, None], bias.shape)
+    add = jnp.where(kept, bias, jnp.finfo(jnp.float32).min)  # [b, Hb, C]
+    r = h // g
+    q = query.reshape(b, g, r, d)
+    hp = jax.lax.Precision.HIGHEST
+    scores = jnp.einsum("bgrd,bcgd->bgrc", q, keys.astype(query.dtype), precision=hp,
+                        preferred_element_type=jnp.float32) * scale
+    if hb == g:
+        scores = scores + add[:, :, None]
+    else:
+        scores = scores + add.reshape(b, g, r, c)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bgrc,bcgd->bgrd", probs, values.astype(query.dtype).astype(jnp.float32), precision=hp)
+    return out.reshape(b, 1, h, d).astype(query.dtype)

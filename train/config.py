@@ -101,6 +101,8 @@ class TrainLoopConfig:
     # How DP/FSDP is expressed: gspmd (jit shardings only), shard_map (per-device model, explicit collectives;
     # dense models, mesh.tensor == 1), auto (shard_map when it applies and there are several devices).
     spmd: str = "auto"
+    remat: bool = False  # rematerialise each decoder layer in the backward pass (less memory, ~1/3 more FLOPs)
+    attention_impl: Optional[str] = None  # None = auto (Pallas kernel on GPU), "reference", "pallas"
     log_every: int = 10
     progress: bool = True
     plot: bool = True
@@ -358,6 +360,8 @@ def validate(cfg: TrainConfig) -> None:
     need(t.compute_dtype in ("auto", "float32", "bfloat16"), f"train.compute_dtype: expected auto|float32|bfloat16, got {t.compute_dtype!r}")
     need(t.param_dtype in ("float32", "bfloat16"), f"train.param_dtype: expected float32|bfloat16, got {t.param_dtype!r}")
     need(t.spmd in ("auto", "gspmd", "shard_map"), f"train.spmd: expected auto|gspmd|shard_map, got {t.spmd!r}")
+    need(t.attention_impl in (None, "reference", "pallas"),
+         f"train.attention_impl: expected null|reference|pallas, got {t.attention_impl!r}")
     need(t.z_loss >= 0, f"train.z_loss: must be >= 0, got {t.z_loss}")
     need(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
     need(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")

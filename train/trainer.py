@@ -506,7 +506,12 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
 
     compute_dtype = resolve_dtype(tc.compute_dtype)
     param_dtype = resolve_dtype(tc.param_dtype)
-    model = DogeForCausalLM(model_cfg, dtype=compute_dtype, param_dtype=param_dtype)
+    model_kw = {}
+    if tc.remat:
+        model_kw["remat"] = True
+    if tc.attention_impl:
+        model_kw["attention_impl"] = tc.attention_impl
+    model = DogeForCausalLM(model_cfg, dtype=compute_dtype, param_dtype=param_dtype, **model_kw)
     use_segments = cfg.data.segment_ids and model_accepts(DogeForCausalLM, "segment_ids")
     if cfg.data.segment_ids and not use_segments:
         log0("[data] the model takes no segment_ids: packed documents attend across boundaries (plain causal)")

@@ -1,23 +1,28 @@
 """Pallas (Triton backend) kernels of the chunked SSD scan, forward and backward.
 
-Two differentiable primitives; everything between them (chunk-local cumulative decay, per-token weights,
-state passing across chunks) is small [b, h, L]- or [b, h, nc, p, n]-sized jnp glue in ``ops.py`` that JAX
-differentiates itself:
+Three differentiable primitives; what lies between them (chunk-local cumulative decay, per-token weights, the
+z gate and D skip) is small [b, h, L]-sized (or elementwise) jnp glue in ``ops.py`` that JAX differentiates:
 
 * ``chunk_states(x, B, w) -> S``: per chunk c, S_c = sum_s w_s x_s B_s^T  (p x n, f32), with
   w_s = exp(cs_end - cs_s) dt_s [same document as the chunk's last token].
-  fwd grid (b, h, nc): one program loops over the chunk's T-row blocks.  bwd grid (b, h, nc, Q/T).
+  fwd grid (b, nc, h): one program loops over the chunk's T-row blocks.
+  bwd grid (b, nc, h/hs, Q/T): dx, dw per head, dB summed over the hs heads of the program.
+* ``state_passing(S, E, h0) -> (Hin, final)``: Hin_0 = h0, Hin_{c+1} = E_c Hin_c + S_c; grid
+  (b, h, p*n/1024), sequential loop over chunks; bwd = the reverse recurrence (dS, dE, dh0).
 * ``chunk_scan(x, B, C, dt, cs, e, H) -> y'``: per chunk, the intra-chunk quadratic form plus the inter-chunk
   term, y'_t = sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + e_t H_c C_t with e_t = exp(cs_t) [no reset
-  before t in the chunk].  fwd grid (b, h, nc, Q/T): one program per T-row block, looping over the column
-  blocks j <= i (flash-attention style).  bwd grid (b, h, nc, Q/T): program k computes the column-side
-  gradients of block k (dx, dB, ddt; loop over row blocks i >= k) and the row-side ones (dC, de; loop over
-  j <= k), the intra-chunk d cs of block k, and (program k = 0) dH_c.
+  before t in the chunk].  fwd grid (b, nc, h, Q/T): one program per T-row block, looping over the column
+  blocks j <= i (flash-attention style).  bwd grid (b, nc, h/hs, Q/T): program k loops over hs heads of one
+  group; per head it computes the column-side gradients of block k (dx, dB, ddt; loop over row blocks i >= k)
+  and the row-side ones (dC, de; loop over j <= k) and the intra-chunk row term of d cs; dB/dC are summed over
+  the heads in registers; program k = 0 also computes dH_c.
 
 Layouts: x [b, Lp, h, p]; B, C [b, Lp, g, n] (x's dtype); dt, cs, e, w [b, h, Lp] f32; H, S [b, h, nc, p, n]
-f32; cnt [b, Lp] int32 (document-reset counts, only with packed sequences).  Lp = nc * Q, Q and T powers of
-two >= 16, p and n powers of two >= 16 (the wrapper pads).  Matmul operands are in the input dtype (bf16 or
-f32; f32 dots use IEEE precision, not TF32) with f32 accumulation; decays, weights and states are f32.
+f32; cnt [b, Lp] int32 (document-reset counts, only with packed sequences); optional CB [b, nc, g, Q, Q] f32.
+Lp = nc * Q, Q and T powers of two >= 16, p and n powers of two >= 16 (the wrapper pads).  Matmul operands are
+in the input dtype (bf16 or f32; f32 dots use IEEE precision, not TF32) with f32 accumulation; decays, weights
+and states are f32.  Every ``pallas_call`` names the Triton backend explicitly (``CompilerParams``), so jax
+0.10 (whose default GPU lowering is Mosaic) and 0.11 lower the same way.
 """
 
 from __future__ import annotations

@@ -237,7 +237,10 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=None, s
         return_final_state=False, implementation=None, interpret=None):
     """SSD scan y = SSD(x, dt, A, B, C) (+ D x, * silu(z)); see the module docstring for shapes and equations.
 
-    implementation: None (Pallas kernels on GPU, chunked jnp reference elsewhere), "pallas", "chunked", "naive".
+    implementation: None (Pallas kernels on GPU when chunk_size is a power of two >= 16, else the chunked jnp
+      reference), "pallas", "chunked", "naive".  The Pallas path is mathematically the chunked algorithm
+      (chunk states, sequential state passing, intra-chunk quadratic form); bf16 inputs use bf16 matmul
+      operands with f32 accumulation, f32 inputs IEEE f32 dots.
     interpret: only for implementation "pallas": run the kernels in Pallas interpret mode (None: True iff the
       default backend is not a GPU). Never needed on GPU.
     Returns y [b, L, h, p] (x.dtype), or (y, final_state [b, h, p, n] f32) if return_final_state.
@@ -245,7 +248,9 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=None, s
     """
     backend = jax.default_backend()
     if implementation is None:
-        implementation = "pallas" if backend == "gpu" else "chunked"
+        q = int(chunk_size)
+        kernel_ok = q >= 16 and q & (q - 1) == 0  # the kernels need a power-of-two chunk
+        implementation = "pallas" if (backend == "gpu" and kernel_ok) else "chunked"
     if implementation == "pallas":
         from pallas_kernels.ssd import ssd_pallas
 

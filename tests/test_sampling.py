@@ -278,3 +278,25 @@ def test_greedy_equals_transformers_generate(variant):
                           repetition_penalty=1.5)[:, ids.shape[1]:].numpy()
     out = generate(model, params, prompts, max_new_tokens=new, stop_tokens=[], repetition_penalty=1.5)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+
+
+def test_cli_streams_from_wmjax_checkpoint(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from wmjax.convert import save_wmjax
+    from wmjax.sample import main
+    cfg, params, _ = _setup(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(cfg.vocab_size - 3)]
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tk.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    save_wmjax(cfg, params, str(tmp_path / "ck"))
+    tk.save(str(tmp_path / "ck" / "tokenizer.json"))
+    assert main(["--checkpoint", str(tmp_path / "ck"), "--prompt", "w5 w7 w9", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    ids = [1, 8, 10, 12]  # BOS + the prompt
+    ref = generate(DogeForCausalLM(cfg), params, [ids], max_new_tokens=5)
+    new = np.asarray(ref.tokens[0, :int(ref.lengths[0])]).tolist()
+    new = new[:-1] if new and new[-1] == 2 else new
+    assert out.startswith("w5 w7 w9") and tk.decode(new) in out, (out, new)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "ck"), "--prompt", "w5", "--max-new-tokens", "0"])

@@ -153,7 +153,10 @@ def main(argv=None) -> int:
     print(f"[{desc}: Doge {config.num_hidden_layers} layers, d={config.hidden_size}, {dtype.name}; "
           f"tokenizer {tok_path}]", file=sys.stderr, flush=True)
 
-    state = {"ids": [], "shown": ""}
+    # decode prompt + new tokens together and print the growth past the prompt's own text, so the spacing at
+    # the seam (sentencepiece drops a leading space when decoding pieces alone) comes out right
+    base = [tok.decode(ids) for ids in prompts]
+    state = {"ids": list(prompts[0]), "shown": base[0]}
 
     def stream(step, toks, active):
         if not bool(active[0]):
@@ -163,7 +166,8 @@ def main(argv=None) -> int:
             return
         state["ids"].append(t)
         text = tok.decode(state["ids"])
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        # wait while the last character is incomplete (multi-byte) or the text does not extend what is shown
+        if text.endswith("\ufffd") or not text.startswith(state["shown"]):
             return
         sys.stdout.write(text[len(state["shown"]):])
         sys.stdout.flush()
@@ -185,14 +189,16 @@ def main(argv=None) -> int:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
-    texts = []
+    texts, fulls = [], []
     for i in range(len(prompts)):
         ids = toks[i, :lengths[i]].tolist()
         if config.eos_token_id is not None and ids and ids[-1] == config.eos_token_id:
             ids = ids[:-1]
-        texts.append(tok.decode(ids))
+        full = tok.decode(list(prompts[i]) + ids)
+        fulls.append(full)
+        texts.append(full[len(base[i]):] if full.startswith(base[i]) else tok.decode(ids))
     if streaming:
-        rest = texts[0][len(state["shown"]):]
+        rest = fulls[0][len(state["shown"]):] if fulls[0].startswith(state["shown"]) else ""
         sys.stdout.write(rest + "\n")
         for t, txt in zip(args.prompt[1:], texts[1:]):
             sys.stdout.write(f"---\n{t}{txt}\n")

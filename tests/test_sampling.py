@@ -211,6 +211,14 @@ def test_cache_pytree_kinds_and_axes():
         for leaf, names in zip(jax.tree_util.tree_leaves(c),
                                jax.tree_util.tree_leaves(axes, is_leaf=_is_axes)):
             assert len(names) == leaf.ndim
+    try:  # the training mesh rules place the cache like the activations (batch over data/fsdp, heads on tensor)
+        from train.sharding import flax_rules, make_mesh
+    except ImportError:  # pragma: no cover
+        return
+    from wmjax.cache import cache_shardings
+    for c in (full, bounded):
+        placed = jax.device_put(c, cache_shardings(c, make_mesh(), flax_rules()))
+        assert type(placed["layers"][0]) is type(c["layers"][0])
 
 
 def _is_axes(x):

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 __all__ = ["KVCache", "BoundedKVCache", "SSMCache", "init_cache", "init_kv_layer_cache",
            "init_bounded_kv_layer_cache", "init_ssm_layer_cache", "layer_kinds", "write_kv", "bounded_kv_attention",
-           "cache_logical_axes", "cache_nbytes", "kv_decode_attention", "CACHE_KINDS"]
+           "cache_logical_axes", "cache_shardings", "cache_nbytes", "kv_decode_attention", "CACHE_KINDS"]
 
 CACHE_KINDS = ("full", "bounded")
 
@@ -306,3 +306,16 @@ def kv_decode_attention(cache: KVCache, query, query_positions, *, keep_window_s
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bgrc,bcgd->bgrd", probs, values.astype(query.dtype).astype(jnp.float32), precision=hp)
     return out.reshape(b, 1, h, d).astype(query.dtype)
+
+
+def _is_axes(x):
+    return isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
+
+
+def cache_shardings(cache, mesh, rules):
+    """NamedShardings for `cache` on `mesh` under flax logical `rules` (e.g. train.sharding.flax_rules()):
+    batch over the data axes, kv heads over the tensor axis, like the activations in training."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding
+    return jax.tree_util.tree_map(lambda names: NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules)),
+                                  cache_logical_axes(cache), is_leaf=_is_axes)

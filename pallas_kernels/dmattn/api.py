@@ -20,7 +20,14 @@ _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    tracer_cls = getattr(getattr(jax, "core", None), "Tracer", None)
+    if tracer_cls is not None:
+        return not isinstance(x, tracer_cls)
+    try:  # no public Tracer class: a traced value refuses conversion
+        np.asarray(x)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _segments_ok(query_segment_ids, key_segment_ids, b, length) -> bool:

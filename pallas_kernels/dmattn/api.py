@@ -108,15 +108,18 @@ def supports(query, key, value, key_bias, *, keep_window_size, query_positions=N
         return False
 
 
-def prepare_mask(key_bias, valid, keep_window_size: int, cfg: DmattnConfig, segment_ids=None):
+def prepare_mask(key_bias, valid, keep_window_size: int, cfg: DmattnConfig, segment_ids=None,
+                 num_keys: Optional[int] = None):
     """Pre-pass on the padded bias [b, G, Lp] f32, validity [b, Lp] bool and segment ids [b, Lp] int32 or None.
     Returns a dict of int arrays: e [b, G, Lp] (key j kept by rows [j, e_j)); in sparse mode also the forward and
-    dq key lists, and the dk/dv key order."""
+    dq key lists, and the dk/dv key order. num_keys: the unpadded length (default Lp); w >= num_keys takes the
+    fast path (no pre-pass)."""
     b, g, lp = key_bias.shape
     valid_g = jnp.broadcast_to(valid[:, None, :], (b, g, lp))
     seg_g = None if segment_ids is None else jnp.broadcast_to(segment_ids[:, None, :], (b, g, lp))
     j = jnp.arange(lp, dtype=jnp.int32)
-    if keep_window_size >= lp:  # fast path: no row keeps more than L <= w keys -> plain causal + key bias
+    if keep_window_size >= (lp if num_keys is None else num_keys):
+        # fast path: no row has more than L <= w keys, so none is dropped -> plain causal + key bias
         end = lp if seg_g is None else segment_ends(seg_g.reshape(b * g, lp)).reshape(b, g, lp)
         e = jnp.where(valid_g, end, j).astype(jnp.int32)
         return dict(e=e)
@@ -212,6 +215,6 @@ def dynamic_mask_attention_pallas(query, key, value, key_bias, *, keep_window_si
         seg = key_segment_ids.astype(jnp.int32)
         if pad:
             seg = jnp.pad(seg, ((0, 0), (0, pad)), mode="edge")
-    aux = prepare_mask(jax.lax.stop_gradient(bias), valid, w, cfg, seg)
+    aux = prepare_mask(jax.lax.stop_gradient(bias), valid, w, cfg, seg, num_keys=length)
     out = _dma_core(query, key, value, bias, aux, scale, w, cfg)
     return out[:, :length] if pad else out

@@ -407,7 +407,8 @@ def main():
         rows.append((b, length, flop_fwd, t))
         res = None
 
-    print("\n| shape | implementation | fwd ms | fwd TF/s* | fwd+bwd ms | fwd+bwd TF/s* | wmjax speedup fwd / fwd+bwd |")
+    print("\n| shape | implementation | fwd ms | fwd TF/s* | fwd+bwd ms | fwd+bwd TF/s* "
+          "| wmjax speedup fwd / fwd+bwd |")
     print("|---|---|---|---|---|---|---|")
     for b, length, flop, t in rows:
         mine = t.get("wmjax pallas (w/ pre-pass)")

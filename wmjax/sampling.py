@@ -24,7 +24,8 @@ every row has stopped or max_new_tokens were generated.
 
 Streaming: `callback(step, tokens [b] np.int32, active [b] np.bool)` is called on the host once per generated
 token position (through `jax.debug.callback`; `active` is False for rows already stopped before this step).
-It syncs the device each step, so leave it out when measuring throughput.
+It is an ordered effect (calls arrive in step order) and syncs the device each step, so leave it out when
+measuring throughput.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def _generate_jit(params, input_ids, attention_mask, stop_ids, key, *, model, ma
         tok = _choose(logits, sampling, seen, sub)
         tok = jnp.where(done, pad_id, tok)
         if callback is not None:
-            jax.debug.callback(callback, i, tok, ~done)
+            jax.debug.callback(callback, i, tok, ~done, ordered=True)
         toks = toks.at[:, i].set(tok)
         if return_logprobs:
             lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[rows, tok]

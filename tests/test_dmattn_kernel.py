@@ -120,9 +120,10 @@ def test_packed_documents_segment_ids(w):
     assert all(e <= 1e-4 for e in errs.values()), errs
 
 
-def test_bf16_close_to_reference():
-    errs = _run_pair(1, 80, 2, 1, 64, 30, dtype=jnp.bfloat16, seed=3)
-    assert all(e <= 3e-2 for e in errs.values()), errs
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 3e-2), (jnp.float16, 5e-3)])
+def test_half_precision_close_to_reference(dtype, tol):
+    errs = _run_pair(1, 80, 2, 1, 64, 30, dtype=dtype, seed=3)
+    assert all(e <= tol for e in errs.values()), errs
 
 
 @pytest.mark.slow
@@ -244,6 +245,7 @@ def _fwd_and_grad(w):
     (2048, 2048, 128, jnp.bfloat16),   # L = w: fast path (no pre-pass)
     (1000, 300, 64, jnp.float32),      # ragged, f32 (IEEE dots)
     (1024, 200, 256, jnp.bfloat16),    # head_dim 256
+    (512, 128, 64, jnp.float16),       # f16
 ])
 def test_lowers_for_h100_triton(length, w, d, dtype):
     fwd, grad = _fwd_and_grad(w)

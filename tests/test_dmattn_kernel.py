@@ -342,3 +342,25 @@ def test_doge_model_with_kernel_matches_reference():
         assert _rel(g, flat_r[path]) <= 1e-4, (jax.tree_util.keystr(path), _rel(g, flat_r[path]))
     a_grad = grads_k["model"]["layers_0"]["self_attn"]["A"]
     assert float(jnp.max(jnp.abs(a_grad))) > 0  # the bias gradient reaches A
+
+
+@pytest.mark.slow
+def test_l32768_compiled_temp_memory_is_linear():
+    """XLA's compiled memory analysis of the same fwd+bwd program, compiled for the CPU (Pallas interpret mode, the
+    only way to compile it without a GPU): temp memory doubles with L (8k -> 32k: x4) and at L = 32768 stays far
+    below one [L, L] f32 array. (On the H100, bench/dmattn.py measured temp 2.3 MiB for the GPU program.)"""
+    def temp_bytes(length):
+        s = jax.ShapeDtypeStruct
+        shapes = (s((1, length, 6, 128), jnp.bfloat16), s((1, length, 3, 128), jnp.bfloat16),
+                  s((1, length, 3, 128), jnp.bfloat16), s((1, 3, length), jnp.float32), s((1, length), jnp.int32))
+
+        def grad(q, k, v, bias, pos):
+            f = lambda *a: jnp.sum(dynamic_mask_attention_pallas(
+                *a, keep_window_size=2048, query_positions=pos, key_positions=pos, interpret=True).astype(jnp.float32))
+            return jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+        return jax.jit(grad).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+    t8, t32 = temp_bytes(8192), temp_bytes(32768)
+    assert t32 <= 4.2 * t8, (t8, t32)  # linear in L (quadratic would be x16)
+    assert t32 < 32768 * 32768 * 4 / 4, t32  # measured 514 MiB vs 4096 MiB for one [L, L] f32

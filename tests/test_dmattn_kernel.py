@@ -120,10 +120,9 @@ def test_packed_documents_segment_ids(w):
     assert all(e <= 1e-4 for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 3e-2), (jnp.float16, 5e-3)])
-def test_half_precision_close_to_reference(dtype, tol):
-    errs = _run_pair(1, 80, 2, 1, 64, 30, dtype=dtype, seed=3)
-    assert all(e <= tol for e in errs.values()), errs
+def test_bf16_close_to_reference():
+    errs = _run_pair(1, 80, 2, 1, 64, 30, dtype=jnp.bfloat16, seed=3)
+    assert all(e <= 3e-2 for e in errs.values()), errs
 
 
 @pytest.mark.slow
@@ -168,12 +167,13 @@ def test_kept_set_equals_reference_top_k():
     from wmjax.ops.dmattn import keep_threshold_reference
     rng = np.random.default_rng(2)
     length, w = 64, 10
+    prep = jax.jit(lambda bias: prepare_mask(bias, jnp.ones((1, length), bool), w, SMALL))
     for bias in (rng.random((1, 1, length)), np.round(rng.random((1, 1, length)) * 3) / 3):
         bias = jnp.asarray(bias, jnp.float32)
         allowed = jnp.tril(jnp.ones((length, length), bool))[None]
         tau = keep_threshold_reference(bias, allowed, w)
         kept = allowed[:, None] & (bias[:, :, None, :] >= tau[..., None])
-        aux = prepare_mask(bias, jnp.ones((1, length), bool), w, SMALL)
+        aux = prep(bias)
         i = np.arange(length)[:, None]
         j = np.arange(length)[None, :]
         mine = (j <= i) & (i < np.asarray(aux["e"])[0, 0][None, :])

@@ -49,14 +49,18 @@ def _warps(P, N, bwd):
     return 8 if (bwd and big) else 4
 
 
+def _launch_params(tune, name, P, N, bwd):
+    """Triton num_warps / num_stages for kernel `name`, from the tuning overrides or the defaults."""
+    return dict(num_warps=tune.get(name + "_warps", _warps(P, N, bwd)),
+                num_stages=tune.get(name + "_stages", 3 if name == "scan_bwd" else 2))
+
+
 @functools.lru_cache(maxsize=None)
 def _chunk_states_op(hg, Q, T, interpret, tuning=()):
     tune = dict(tuning)
     cfg = dict(hg=hg, Q=Q, T=T, interpret=interpret)
 
-    def tw(name, P, N, bwd):
-        return dict(num_warps=tune.get(name + "_warps", _warps(P, N, bwd)),
-                    num_stages=tune.get(name + "_stages", 3 if name == "scan_bwd" else 2))
+    tw = functools.partial(_launch_params, tune)
 
     @jax.custom_vjp
     def f(x, B, w):
@@ -81,9 +85,7 @@ def _chunk_scan_op(hg, Q, T, interpret, tuning=()):
     tune = dict(tuning)
     cfg = dict(hg=hg, Q=Q, T=T, interpret=interpret)
 
-    def tw(name, P, N, bwd):
-        return dict(num_warps=tune.get(name + "_warps", _warps(P, N, bwd)),
-                    num_stages=tune.get(name + "_stages", 3 if name == "scan_bwd" else 2))
+    tw = functools.partial(_launch_params, tune)
 
     @jax.custom_vjp
     def f(x, B, C, dt, cs, e, H, cnt, CB):

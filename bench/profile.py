@@ -1,0 +1,91 @@
+"""Kernel-level time breakdown of a jitted call, from JAX's own profiler (no nsys needed).
+
+    from bench.profile import kernel_table, print_kernel_table
+    rows = kernel_table(lambda: step(state, batch), iters=3)     # runs fn under jax.profiler.trace
+    print_kernel_table(rows, top=25, title="train step b16")
+
+`kernel_table` runs `fn` once untraced (compile / warm-up), then `iters` times under `jax.profiler.trace`, reads
+the written XSpace with `jax.profiler.ProfileData` and sums the device events (GPU kernels, memcpys) by name:
+returns a list of dicts {name, total_ms (per iteration), count (per iteration), mean_us, share} sorted by time.
+On CPU there is no device plane: the table is empty (the function still runs), so scripts can call it anywhere.
+
+    python bench/profile.py              # self-test: a matmul + softmax, prints the table (CPU: empty table)
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+from typing import Callable, List
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _device_planes(profile):
+    return [p for p in profile.planes if p.name.startswith("/device:GPU") or p.name.startswith("/device:TPU")]
+
+
+def _short(name: str, width: int = 90) -> str:
+    name = re.sub(r"\s+", " ", name)
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def kernel_table(fn: Callable, iters: int = 3, logdir: str | None = None) -> List[dict]:
+    """Sum device event time by kernel name over `iters` traced calls of `fn` (after one untraced call)."""
+    import jax
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(fn())
+    logdir = logdir or tempfile.mkdtemp(prefix="wmjax_prof_")
+    with jax.profiler.trace(logdir):
+        for _ in range(iters):
+            jax.block_until_ready(fn())
+    files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return []
+    prof = ProfileData.from_file(files[-1])
+    tot = collections.Counter()
+    cnt = collections.Counter()
+    for plane in _device_planes(prof):
+        lines = list(plane.lines)
+        # XLA GPU planes carry one line per CUDA stream plus derived lines ("XLA Ops", "XLA Modules", ...);
+        # kernels live on the stream lines (if none is named so, take every line but the derived ones).
+        streams = [ln for ln in lines if ln.name.startswith("Stream")]
+        if not streams:
+            streams = [ln for ln in lines if not ln.name.startswith(("XLA", "Launch", "Steps", "TensorFlow"))]
+        for line in streams:
+            for ev in line.events:
+                tot[ev.name] += ev.duration_ns
+                cnt[ev.name] += 1
+    total = sum(tot.values()) or 1
+    rows = [dict(name=n, total_ms=t / 1e6 / iters, count=cnt[n] / iters, mean_us=t / 1e3 / cnt[n],
+                 share=t / total) for n, t in tot.most_common()]
+    return rows
+
+
+def print_kernel_table(rows: List[dict], top: int = 25, title: str = "") -> None:
+    total = sum(r["total_ms"] for r in rows)
+    n = sum(r["count"] for r in rows)
+    print(f"--- kernels{': ' + title if title else ''} | device time per call {total:.3f} ms in {n:.0f} events")
+    print(f"{'ms/call':>9} {'share':>6} {'count':>6} {'mean us':>8}  name")
+    for r in rows[:top]:
+        print(f"{r['total_ms']:9.3f} {100 * r['share']:5.1f}% {r['count']:6.0f} {r['mean_us']:8.1f}  {_short(r['name'])}")
+    if len(rows) > top:
+        rest = rows[top:]
+        print(f"{sum(r['total_ms'] for r in rest):9.3f} {100 * sum(r['share'] for r in rest):5.1f}% "
+              f"{sum(r['count'] for r in rest):6.0f}           ({len(rest)} more kernel names)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048), jnp.float32)
+    f = jax.jit(lambda x: jax.nn.softmax(x @ x, axis=-1).sum())
+    rows = kernel_table(lambda: f(x))
+    print_kernel_table(rows, title=f"self-test on {jax.devices()[0].platform}")

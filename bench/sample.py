@@ -162,6 +162,87 @@ def bench_main(args, results):
         log(f"[speedup] bs={bs}: wmjax / transformers = {results['wmjax'][bs]['tok_s'] / tps:,.0f}x")
 
 
+def _timeline(logdir):
+    """Device busy time (union of kernel intervals) vs span (first start .. last end) of the newest trace."""
+    import glob
+    from jax.profiler import ProfileData
+    files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return None
+    prof = ProfileData.from_file(files[-1])
+    iv = []
+    for plane in prof.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if line.name.startswith("Stream"):
+                iv += [(ev.start_ns, ev.end_ns) for ev in line.events]
+    if not iv:
+        return None
+    iv.sort()
+    busy, cur_s, cur_e = 0, iv[0][0], iv[0][1]
+    for s_, e_ in iv[1:]:
+        if s_ > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s_, e_
+        else:
+            cur_e = max(cur_e, e_)
+    busy += cur_e - cur_s
+    return dict(events=len(iv), busy_ms=busy / 1e6, span_ms=(iv[-1][1] - iv[0][0]) / 1e6)
+
+
+def bench_profile(args, results):
+    """Kernel table of one whole `generate` call per batch size (jax.profiler), device busy time vs span, and
+    the compiled HLO (saved next to --json) to map fusions to ops."""
+    import tempfile
+    import jax
+    import jax.numpy as jnp
+    from bench.profile import kernel_table, print_kernel_table
+    from wmjax.config import DogeConfig
+    from wmjax.models.doge import DogeForCausalLM, init_params
+    from wmjax.sampling import generate
+    cfg = DogeConfig.preset(args.preset)
+    if args.tiny:
+        cfg = cfg.replace(hidden_size=64, intermediate_size=64, num_hidden_layers=2, vocab_size=512)
+    dtype = jnp.bfloat16
+    params = cast_params(init_params(cfg, jax.random.PRNGKey(0)), dtype)
+    model = DogeForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
+    rng = np.random.default_rng(0)
+    prof = {}
+    for bs in args.batch_sizes:
+        prompts = rng.integers(0, cfg.vocab_size, (bs, args.prompt_len)).tolist()
+        out, first, best = time_generate(model, params, prompts, args.new, args.repeats, cache="full")
+        logdir = tempfile.mkdtemp(prefix="wmjax_sample_prof_")
+        fn = lambda: generate(model, params, prompts, max_new_tokens=args.new, stop_tokens=[], cache="full").tokens
+        rows = kernel_table(fn, iters=1, logdir=logdir)
+        tl = _timeline(logdir)
+        steps = args.new - 1
+        print_kernel_table(rows, top=args.profile_top, title=f"generate bs={bs} ({steps} decode steps + prefill)")
+        dev_ms = sum(r["total_ms"] for r in rows)
+        n_ev = sum(r["count"] for r in rows)
+        log(f"[profile] bs={bs}: wall {1e3 * best:.2f} ms ({1e3 * best / args.new:.3f} ms/token), device kernel sum "
+            f"{dev_ms:.2f} ms, {n_ev:.0f} events = {n_ev / steps:.1f} per decode step "
+            f"({n_ev / steps / cfg.num_hidden_layers:.1f} per layer); timeline {tl}")
+        prof[bs] = dict(wall_ms=1e3 * best, device_ms=dev_ms, events=n_ev, timeline=tl,
+                        kernels=[dict(r, name=r["name"][:200]) for r in rows[:80]])
+        if args.json and bs == args.batch_sizes[0]:
+            from wmjax.sampling import _generate_jit  # noqa: F401  (compiled text of the whole generate)
+            import wmjax.sampling as S
+            ids, mask = S.pad_prompts(prompts)
+            kw = dict(model=model, max_new_tokens=args.new, cache_kind="full", cache_length=args.prompt_len + args.new,
+                      sampling=S.SamplingParams(), return_logprobs=False, callback=None,
+                      cache_dtype=jnp.dtype(dtype), pad_id=0)
+            try:
+                txt = S._generate_jit.lower(params, jnp.asarray(ids), jnp.asarray(mask),
+                                            jnp.full((bs, 1), -1, jnp.int32), jax.random.PRNGKey(0),
+                                            **kw).compile().as_text()
+                with open(os.path.splitext(args.json)[0] + f"_hlo_bs{bs}.txt", "w") as f:
+                    f.write(txt)
+            except Exception as e:  # noqa: BLE001
+                log(f"[profile] HLO dump failed: {type(e).__name__}: {e}")
+    results["profile"] = prof
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="Doge-160M")
@@ -175,6 +256,8 @@ def main(argv=None):
     p.add_argument("--no-long", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny widths, short runs")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--profile", action="store_true", help="kernel tables of generate (jax.profiler) instead of timing")
+    p.add_argument("--profile-top", type=int, default=40)
     args = p.parse_args(argv)
     if args.tiny:
         args.new, args.prompt_len, args.hf_new, args.repeats = 16, 8, 8, 1
@@ -182,9 +265,12 @@ def main(argv=None):
     import jax
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     results = {"device": jax.devices()[0].device_kind, "args": vars(args)}
-    if not args.no_long:
-        bench_long(args, results)
-    bench_main(args, results)
+    if args.profile:
+        bench_profile(args, results)
+    else:
+        if not args.no_long:
+            bench_long(args, results)
+        bench_main(args, results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

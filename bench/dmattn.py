@@ -246,12 +246,86 @@ def sweep(shapes):
                 print(f"  sweep b{b} L{length} {name}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
 
+def _kcfg(base, fwd=None, dq=None, dkv=None, **kw):
+    """Config with (block_q, block_k, warps, stages) per kernel; dkv tuple is (block_q_dkv, block_k_dkv, ...)."""
+    import dataclasses
+    upd = dict(kw)
+    if fwd:
+        upd.update(block_q=fwd[0], block_k=fwd[1], num_warps_fwd=fwd[2], num_stages_fwd=fwd[3])
+    if dq:
+        upd.update(block_q_dq=dq[0], block_k_dq=dq[1], num_warps_dq=dq[2], num_stages_dq=dq[3])
+    if dkv:
+        upd.update(block_q_dkv=dkv[0], block_k_dkv=dkv[1], num_warps_dkv=dkv[2], num_stages_dkv=dkv[3])
+    return dataclasses.replace(base, **upd)
+
+
+def tune(shapes, w_dense=True):
+    """Per-kernel GPU times (jax.profiler, bench/profile.py) of wmjax fwd+bwd for config variants; each variant
+    sets the fwd, dq and dk/dv tiles together (independent kernels, so each column is read on its own)."""
+    from bench.profile import kernel_table
+    from pallas_kernels.dmattn import DmattnConfig
+    base = DmattnConfig(interpret=jax.default_backend() == "cpu")
+    variants = {
+        "cur": _kcfg(base),
+        "v1": _kcfg(base, fwd=(64, 64, 4, 3), dq=(64, 64, 4, 3), dkv=(64, 64, 4, 2)),
+        "v2": _kcfg(base, fwd=(128, 64, 8, 2), dq=(128, 64, 8, 2), dkv=(64, 128, 8, 2)),
+        "v3": _kcfg(base, fwd=(128, 64, 8, 3), dq=(128, 64, 8, 3), dkv=(64, 128, 8, 3)),
+        "v4": _kcfg(base, fwd=(128, 128, 8, 2), dq=(128, 128, 8, 2), dkv=(128, 128, 8, 2)),
+        "v5": _kcfg(base, fwd=(128, 64, 4, 2), dq=(64, 32, 4, 2), dkv=(32, 128, 8, 2)),
+        "v6": _kcfg(base, fwd=(64, 32, 4, 2), dq=(32, 64, 4, 2), dkv=(128, 64, 8, 2)),
+        "v7": _kcfg(base, fwd=(64, 128, 4, 2), dq=(64, 128, 4, 2), dkv=(32, 64, 4, 3)),
+        "f1": _kcfg(base, fused_bwd=True),
+        "f2": _kcfg(base, fused_bwd=True, dkv=(64, 128, 8, 2)),
+        "f3": _kcfg(base, fused_bwd=True, dkv=(64, 128, 8, 3)),
+        "f4": _kcfg(base, fused_bwd=True, dkv=(128, 128, 8, 2)),
+        "f5": _kcfg(base, fused_bwd=True, dkv=(32, 64, 4, 3)),
+        "nometa": _kcfg(base, dense_meta=False),
+        "noheavy": _kcfg(base, heavy_first=False),
+    }
+    for shp in shapes.split(","):
+        b, length = map(int, shp.split("x"))
+        w = length if (w_dense or length <= W) else W
+        q, k, v, bias, do = make_inputs(b, length)
+        pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (b, length))
+        names = list(variants) if length <= W or w_dense else ["cur", "noheavy"]
+        for name in names:
+            cfg = variants[name]
+
+            def fb(q, k, v, bias, do, cfg=cfg):
+                f = lambda *a: dynamic_mask_attention_pallas(*a, keep_window_size=w, query_positions=pos,
+                                                             key_positions=pos, config=cfg, interpret=False)
+                out, vjp = jax.vjp(f, q, k, v, bias)
+                return (out,) + vjp(do)
+
+            try:
+                f = jax.jit(fb)
+                rows = kernel_table(lambda: f(q, k, v, bias, do), iters=3)
+                tot = sum(r["total_ms"] for r in rows)
+                ks = {}
+                for r in rows:
+                    nm = r["name"]
+                    key = next((t for t in ("bwd_fused", "bwd_dkv", "bwd_dq", "fwd", "key_expiry", "query_block_lists")
+                                if "dmattn_" + t in nm), None)
+                    key = key or ("sort" if "sort" in nm.lower() else "other")
+                    ks[key] = ks.get(key, 0.0) + r["total_ms"]
+                wall = time_jax(f, (q, k, v, bias, do), n=10, trials=5)
+                print(f"  tune b{b} L{length} w{w} {name:8s} wall {wall:7.3f} | gpu {tot:7.3f} | "
+                      + " ".join(f"{k_} {v_:.3f}" for k_, v_ in sorted(ks.items(), key=lambda x: -x[1])), flush=True)
+                if name == "cur" and length > W:
+                    for r in rows[:14]:
+                        print(f"      {r['total_ms']:7.3f} ms x{r['count']:.0f}  {r['name'][:100]}", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  tune b{b} L{length} {name}: FAILED {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4x2048,2x8192,1x32768")
     ap.add_argument("--skip", default="")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--sweep", default="", help="shapes for the per-kernel config sweep, e.g. 4x2048,2x8192")
+    ap.add_argument("--tune", default="", help="shapes for the per-kernel profile of config variants (L <= w: dense)")
+    ap.add_argument("--tune-sparse", default="", help="shapes (L > w) for the sparse per-kernel profile")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     print("jax", jax.__version__, "device", jax.devices()[0].device_kind, flush=True)
@@ -262,6 +336,10 @@ def main():
         traceback.print_exc()
     if args.sweep:
         sweep(args.sweep)
+    if args.tune:
+        tune(args.tune)
+    if args.tune_sparse:
+        tune(args.tune_sparse, w_dense=False)
     if args.check_only:
         return
     have_torch = False

@@ -196,7 +196,7 @@ def dynamic_mask_attention_pallas(query, key, value, key_bias, *, keep_window_si
     b, length, h, d = query.shape
     scale = float(d ** -0.5 if scale is None else scale)
     w = int(keep_window_size)
-    cfg = config if config is not None else default_config(d, query.dtype)
+    cfg = config if config is not None else default_config(d, query.dtype, dense=w >= length)
     if interpret is None:
         interpret = _cpu_only()
     if interpret and not cfg.interpret:

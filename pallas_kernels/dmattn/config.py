@@ -24,6 +24,12 @@ class DmattnConfig:
     dkv_group:                  keys regrouped (by expiry row) within aligned groups of this many keys for the
                                 dk/dv kernel, so a key block's row range is short; 0 = no regrouping.
     num_warps_* / num_stages_*: Triton compiler parameters per kernel.
+    dense_meta:                 dense mode (no key lists): skip the key blocks expired before a query block and run
+                                tiles whose keys are all kept by all rows without a mask (per-block metadata from
+                                e); in the dk/dv kernel, unmasked tiles for query blocks before every key's expiry.
+    heavy_first:                launch order: the longest query blocks (fwd, dq) first.
+    fused_bwd:                  dense mode: one backward kernel per key block (dk, dv, d_bias, and dq by f32
+                                atomics) with the dk/dv tiles, instead of separate dq and dk/dv kernels.
     interpret:                  Pallas interpret mode (CPU tests only; never the GPU default).
     """
 
@@ -44,6 +50,9 @@ class DmattnConfig:
     num_warps_dkv: int = 4
     num_stages_dkv: int = 3
     num_warps_aux: int = 4
+    dense_meta: bool = True
+    heavy_first: bool = True
+    fused_bwd: bool = False
     interpret: bool = False
 
     @property
@@ -56,9 +65,10 @@ class DmattnConfig:
         return m
 
 
-def default_config(head_dim: int, dtype) -> DmattnConfig:
-    """GPU defaults by head dim (H100, Triton backend; d=128 picked by the bench/dmattn.py --sweep of 2026-11-23:
-    fwd 64x64 / 4 warps, dq 4 warps, dk/dv 4 warps 3 stages beat 128-row / 8-warp tiles by 10-30% per kernel)."""
+def default_config(head_dim: int, dtype, dense: bool = False) -> DmattnConfig:
+    """GPU defaults by head dim (H100, Triton backend). dense: L <= w (no pre-pass, contiguous key blocks; the
+    training shape of every published Doge). d=128 sparse picked by the bench/dmattn.py --sweep of 2026-11-23:
+    fwd 64x64 / 4 warps, dq 4 warps, dk/dv 4 warps 3 stages beat 128-row / 8-warp tiles by 10-30% per kernel."""
     if head_dim <= 128:
         return DmattnConfig()
     return DmattnConfig(block_q=64, block_k=32, num_warps_fwd=8, block_q_dq=64, block_k_dq=32, num_warps_dq=8,

@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .config import DmattnConfig, compiler_params, dot_precision
+from .config import BIG, DmattnConfig, compiler_params, dot_precision
 
 NEG_INF = float("-inf")
+LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+LN2 = 0.6931471805599453
 
 
 def _dot_nt(a, b, prec):
@@ -31,9 +33,33 @@ def _dot_nn(a, b, prec):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32)
 
 
-def visit_keys(tile, carry, *, i0, block_q, block_k, rows, k_ref, v_ref, bias_ref, e_ref, lst_ref, cnt_ref, cap):
-    """Calls carry = tile(carry, k [bk, d], v [bk, d], bias [bk] f32, keep [bq, bk] bool) for every key chunk
-    that row block [i0, i0 + block_q) may keep. lst_ref/cnt_ref None = dense mode."""
+def dense_block_meta(e, block_q: int, block_k: int):
+    """Dense mode (no key lists): e [b, G, L] (the same for every kv head there) -> [b, nq, 2] int32 per query
+    block t (rows [i0, i0 + block_q), i0 = t * block_q): lo = the number of leading key blocks whose keys have all
+    expired by row i0 (kept by no row of the block: skipped), clean = 1 when every key of the blocks [lo, i0 / block_k)
+    is kept by every row of the block (e_j >= i0 + block_q: those tiles need no mask). Packed documents and padding
+    make some blocks unclean; plain causal attention has lo = 0 and every block clean. O(L^2 / block^2) int work."""
+    e0 = e[:, 0, :]
+    b, length = e0.shape
+    nk, nq = length // block_k, length // block_q
+    eb = e0.reshape(b, nk, block_k)
+    emin, emax = jnp.min(eb, axis=-1), jnp.max(eb, axis=-1)
+    pref = jax.lax.cummax(emax, axis=1)
+    i0 = jnp.arange(nq, dtype=jnp.int32) * block_q
+    nd = i0 // block_k
+    lo = jnp.minimum(jnp.sum((pref[:, None, :] <= i0[None, :, None]).astype(jnp.int32), axis=-1), nd[None, :])
+    c = jnp.arange(nk, dtype=jnp.int32)
+    inr = (c[None, None, :] >= lo[:, :, None]) & (c[None, None, :] < nd[None, :, None])
+    mn = jnp.min(jnp.where(inr, emin[:, None, :], BIG), axis=-1)
+    clean = (mn >= (i0 + block_q)[None, :]).astype(jnp.int32)
+    return jnp.stack([lo, clean], axis=-1).astype(jnp.int32)
+
+
+def visit_keys(tile, carry, *, i0, block_q, block_k, rows, k_ref, v_ref, bias_ref, e_ref, lst_ref, cnt_ref, cap,
+               meta_ref=None):
+    """Calls carry = tile(carry, k [bk, d], v [bk, d], bias [bk] f32, keep [bq, bk] bool or None = all kept) for
+    every key chunk that row block [i0, i0 + block_q) may keep. lst_ref/cnt_ref None = dense mode; then meta_ref
+    (`dense_block_meta`) gives the first key block and whether the earlier blocks need no mask."""
     lane = jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
     def dense_prefix(c, carry):
@@ -43,7 +69,12 @@ def visit_keys(tile, carry, *, i0, block_q, block_k, rows, k_ref, v_ref, bias_re
         keep = rows[:, None] < e[None, :]  # j < i0 <= i
         return tile(carry, k_ref[sl, :], v_ref[sl, :], bias_ref[sl], keep)
 
+    def clean_prefix(c, carry):  # every key of the chunk kept by every row of the block
+        sl = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
+        return tile(carry, k_ref[sl, :], v_ref[sl, :], bias_ref[sl], None)
+
     n_dense = i0 // block_k
+    lo = 0
     if lst_ref is not None:
         n = cnt_ref[0]
         use_list = n <= cap
@@ -58,7 +89,12 @@ def visit_keys(tile, carry, *, i0, block_q, block_k, rows, k_ref, v_ref, bias_re
 
         carry = jax.lax.fori_loop(0, jnp.where(use_list, (n + block_k - 1) // block_k, 0), listed, carry)
         n_dense = jnp.where(use_list, 0, n_dense)
-    carry = jax.lax.fori_loop(0, n_dense, dense_prefix, carry)
+    elif meta_ref is not None:
+        lo = meta_ref[0]
+        mid = jnp.where(meta_ref[1] > 0, n_dense, lo)
+        carry = jax.lax.fori_loop(lo, mid, clean_prefix, carry)
+        lo = mid
+    carry = jax.lax.fori_loop(lo, n_dense, dense_prefix, carry)
 
     def diagonal(c, carry):
         j0 = pl.multiple_of(i0 + c * block_k, block_k)
@@ -71,26 +107,38 @@ def visit_keys(tile, carry, *, i0, block_q, block_k, rows, k_ref, v_ref, bias_re
     return jax.lax.fori_loop(0, block_q // block_k, diagonal, carry)
 
 
-def _fwd_kernel(*refs, scale, block_q, block_k, cap, sparse, prec):
-    if sparse:
+def query_block_index(nq: int, heavy_first: bool):
+    """Grid (b, heads, nq) with the query block slowest, so programs start in block order; heavy_first: the
+    last (longest causal) query blocks start first (longest-processing-time-first over the SMs)."""
+    if heavy_first:
+        return lambda t: nq - 1 - t
+    return lambda t: t
+
+
+def _fwd_kernel(*refs, scale, block_q, block_k, cap, mode, prec, nq, heavy_first):
+    meta_ref = lst_ref = cnt_ref = None
+    if mode == "sparse":
         q_ref, k_ref, v_ref, bias_ref, e_ref, lst_ref, cnt_ref, o_ref, lse_ref = refs
+    elif mode == "meta":
+        q_ref, k_ref, v_ref, bias_ref, e_ref, meta_ref, o_ref, lse_ref = refs
     else:
         q_ref, k_ref, v_ref, bias_ref, e_ref, o_ref, lse_ref = refs
-        lst_ref = cnt_ref = None
-    t = pl.program_id(0)
+    t = query_block_index(nq, heavy_first)(pl.program_id(2))
     i0 = t * block_q
     rows = i0 + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
     q = q_ref[...]
     d = q.shape[-1]
+    qk_scale = scale * LOG2E
 
-    def tile(carry, k, v, bias, keep):
+    def tile(carry, k, v, bias, keep):  # scores in base-2 units: s2 = (scale q.k + bias) * log2(e)
         m, l, acc = carry
-        s = _dot_nt(q, k, prec) * scale + bias[None, :]
-        s = jnp.where(keep, s, NEG_INF)
+        s = _dot_nt(q, k, prec) * qk_scale + (bias * LOG2E)[None, :]
+        if keep is not None:
+            s = jnp.where(keep, s, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[:, None])
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v, prec)
         return m_new, l, acc
@@ -98,11 +146,12 @@ def _fwd_kernel(*refs, scale, block_q, block_k, cap, sparse, prec):
     carry = (jnp.full((block_q,), NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
              jnp.zeros((block_q, d), jnp.float32))
     m, l, acc = visit_keys(tile, carry, i0=i0, block_q=block_q, block_k=block_k, rows=rows, k_ref=k_ref,
-                           v_ref=v_ref, bias_ref=bias_ref, e_ref=e_ref, lst_ref=lst_ref, cnt_ref=cnt_ref, cap=cap)
+                           v_ref=v_ref, bias_ref=bias_ref, e_ref=e_ref, lst_ref=lst_ref, cnt_ref=cnt_ref, cap=cap,
+                           meta_ref=meta_ref)
     nonempty = l > 0.0
     l_safe = jnp.where(nonempty, l, 1.0)
     o_ref[...] = jnp.where(nonempty[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), jnp.inf)
+    lse_ref[...] = jnp.where(nonempty, (m + jnp.log2(l_safe)) * LN2, jnp.inf)  # natural-log units
 
 
 def flash_forward(q, k, v, bias, e, lists, counts, *, scale, cap, cfg: DmattnConfig):
@@ -112,29 +161,34 @@ def flash_forward(q, k, v, bias, e, lists, counts, *, scale, cap, cfg: DmattnCon
     g = k.shape[2]
     r = h // g
     bq, bk = cfg.block_q, cfg.block_k
-    sparse = lists is not None
-    kernel = functools.partial(_fwd_kernel, scale=scale, block_q=bq, block_k=bk, cap=cap, sparse=sparse,
-                               prec=dot_precision(q.dtype))
+    nq = length // bq
+    mode = "sparse" if lists is not None else ("meta" if cfg.dense_meta else "dense")
+    qb = query_block_index(nq, cfg.heavy_first)
+    kernel = functools.partial(_fwd_kernel, scale=scale, block_q=bq, block_k=bk, cap=cap, mode=mode,
+                               prec=dot_precision(q.dtype), nq=nq, heavy_first=cfg.heavy_first)
     in_specs = [
-        pl.BlockSpec((None, bq, None, d), lambda t, bi, hi: (bi, t, hi, 0)),
-        pl.BlockSpec((None, length, None, d), lambda t, bi, hi: (bi, 0, hi // r, 0)),
-        pl.BlockSpec((None, length, None, d), lambda t, bi, hi: (bi, 0, hi // r, 0)),
-        pl.BlockSpec((None, None, length), lambda t, bi, hi: (bi, hi // r, 0)),
-        pl.BlockSpec((None, None, length), lambda t, bi, hi: (bi, hi // r, 0)),
+        pl.BlockSpec((None, bq, None, d), lambda bi, hi, t: (bi, qb(t), hi, 0)),
+        pl.BlockSpec((None, length, None, d), lambda bi, hi, t: (bi, 0, hi // r, 0)),
+        pl.BlockSpec((None, length, None, d), lambda bi, hi, t: (bi, 0, hi // r, 0)),
+        pl.BlockSpec((None, None, length), lambda bi, hi, t: (bi, hi // r, 0)),
+        pl.BlockSpec((None, None, length), lambda bi, hi, t: (bi, hi // r, 0)),
     ]
     args = [q, k, v, bias, e]
-    if sparse:
+    if mode == "sparse":
         width = lists.shape[-1]
-        in_specs += [pl.BlockSpec((None, None, None, width), lambda t, bi, hi: (bi, hi // r, t, 0)),
-                     pl.BlockSpec((None, None, 1), lambda t, bi, hi: (bi, hi // r, t))]
+        in_specs += [pl.BlockSpec((None, None, None, width), lambda bi, hi, t: (bi, hi // r, qb(t), 0)),
+                     pl.BlockSpec((None, None, 1), lambda bi, hi, t: (bi, hi // r, qb(t)))]
         args += [lists, counts]
+    elif mode == "meta":
+        in_specs.append(pl.BlockSpec((None, None, 2), lambda bi, hi, t: (bi, qb(t), 0)))
+        args.append(dense_block_meta(e, bq, bk))
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, length), jnp.float32)),
-        grid=(length // bq, b, h),
+        grid=(b, h, nq),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, d), lambda t, bi, hi: (bi, t, hi, 0)),
-                   pl.BlockSpec((None, None, bq), lambda t, bi, hi: (bi, hi, t))],
+        out_specs=[pl.BlockSpec((None, bq, None, d), lambda bi, hi, t: (bi, qb(t), hi, 0)),
+                   pl.BlockSpec((None, None, bq), lambda bi, hi, t: (bi, hi, qb(t)))],
         compiler_params=compiler_params(cfg.num_warps_fwd, cfg.num_stages_fwd),
         interpret=cfg.interpret,
         name="dmattn_fwd",

@@ -24,7 +24,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# the script's own folder would shadow the standard library's `profile` with bench/profile.py (torch imports cProfile)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.join(_HERE, ".."))
 
 
 def log(*a):
@@ -109,16 +112,44 @@ def bench_main(args, results):
     model = DogeForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
     rng = np.random.default_rng(0)
     wm = {}
+    per_decode = {}
     for bs in args.batch_sizes:
         prompts = rng.integers(0, cfg.vocab_size, (bs, args.prompt_len)).tolist()
-        out, first, best = time_generate(model, params, prompts, args.new, args.repeats, cache="full")
-        tps = bs * args.new / best
-        wm[bs] = dict(tok_s=tps, seconds=best, first_call_s=first, ms_per_step=1e3 * best / args.new)
-        log(f"[wmjax] {args.preset} bs={bs} prompt={args.prompt_len} new={args.new}: {tps:,.0f} tok/s "
-            f"({1e3 * best / args.new:.3f} ms/step incl. prefill; first call {first:.1f}s)")
-        wm[bs]["tokens"] = np.asarray(out.tokens)
-        wm[bs]["prompts"] = prompts
+        for dec in args.decode:
+            out, first, best = time_generate(model, params, prompts, args.new, args.repeats, cache="full",
+                                             decode=dec)
+            tps = bs * args.new / best
+            row = dict(tok_s=tps, seconds=best, first_call_s=first, ms_per_step=1e3 * best / args.new)
+            log(f"[wmjax] {args.preset} decode={dec} bs={bs} prompt={args.prompt_len} new={args.new}: {tps:,.0f} "
+                f"tok/s ({1e3 * best / args.new:.3f} ms/step incl. prefill; first call {first:.1f}s)")
+            if dec in args.kernels:
+                import tempfile
+                from bench.profile import kernel_table, print_kernel_table
+                from wmjax.sampling import generate
+                logdir = tempfile.mkdtemp(prefix="wmjax_sample_prof_")
+                rows = kernel_table(lambda: generate(model, params, prompts, max_new_tokens=args.new, stop_tokens=[],
+                                                     cache="full", decode=dec).tokens, iters=1, logdir=logdir)
+                tl = _timeline(logdir)
+                print_kernel_table(rows, top=args.profile_top, title=f"generate decode={dec} bs={bs}")
+                n_ev = sum(r["count"] for r in rows)
+                steps = args.new - 1
+                log(f"[profile] decode={dec} bs={bs}: device kernel sum {sum(r['total_ms'] for r in rows):.2f} ms, "
+                    f"{n_ev:.0f} events = {n_ev / steps:.1f} per decode step "
+                    f"({n_ev / steps / cfg.num_hidden_layers:.1f} per layer); timeline {tl}")
+                row["profile"] = dict(events=n_ev, timeline=tl, kernels=[dict(r, name=r["name"][:200])
+                                                                          for r in rows[:60]])
+            per_decode.setdefault(dec, {})[bs] = row
+            if dec == args.decode[-1]:
+                wm[bs] = dict(row, tokens=np.asarray(out.tokens), prompts=prompts)
+            else:
+                prev = np.asarray(out.tokens)
+            if len(args.decode) > 1 and dec == args.decode[-1]:
+                same = float(np.mean(np.cumprod(prev == wm[bs]["tokens"], axis=1).sum(1)))
+                log(f"[wmjax] bs={bs}: greedy tokens of decode={args.decode[0]} and decode={dec} agree on the first "
+                    f"{same:.1f} of {args.new} tokens on average")
+                row["greedy_prefix_agreement_with_" + args.decode[0]] = same
     results["wmjax"] = {bs: {k: v for k, v in d.items() if k not in ("tokens", "prompts")} for bs, d in wm.items()}
+    results["wmjax_by_decode"] = per_decode
     if args.no_hf:
         return
     try:
@@ -258,6 +289,11 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", action="store_true", help="kernel tables of generate (jax.profiler) instead of timing")
     p.add_argument("--profile-top", type=int, default=40)
+    p.add_argument("--decode", type=lambda s: s.split(","), default=["auto"],
+                   help="generate(decode=...) paths to time, comma-separated (e.g. model,fused); the last one is "
+                        "compared with transformers")
+    p.add_argument("--kernels", type=lambda s: s.split(","), default=[],
+                   help="decode paths to also profile (kernel table of one generate call, after timing)")
     args = p.parse_args(argv)
     if args.tiny:
         args.new, args.prompt_len, args.hf_new, args.repeats = 16, 8, 8, 1

@@ -266,10 +266,11 @@ def _from_hf(cfg, hf):
         return jax.tree_util.tree_map(jnp.asarray, p)
 
 
-@pytest.mark.parametrize("variant", ["dense_batch", "moe_hf_batch1"])
+@pytest.mark.parametrize("variant", ["dense_batch", "moe_hf_batch1", "dense_batch_fused_decode"])
 def test_greedy_equals_transformers_generate(variant):
     torch = pytest.importorskip("torch")
-    over = dict(vocab_size=512, keep_window_size=8)
+    # keep_window_size 8 < prompt + new: the model decode path with its per-step top-k; 64: the fused decode path
+    over = dict(vocab_size=512, keep_window_size=64 if variant.endswith("fused_decode") else 8)
     if variant == "moe_hf_batch1":
         over.update(MOE)
     cfg = DogeConfig(**dict(TINY, **over))
@@ -277,7 +278,7 @@ def test_greedy_equals_transformers_generate(variant):
     params = _from_hf(cfg, hf)
     model = DogeForCausalLM(cfg, attention_impl="reference")
     rng = np.random.default_rng(4)
-    lens = [7, 12] if variant == "dense_batch" else [10]
+    lens = [7, 12] if variant.startswith("dense_batch") else [10]
     prompts = _distinct_rows(rng, lens, cfg.vocab_size)
     new = 24
     ids, mask = _padded(prompts, max(lens), "left")  # HF generate wants left padding
@@ -286,7 +287,8 @@ def test_greedy_equals_transformers_generate(variant):
                           attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long), do_sample=False,
                           max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
                           repetition_penalty=1.5)[:, ids.shape[1]:].numpy()
-    out = generate(model, params, prompts, max_new_tokens=new, stop_tokens=[], repetition_penalty=1.5)
+    decode = "fused" if variant.endswith("fused_decode") else "auto"
+    out = generate(model, params, prompts, max_new_tokens=new, stop_tokens=[], repetition_penalty=1.5, decode=decode)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
 
 
@@ -310,3 +312,100 @@ def test_cli_streams_from_wmjax_checkpoint(tmp_path, capsys):
     assert out.startswith("w5 w7 w9") and tk.decode(new) in out, (out, new)
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path / "ck"), "--prompt", "w5", "--max-new-tokens", "0"])
+
+
+# ----------------------------------------------------------------------------- fused decode path (decode="fused")
+FUSED = dict(keep_window_size=64)  # the fused path needs a full cache no longer than keep_window_size
+
+
+@pytest.mark.parametrize("variant,impl", [("dense", "reference"), ("dense", "interpret"),
+                                          ("untied_biases_no_qk_norm", "reference")])
+def test_fused_decode_step_equals_model_decode_step(variant, impl):
+    """prefill, then step by step through the model's decode step and through fused_decode_step (concatenated
+    projections, layer-stacked cache, the decode attention kernel in Pallas interpret mode or its reference)."""
+    from wmjax.sampling import (fused_decode_step, fused_decode_supported, prefill, decode_step,
+                                prepare_decode_params, stack_decode_cache, pad_prompts)
+    over = dict(FUSED) if variant == "dense" else dict(FUSED, tie_word_embeddings=False, attention_bias=True,
+                                                       mlp_bias=True, qk_norm=False)
+    cfg, params, model = _setup(**over)
+    rng = np.random.default_rng(5)
+    if variant != "dense":  # biases are zero at init: draw every param
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype), params)
+    ids, mask = pad_prompts(_distinct_rows(rng, [5, 9, 3], cfg.vocab_size))
+    steps = 6
+    assert fused_decode_supported(cfg, "full", ids.shape[1] + steps)
+    cache = init_cache(cfg, 3, ids.shape[1] + steps, jnp.float32)
+    logits, pos, cache, _ = jax.jit(lambda c: prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), c))(cache)
+    fparams = prepare_decode_params(cfg, params, jnp.float32)
+    model_step = jax.jit(lambda c, t, p: decode_step(model, params, c, t, p))
+    fused_step = jax.jit(lambda s, t, p: fused_decode_step(cfg, jnp.float32, fparams, s, t, p, implementation=impl))
+    state = stack_decode_cache(cache)
+    assert state["kv"].shape[2] % 64 == 0
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    for t in range(steps):
+        pos = pos + 1
+        want, cache = model_step(cache, tok, pos)
+        got, state = fused_step(state, tok, pos)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0, err_msg=f"step {t}")
+        tok = jnp.argmax(want, -1).astype(jnp.int32)
+
+
+def test_generate_fused_decode_equals_model_decode():
+    cfg, params, model = _setup(**FUSED)
+    rng = np.random.default_rng(6)
+    prompts = _distinct_rows(rng, [4, 11, 7], cfg.vocab_size)
+    kw = dict(max_new_tokens=12, stop_tokens=[], return_logprobs=True, cache="full")
+    a = generate(model, params, prompts, decode="model", **kw)
+    b = generate(model, params, prompts, decode="fused", **kw)
+    c = generate(model, params, prompts, **kw)  # auto: fused here
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(c.tokens))
+    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+
+
+def test_fused_decode_applies_only_where_exact():
+    from wmjax.sampling import fused_decode_supported
+    cfg = DogeConfig(**dict(TINY, **FUSED))
+    assert fused_decode_supported(cfg, "full", 64)
+    assert not fused_decode_supported(cfg, "full", 65)  # longer than keep_window_size: per-step top-k needed
+    assert not fused_decode_supported(cfg, "bounded", 32)
+    assert not fused_decode_supported(cfg.replace(sliding_window=8), "full", 32)
+    assert not fused_decode_supported(DogeConfig(**dict(TINY, **FUSED, **MOE)), "full", 32)
+    assert not fused_decode_supported(cfg.replace(dt_heads="query", qk_norm=False), "full", 32)
+    _, params, model = _setup()  # keep_window_size 6
+    with pytest.raises(ValueError, match="decode='fused'"):
+        generate(model, params, [[1, 2, 3]], max_new_tokens=8, decode="fused")
+    with pytest.raises(ValueError, match="decode="):
+        generate(model, params, [[1, 2, 3]], max_new_tokens=2, decode="fast")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_attention_kernel_matches_reference(dtype):
+    from pallas_kernels.decode import decode_attention_pallas, decode_attention_reference
+    rng = np.random.default_rng(7)
+    L, b, C, G, R, D = 2, 2, 128, 2, 16, 32
+    a = lambda *shape, dt=dtype: jnp.asarray(rng.normal(size=shape), dt)
+    args = (a(b, G, R, D), a(b, G, D), a(b, G, D), a(b, G, R, dt=jnp.float32), a(L, b, C, 2, G, D),
+            a(L, b, G, C, dt=jnp.float32), jnp.asarray(rng.random((b, C)) < 0.6, jnp.int32))
+    for layer in range(L):
+        got = decode_attention_pallas(*args, layer=layer, scale=0.3, interpret=True)
+        want = decode_attention_reference(*args, layer=layer, scale=0.3)
+        tol = 1e-5 if dtype == jnp.float32 else 1e-2
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+
+
+def test_decode_attention_kernel_lowers_for_h100():
+    """Triton lowering for an abstract H100 (interpret mode hides lowering errors); Doge-160M shapes, bs 16."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+    from pallas_kernels.decode import decode_attention_pallas
+    h100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                                                     num_cores=132, platform="cuda"))
+    s = jax.ShapeDtypeStruct
+    b, G, R, D, L, C = 16, 3, 16, 128, 24, 384
+    shapes = (s((b, G, R, D), jnp.bfloat16), s((b, G, D), jnp.bfloat16), s((b, G, D), jnp.bfloat16),
+              s((b, G, R), jnp.float32), s((L, b, C, 2, G, D), jnp.bfloat16), s((L, b, G, C), jnp.float32),
+              s((b, C), jnp.int32))
+    with jax.sharding.use_abstract_mesh(h100):
+        lowered = jax.jit(lambda *x: decode_attention_pallas(*x, layer=5, scale=D ** -0.5)).trace(
+            *shapes).lower(lowering_platforms=("cuda",))
+    assert "wmjax_decode_attention" in lowered.as_text()

@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -59,7 +60,8 @@ def model_config(tiny: bool):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd="auto"):
+def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd="auto", loss_impl="auto",
+                chunk_tokens=8192, profile=0, tag=""):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -86,7 +88,7 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
             return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32), "rng": r}
 
         state = jax.jit(init_state, out_shardings=ssh)(jax.random.PRNGKey(0))
-        loss_fn = make_loss_fn(model, cfg, 0.0, use_segments=False)
+        loss_fn = make_loss_fn(model, cfg, 0.0, use_segments=False, loss_impl=loss_impl, chunk_tokens=chunk_tokens)
         grad_fn, spmd = build_grad_fn(loss_fn, 1, mesh, psh, cfg, spmd)
         step_fn = jax.jit(make_train_step(grad_fn, tx, sched, cfg, 0.0),
                           in_shardings=(ssh, {k: bsh for k in ("tokens", "targets", "loss_mask")}),
@@ -98,6 +100,7 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
             b = {"tokens": x[:, :-1], "targets": x[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
             batches.append({k: jax.device_put(v, bsh) for k, v in b.items()})
         t0 = time.perf_counter()
+        step_fn = step_fn.lower(state, batches[0]).compile()  # AOT: the profile needs the optimized HLO text
         state, m = step_fn(state, batches[0])
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
@@ -112,6 +115,23 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
         jax.block_until_ready(m)
         dt = (time.perf_counter() - t0) / steps
         losses = [float(x) for x in jax.device_get(losses)]
+        prof = None
+        if profile:
+            holder = [state]
+
+            def one_step():
+                holder[0], mm = step_fn(holder[0], batches[0])
+                return mm
+
+            hlo_text = step_fn.as_text()
+            if os.environ.get("OUT"):  # keep the optimized HLO next to the results (kernel -> op mapping offline)
+                import gzip
+
+                with gzip.open(os.path.join(os.environ["OUT"], f"hlo_b{batch}_{loss_fn.impl}.txt.gz"), "wt") as fh:
+                    fh.write(hlo_text)
+            prof = profile_step(one_step, hlo_text, iters=profile,
+                                title=f"{tag or 'wmjax'} b{batch} loss={loss_fn.impl} ({dt * 1e3:.1f} ms/step timed)")
+            state = holder[0]
         peak = 0
         for d in mesh.devices.flat:
             try:
@@ -124,7 +144,138 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
     return {"impl": "wmjax", "batch": batch, "seq": seq, "remat": int(remat), "mesh": dict(mesh.shape),
             "gpus": len(devices), "spmd": spmd, "step_ms": dt * 1e3, "tok_s": batch * seq / dt, "compile_s": compile_s,
             "n_params": n_params, "peak_gib": peak / 2**30, "loss_first": losses[0], "loss_last": losses[-1],
-            "finite": bool(np.all(np.isfinite(losses)))}
+            "finite": bool(np.all(np.isfinite(losses))), "loss_impl": loss_fn.impl, "tag": tag,
+            "profile": prof}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# profile: per-kernel device time (bench/profile.py), grouped by what the kernel computes (from the optimized
+# HLO's op_name metadata: flax module scopes + the trainer's "loss" / "optimizer" named scopes)
+
+_GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|wgmma|sm90_|sm80_", re.IGNORECASE)
+
+
+def hlo_ops(hlo_text: str) -> dict:
+    """instruction name -> (opcode, op_name metadata, custom_call_target or '') from optimized HLO text."""
+    out = {}
+    for line in hlo_text.splitlines():
+        mt = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$", line)
+        if not mt:
+            continue
+        rest = mt.group(2)
+        op = re.search(r"(?:^|[\s}\]])([a-z][a-z0-9\-]*)\(", rest)
+        on = re.search(r'op_name="([^"]*)"', rest)
+        cc = re.search(r'custom_call_target="([^"]*)"', rest)
+        val = (op.group(1) if op else "", on.group(1) if on else "", cc.group(1) if cc else "")
+        out[mt.group(1)] = val
+        out.setdefault(_norm_name(mt.group(1)), val)
+    return out
+
+
+def _norm_name(name: str) -> str:
+    # profiler kernel / hlo_op names may spell the HLO instruction "loop_add_fusion.26" as "loop_add_fusion_26"
+    return re.sub(r"[.\-]", "_", name)
+
+
+def lookup_op(ops: dict, *names) -> tuple:
+    for n in names:
+        if n and (n in ops or _norm_name(n) in ops):
+            return ops.get(n) or ops[_norm_name(n)]
+    return ("", "", "")
+
+
+def categorize(kernel: str, hlo_op: str, ops: dict) -> str:
+    opcode, op_name, target = lookup_op(ops, hlo_op, kernel)
+    low = op_name.lower()
+    where = "bwd" if "transpose(" in op_name else "fwd"
+    in_loss = re.search(r"[/(]loss[/)]", op_name) is not None
+    if kernel.startswith("dmattn") or "dmattn" in hlo_op:
+        return "attention: Pallas kernels"
+    if "memcpy" in kernel.lower() or "memset" in kernel.lower():
+        return "memcpy/memset"
+    if (_GEMM_KERNEL.search(kernel) or "cublas" in target or "gemm" in hlo_op or "triton_gemm" in hlo_op
+            or opcode in ("dot", "convolution")):
+        if in_loss or "attend" in low or "lm_head" in low:
+            return "gemm: LM head (logits + grads)"
+        if "self_attn" in low:
+            return f"gemm: attention projections ({where})"
+        if "mlp" in low:
+            return f"gemm: mlp ({where})"
+        return "gemm: other"
+    if "optimizer" in op_name:
+        return "optimizer (clip + AdamW)"
+    if in_loss or "attend" in low:
+        return "loss: softmax / lse / d logits"
+    if "self_attn" in low:
+        return f"attention layer: norms, rope, bias, glue ({where})"
+    if "mlp" in low:
+        return f"mlp elementwise ({where})"
+    if "layernorm" in low or "/norm/" in low:
+        return f"rmsnorm ({where})"
+    if "residual" in low or re.search(r"layers_\d+/(add|mul)", low):
+        return f"residual ({where})"
+    if "embed_tokens" in low:
+        return "embedding gather / scatter"
+    if opcode in ("copy", "transpose") or hlo_op.startswith(("copy", "transpose")):
+        return "copies / transposes"
+    if "convert" in hlo_op or opcode == "convert":
+        return "casts"
+    if not op_name:
+        return "unattributed (no HLO metadata)"
+    return "other"
+
+
+def profile_step(fn, hlo_text: str, iters: int = 3, title: str = ""):
+    """Kernel table + category table of one train step; returns {'kernels': top rows, 'categories': ...}."""
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    from bench.profile import kernel_table, print_kernel_table
+
+    logdir = tempfile.mkdtemp(prefix="wmjax_train_prof_")
+    rows = kernel_table(fn, iters=iters, logdir=logdir)
+    print_kernel_table(rows, top=30, title=title)
+    files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return {"kernels": rows[:40], "categories": {}}
+    ops = hlo_ops(hlo_text)
+    prof = ProfileData.from_file(files[-1])
+    cat_ns, cat_n, seen_stats, unmatched = {}, {}, set(), []
+    for plane in prof.planes:
+        if not (plane.name.startswith("/device:GPU") or plane.name.startswith("/device:TPU")):
+            continue
+        lines = list(plane.lines)
+        streams = [ln for ln in lines if ln.name.startswith("Stream")] or [
+            ln for ln in lines if not ln.name.startswith(("XLA", "Launch", "Steps", "TensorFlow"))]
+        for line in streams:
+            for ev in line.events:
+                stats = {}
+                try:
+                    stats = {k: v for k, v in ev.stats}
+                except Exception:
+                    pass
+                seen_stats.update(stats)
+                hop = stats.get("hlo_op", "")
+                hop = hop.decode() if isinstance(hop, bytes) else str(hop)
+                c = categorize(ev.name, hop, ops)
+                if lookup_op(ops, hop, ev.name) == ("", "", "") and len(unmatched) < 6:
+                    unmatched.append((ev.name[:60], hop[:60]))
+                cat_ns[c] = cat_ns.get(c, 0) + ev.duration_ns
+                cat_n[c] = cat_n.get(c, 0) + 1
+    total = sum(cat_ns.values()) or 1
+    print(f"--- categories: {title} | device time per step {total / 1e6 / iters:.2f} ms "
+          f"(event stats seen: {sorted(seen_stats)[:12]})")
+    cats = {}
+    for c, ns in sorted(cat_ns.items(), key=lambda kv: -kv[1]):
+        cats[c] = {"ms": ns / 1e6 / iters, "count": cat_n[c] / iters, "share": ns / total}
+        print(f"{ns / 1e6 / iters:9.2f} ms {100 * ns / total:5.1f}% {cat_n[c] / iters:7.0f}  {c}")
+    if unmatched:
+        print(f"    (no HLO metadata found for e.g. {unmatched}; HLO names e.g. {list(ops)[:4]})")
+    sys.stdout.flush()
+    return {"kernels": [dict(r, name=r["name"][:200]) for r in rows[:40]], "categories": cats,
+            "device_ms": total / 1e6 / iters}
 
 
 def bench_hf(cfg, batch, seq, steps, warmup):
@@ -187,6 +338,11 @@ def main():
     ap.add_argument("--scaling-batch", type=int, default=0, help="per-GPU batch for the scaling runs")
     ap.add_argument("--spmd", default="auto,gspmd", help="DP/FSDP expression(s) for the scaling runs: "
                     "auto (= shard_map for dense DP/FSDP), gspmd, shard_map")
+    ap.add_argument("--loss", default="auto", help="wmjax loss path(s): auto (= fused), fused, logits; e.g. logits,fused")
+    ap.add_argument("--loss-chunk-tokens", default="8192", help="fused loss: tokens per chunk (comma list to sweep)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile N steps per wmjax config (bench/profile.py kernel table + categories)")
+    ap.add_argument("--tag", default="", help="label printed with the results (e.g. the XLA_FLAGS variant)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train.json"))
     args = ap.parse_args()
@@ -202,7 +358,7 @@ def main():
         n = r["n_params"]
         r["mfu"] = r["tok_s"] * flops_per_token(cfg, n, r["seq"]) / (PEAK * r["gpus"])
         results.append(r)
-        print(json.dumps(r), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
 
     hf_batches = [int(b) for b in args.hf_batch.split(",") if b.strip()]
     if hf_batches and jax.default_backend() == "gpu":
@@ -214,11 +370,17 @@ def main():
                 print(f"HF b={b} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     for remat in [int(x) for x in args.remat.split(",")]:
         for b in [int(x) for x in args.batch.split(",")]:
-            try:
-                record(bench_wmjax(cfg, b, args.seq, args.steps, args.warmup, remat, (1, 1, 1), devs[:1]))
-            except Exception as e:
-                traceback.print_exc()
-                print(f"wmjax b={b} remat={remat} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            for loss in args.loss.split(","):
+                chunks = args.loss_chunk_tokens.split(",") if loss != "logits" else args.loss_chunk_tokens.split(",")[:1]
+                for ct in chunks:
+                    try:
+                        record(bench_wmjax(cfg, b, args.seq, args.steps, args.warmup, remat, (1, 1, 1), devs[:1],
+                                           loss_impl=loss, chunk_tokens=int(ct), profile=args.profile,
+                                           tag=args.tag))
+                    except Exception as e:
+                        traceback.print_exc()
+                        print(f"wmjax b={b} remat={remat} loss={loss} failed: {type(e).__name__}: {str(e)[:300]}",
+                              flush=True)
     if args.scaling and len(devs) > 1:
         n = len(devs)
         pb = args.scaling_batch or int(args.batch.split(",")[-1])
@@ -242,8 +404,8 @@ def main():
             base[(r["batch"], r["remat"])] = r["tok_s"]
     hf_best = max([r["tok_s"] for r in results if r["impl"] == "hf"] or [0])
     print()
-    print(f"{'impl':6} {'par':5} {'spmd':9} {'gpus':>4} {'batch':>5} {'remat':>5} {'step ms':>9} {'tok/s':>10} {'MFU':>6} "
-          f"{'peak GiB':>8} {'vs HF':>6} {'scal.eff':>8} {'compile s':>9}")
+    print(f"{'impl':6} {'par':5} {'spmd':9} {'gpus':>4} {'batch':>5} {'remat':>5} {'loss':>7} {'step ms':>9} {'tok/s':>10} "
+          f"{'MFU':>6} {'peak GiB':>8} {'vs HF':>6} {'scal.eff':>8} {'compile s':>9}  tag")
     for r in results:
         eff = ""
         if r["gpus"] > 1:
@@ -252,8 +414,8 @@ def main():
                 eff = f"{r['tok_s'] / (b1 * r['gpus']):.1%}"
         vs = f"{r['tok_s'] / hf_best:.2f}x" if hf_best else ""
         print(f"{r['impl']:6} {r.get('parallel', '-'):5} {r.get('spmd', '-'):9} {r['gpus']:>4} {r['batch']:>5} {r['remat']:>5} "
-              f"{r['step_ms']:>9.1f} {r['tok_s']:>10,.0f} {r['mfu']:>6.1%} {r['peak_gib']:>8.1f} {vs:>6} {eff:>8} "
-              f"{r['compile_s']:>9.1f}")
+              f"{r.get('loss_impl', '-'):>7} {r['step_ms']:>9.1f} {r['tok_s']:>10,.0f} {r['mfu']:>6.1%} {r['peak_gib']:>8.1f} "
+              f"{vs:>6} {eff:>8} {r['compile_s']:>9.1f}  {r.get('tag', '')}")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

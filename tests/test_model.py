@@ -136,3 +136,18 @@ def test_dmattn_reference_topk_matches_bruteforce():
                 p = np.exp(sc - sc.max()); p /= p.sum()
                 ref[bi, i, hi] = p @ vn[bi, keep, gi]
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_return_hidden_then_lm_head_is_the_logits(tied):
+    cfg = DogeConfig(**dict(TINY, tie_word_embeddings=tied))
+    params = init_params(cfg, jax.random.PRNGKey(6))
+    x = jax.random.randint(jax.random.PRNGKey(7), (2, 8), 0, 101)
+    model = DogeForCausalLM(cfg)
+    logits, _ = model.apply({"params": params}, x)
+    h, _ = model.apply({"params": params}, x, return_hidden=True)
+    assert h.shape == (2, 8, cfg.hidden_size)
+    w, layout = DogeForCausalLM.lm_head_weight(cfg, params)
+    assert layout == ("vd" if tied else "dv")
+    ref = h @ (w.T if layout == "vd" else w)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(logits), rtol=1e-5, atol=1e-5)

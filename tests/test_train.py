@@ -305,3 +305,79 @@ def test_cli_dp_fsdp_through_shard_map(corpus, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
         assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fused LM head + cross-entropy (wmjax.ops.cross_entropy) == the logits path
+
+
+@pytest.mark.parametrize("tied,z_loss,chunk", [(True, 0.0, 24), (False, 1e-3, 16), (True, 1e-3, 10_000)])
+def test_fused_loss_equals_logits_loss(tied, z_loss, chunk):
+    import jax
+    import jax.numpy as jnp
+
+    from train.trainer import make_loss_fn
+    from wmjax.config import DogeConfig
+    from wmjax.models.doge import DogeForCausalLM, init_params
+
+    cfg = DogeConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, keep_window_size=16, max_position_embeddings=64,
+                     tie_word_embeddings=tied)
+    model = DogeForCausalLM(cfg, dtype=jnp.float32)
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    B, L = 4, 12
+    tok = rng.integers(0, 97, size=(B, L + 1)).astype(np.int32)
+    mask = (rng.random((B, L)) > 0.25).astype(np.float32)
+    mb = {"tokens": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]), "loss_mask": jnp.asarray(mask)}
+    denom = jnp.asarray(mask.sum())
+    out = {}
+    for impl in ("logits", "fused"):
+        fn = make_loss_fn(model, cfg, z_loss, use_segments=False, loss_impl=impl, chunk_tokens=chunk)
+        assert fn.impl == impl
+        (loss, aux), g = jax.jit(jax.value_and_grad(fn, has_aux=True))(params, mb, denom)
+        out[impl] = (loss, aux, g)
+    (l0, a0, g0), (l1, a1, g1) = out["logits"], out["fused"]
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for k in ("ce_sum", "z_sum"):
+        np.testing.assert_allclose(float(a1[k]), float(a0[k]), rtol=1e-6)
+    # per leaf: 2e-5 of the leaf's own scale, plus 1e-6 of the largest gradient (A's gradient at init is a
+    # near-cancellation residue ~1e-5 whose relative error is not meaningful)
+    top = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree_util.tree_leaves(g0))
+    for (path, x0), x1 in zip(jax.tree_util.tree_flatten_with_path(g0)[0], jax.tree_util.tree_leaves(g1)):
+        x0, x1 = np.asarray(x0), np.asarray(x1)
+        err = np.abs(x1 - x0).max()
+        assert err <= 2e-5 * np.abs(x0).max() + 1e-6 * top, (jax.tree_util.keystr(path), err, np.abs(x0).max())
+
+    # the mask cotangent too (d loss / d mask_i = per-token objective / denom)
+    def by_mask(impl):
+        fn = make_loss_fn(model, cfg, z_loss, use_segments=False, loss_impl=impl, chunk_tokens=chunk)
+        return jax.grad(lambda m: fn(params, dict(mb, loss_mask=m), denom)[0])(mb["loss_mask"])
+
+    np.testing.assert_allclose(np.asarray(by_mask("fused")), np.asarray(by_mask("logits")), rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_bf16_close_to_logits_loss():
+    """bf16 compute: both paths use the same bf16 logits; f32 softmax; gradients agree to bf16 rounding."""
+    import jax
+    import jax.numpy as jnp
+
+    from train.trainer import make_loss_fn
+    from wmjax.config import DogeConfig
+    from wmjax.models.doge import DogeForCausalLM, init_params
+
+    cfg = DogeConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, keep_window_size=16, max_position_embeddings=64)
+    model = DogeForCausalLM(cfg, dtype=jnp.bfloat16)
+    params = init_params(cfg, jax.random.PRNGKey(2))
+    tok = np.random.default_rng(1).integers(0, 97, size=(2, 17)).astype(np.int32)
+    mb = {"tokens": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]),
+          "loss_mask": jnp.ones((2, 16), jnp.float32)}
+    res = {}
+    for impl in ("logits", "fused"):
+        fn = make_loss_fn(model, cfg, 0.0, use_segments=False, loss_impl=impl, chunk_tokens=8)
+        res[impl] = jax.jit(jax.value_and_grad(fn, has_aux=True))(params, mb, jnp.float32(32.0))
+    np.testing.assert_allclose(float(res["fused"][0][0]), float(res["logits"][0][0]), rtol=1e-5)
+    emb0 = np.asarray(res["logits"][1]["model"]["embed_tokens"]["embedding"])
+    emb1 = np.asarray(res["fused"][1]["model"]["embed_tokens"]["embedding"])
+    assert np.abs(emb1 - emb0).max() / np.abs(emb0).max() < 2e-2

@@ -98,6 +98,11 @@ class TrainLoopConfig:
     compute_dtype: str = "auto"  # auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
     param_dtype: str = "float32"
     z_loss: float = 0.0
+    # Loss: fused (wmjax.ops.cross_entropy: LM head + f32 log-softmax per sequence chunk of ~loss_chunk_tokens
+    # tokens, gradient computed in the forward pass; no [batch, seq, vocab] f32 logits), logits (the model's
+    # logits, then the log-softmax), auto (= fused when the model supports it). Same function either way.
+    loss_impl: str = "auto"
+    loss_chunk_tokens: int = 8192
     # How DP/FSDP is expressed: gspmd (jit shardings only), shard_map (per-device model, explicit collectives;
     # dense models, mesh.tensor == 1), auto (shard_map when it applies and there are several devices).
     spmd: str = "auto"
@@ -362,6 +367,9 @@ def validate(cfg: TrainConfig) -> None:
     need(t.spmd in ("auto", "gspmd", "shard_map"), f"train.spmd: expected auto|gspmd|shard_map, got {t.spmd!r}")
     need(t.attention_impl in (None, "reference", "pallas"),
          f"train.attention_impl: expected null|reference|pallas, got {t.attention_impl!r}")
+    need(t.loss_impl in ("auto", "fused", "logits"),
+         f"train.loss_impl: expected auto|fused|logits, got {t.loss_impl!r}")
+    need(t.loss_chunk_tokens >= 1, f"train.loss_chunk_tokens: must be >= 1, got {t.loss_chunk_tokens}")
     need(t.z_loss >= 0, f"train.z_loss: must be >= 0, got {t.z_loss}")
     need(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
     need(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")

@@ -91,15 +91,44 @@ def _sum_sown(tree, name: str):
     return total if found else None
 
 
-def make_loss_fn(model, model_cfg, z_loss: float = 0.0, use_segments: bool = True):
+LOSS_IMPLS = ("auto", "fused", "logits")
+
+
+def choose_loss_impl(impl: str, model) -> str:
+    """'fused' (wmjax.ops.cross_entropy: LM head + loss in sequence chunks, no [b, s, vocab] f32 logits) when
+    the model can return its final hidden states, else 'logits' (the model's logits, then an f32 log-softmax)."""
+    if impl not in LOSS_IMPLS:
+        raise ConfigError(f"train.loss_impl: expected {'|'.join(LOSS_IMPLS)}, got {impl!r}")
+    can = model_accepts(type(model), "return_hidden") and hasattr(type(model), "lm_head_weight")
+    if impl == "fused" and not can:
+        raise ConfigError("train.loss_impl=fused needs a model with return_hidden / lm_head_weight")
+    if impl == "auto":
+        return "fused" if can else "logits"
+    return impl
+
+
+def make_loss_fn(model, model_cfg, z_loss: float = 0.0, use_segments: bool = True, loss_impl: str = "auto",
+                 chunk_tokens: int = 8192):
+    """(params, micro-batch, denom, aux_weight) -> (loss, {ce_sum, aux, z_sum}).
+
+    loss = sum(mask * CE) / denom (+ z_loss * sum(mask * lse^2) / denom) (+ MoE aux). Both loss paths compute
+    the same function: compute-dtype logits (the model's), f32 log-softmax; ``fused`` never materialises them
+    for the whole batch (see wmjax.ops.cross_entropy).
+    """
+    from wmjax.ops.cross_entropy import lm_head_cross_entropy
+
     is_moe = bool(getattr(model_cfg, "is_moe", False))
     aux_coef = float(getattr(model_cfg, "router_aux_loss_coef", 0.0)) if is_moe else 0.0
+    impl = choose_loss_impl(loss_impl, model)
+    fused = impl == "fused"
 
     def loss_fn(params, mb, denom, aux_weight=1.0):
         kwargs = {}
         if use_segments:
             kwargs["segment_ids"] = mb["segment_ids"]
             kwargs["positions"] = mb["positions"]
+        if fused:
+            kwargs["return_hidden"] = True
         if is_moe:
             kwargs["output_router_logits"] = True
             out, state = model.apply({"params": params}, mb["tokens"], mutable=["intermediates"], **kwargs)
@@ -108,18 +137,26 @@ def make_loss_fn(model, model_cfg, z_loss: float = 0.0, use_segments: bool = Tru
         else:
             out = model.apply({"params": params}, mb["tokens"], **kwargs)
             aux = jnp.zeros((), jnp.float32)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-        logits = logits.astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, mb["targets"][..., None], axis=-1)[..., 0]
+        out = out[0] if isinstance(out, (tuple, list)) else out
         mask = mb["loss_mask"]
-        ce_sum = jnp.sum((lse - tgt) * mask)
-        z_sum = jnp.sum(jnp.square(lse) * mask)
-        loss = ce_sum / denom + aux_weight * aux_coef * aux
-        if z_loss:
-            loss = loss + z_loss * z_sum / denom
+        with jax.named_scope("loss"):
+            if fused:
+                w, layout = type(model).lm_head_weight(model_cfg, params)
+                obj, ce_sum, z_sum = lm_head_cross_entropy(out, w, mb["targets"], mask, z_coef=float(z_loss),
+                                                           chunk_tokens=chunk_tokens, layout=layout)
+                loss = obj / denom + aux_weight * aux_coef * aux
+            else:
+                logits = out.astype(jnp.float32)
+                lse = jax.nn.logsumexp(logits, axis=-1)
+                tgt = jnp.take_along_axis(logits, mb["targets"][..., None], axis=-1)[..., 0]
+                ce_sum = jnp.sum((lse - tgt) * mask)
+                z_sum = jnp.sum(jnp.square(lse) * mask)
+                loss = ce_sum / denom + aux_weight * aux_coef * aux
+                if z_loss:
+                    loss = loss + z_loss * z_sum / denom
         return loss, {"ce_sum": ce_sum, "aux": aux, "z_sum": z_sum}
 
+    loss_fn.impl = impl
     return loss_fn
 
 
@@ -244,9 +281,10 @@ def make_train_step(grad_fn, tx, sched, model_cfg, z_loss: float):
 
     def train_step(state, batch):
         grads, m = grad_fn(state["params"], batch)
-        gnorm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        with jax.named_scope("optimizer"):
+            gnorm = optax.global_norm(grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
         loss = m["ce"] + aux_coef * m["aux"] + (z_loss * m["z"] if z_loss else 0.0)
         metrics = {"loss": loss, "ce": m["ce"], "aux": m["aux"], "grad_norm": gnorm, "lr": sched(state["step"]),
                    "tokens": m["tokens"]}
@@ -579,7 +617,7 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
             with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
                 fh.write(dump_yaml(cfg))
 
-        loss_fn = make_loss_fn(model, model_cfg, tc.z_loss, use_segments)
+        loss_fn = make_loss_fn(model, model_cfg, tc.z_loss, use_segments, tc.loss_impl, tc.loss_chunk_tokens)
         grad_fn, spmd = build_grad_fn(loss_fn, tc.grad_accum, mesh, param_sh, model_cfg, tc.spmd)
         if mesh.size > 1:
             log0(f"[run] data/fsdp parallelism through {spmd}")

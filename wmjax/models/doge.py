@@ -120,6 +120,9 @@ class DogeForCausalLM(nn.Module):
 
     positions default to arange(s) (+ cache length when decoding); attention_mask [b, s] (1 = real token);
     segment_ids [b, s] restrict attention to the same packed document.
+    With ``return_hidden=True`` it returns (hidden [b, s, hidden] after the final norm, in the compute dtype,
+    cache) instead of the logits, for losses that apply the LM head themselves
+    (``wmjax.ops.cross_entropy.lm_head_cross_entropy`` with :meth:`lm_head_weight`).
     """
 
     config: DogeConfig
@@ -137,7 +140,7 @@ class DogeForCausalLM(nn.Module):
                                                          ("embed", "vocab")))
 
     def __call__(self, input_ids, positions=None, cache=None, attention_mask=None, segment_ids=None,
-                 deterministic=True, output_router_logits=None):
+                 deterministic=True, output_router_logits=None, return_hidden=False):
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -151,16 +154,26 @@ class DogeForCausalLM(nn.Module):
                                           else output_router_logits)
         h, cache, stats = self.model(input_ids, positions.astype(jnp.int32), token_mask, segment_ids, cache,
                               deterministic, compute_aux)
+        if stats:
+            self.sow("intermediates", "router_aux_loss",
+                     router_aux_loss(stats, cfg.num_experts, cfg.num_experts_per_tok))
+        if return_hidden and not self.is_initializing():
+            return h, cache
         if cfg.tie_word_embeddings:
             logits = self.model.attend(h)
         else:
             logits = self.lm_head(h)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32),
                                             ("activation_batch", "activation_length", "activation_vocab"))
-        if stats:
-            self.sow("intermediates", "router_aux_loss",
-                     router_aux_loss(stats, cfg.num_experts, cfg.num_experts_per_tok))
         return logits, cache
+
+    @staticmethod
+    def lm_head_weight(config: DogeConfig, params):
+        """-> (weight, layout) of the LM head in a params dict: the tied embedding [V, d] ("vd") or the lm_head
+        kernel [d, V] ("dv"); ``hidden @ weight`` (transposed for "vd") are the model's logits."""
+        if config.tie_word_embeddings:
+            return params["model"]["embed_tokens"]["embedding"], "vd"
+        return params["lm_head"]["kernel"], "dv"
 
 
 def _init_fn(config: DogeConfig, param_dtype):

@@ -357,9 +357,7 @@ def test_generate_fused_decode_equals_model_decode():
     kw = dict(max_new_tokens=12, stop_tokens=[], return_logprobs=True, cache="full")
     a = generate(model, params, prompts, decode="model", **kw)
     b = generate(model, params, prompts, decode="fused", **kw)
-    c = generate(model, params, prompts, **kw)  # auto: fused here
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(c.tokens))
     np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
 
 

@@ -29,7 +29,10 @@ that fits keep_window_size: q/k/v and gate/up projections as one matmul each (we
 visibility mask computed once per step for all layers, the attention of the new token over one layer of a
 layer-stacked cache (`pallas_kernels.decode` on GPU, its jnp reference elsewhere) with the new key/value/bias
 as separate inputs, and every layer's new cache entries written by one update per step. Same math as the model
-path (tests/test_sampling.py checks the logits); "auto" (default) picks "fused" where it applies.
+path (tests/test_sampling.py checks the logits). "auto" (default) is "model" for now: on an H100 (Doge-160M,
+bf16) the fused path's XLA part costs ~20% less device time than the model's decode step, but its Pallas
+attention kernel runs 22 us (bs 16) to 224 us (bs 1) per layer, so the whole fused step was slower (see
+docs/BENCHMARKS.md, Sampling). `WMJAX_DECODE_ATTENTION=reference` runs the fused path's attention in XLA instead.
 
 Streaming: `callback(step, tokens [b] np.int32, active [b] np.bool)` is called on the host once per generated
 token position (through `jax.debug.callback`; `active` is False for rows already stopped before this step).
@@ -192,6 +195,8 @@ _DECODE_BLOCK = 64  # cache slots per block of the decode attention kernel; the 
 # projection kernels stored [out, in] for the fused decode (XLA then sees row reductions for batch-1 matmuls);
 # an experiment switch for bench/sample.py, read once at import
 _WEIGHTS_NK = os.environ.get("WMJAX_DECODE_WEIGHTS", "kn") == "nk"
+# attention of the fused decode: "pallas" | "reference" (XLA) | unset (pallas on GPU); read once at import
+_DECODE_ATTENTION = os.environ.get("WMJAX_DECODE_ATTENTION") or None
 
 
 def fused_decode_supported(config, cache_kind: str, cache_length: int) -> bool:
@@ -285,7 +290,7 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
     from wmjax.layers.rope import apply_rope, rope_cos_sin
     cfg = config
     if implementation is None:
-        implementation = "pallas" if jax.default_backend() == "gpu" else "reference"
+        implementation = _DECODE_ATTENTION or ("pallas" if jax.default_backend() == "gpu" else "reference")
     b = tokens.shape[0]
     h, g, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     r = h // g
@@ -421,8 +426,8 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     model: a DogeForCausalLM (its dtype is the compute dtype); params: its params.
     max_cache_length: for cache="full", the cache size (default: padded prompt length + max_new_tokens); a
     prompt that does not fit with max_new_tokens is an error.
-    decode: "auto" (the fused decode step where `fused_decode_supported`, else the model), "model" or "fused"
-    (an error where it does not apply).
+    decode: "model", "fused" (the decode-specialized step; an error where `fused_decode_supported` says it does
+    not apply) or "auto" (= "model" for now; see the module docstring).
     """
     cfg = model.config
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
@@ -493,7 +498,7 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     if decode == "fused" and not fused_ok:
         raise ValueError("generate: decode='fused' needs a dense Doge with a full cache no longer than "
                          "keep_window_size, no sliding window and bias heads = kv heads (fused_decode_supported)")
-    decode = "fused" if decode == "fused" or (decode == "auto" and fused_ok) else "model"
+    decode = "fused" if decode == "fused" else "model"  # auto: the model path (measured faster on H100 so far)
     toks, lengths, lps, steps = _generate_jit(
         params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stop), rng, model=model,
         max_new_tokens=int(max_new_tokens), cache_kind=kind, cache_length=int(length), sampling=sp,

@@ -17,7 +17,9 @@ k_new, v_new [b, G, D] (cache dtype); bias_new [b, G, R] f32 (the new key's bias
 kv [L, b, C, 2, G, D] (keys at [..., 0, :, :], values at [..., 1, :, :]); bias [L, b, G, C] f32;
 valid [b, C] int32 (1 = slot holds a real token visible to the query). C a multiple of block_c.
 Scores: dot of q and keys in q's dtype with f32 accumulation (exact products of bf16 inputs); softmax in f32;
-probabilities (f32) times values upcast to f32 with IEEE f32 dots (not TF32). Every `pallas_call` names the
+probabilities (f32) times values: for f32 inputs an IEEE f32 dot (not TF32); for bf16/f16 inputs the f32
+probabilities split into hi + lo half-precision parts, two tensor-core dots with f32 accumulation (relative
+error of p below 2^-16; the values are exact in their dtype). Every `pallas_call` names the
 Triton backend (CompilerParams), so jax 0.10 and 0.11 lower the same way.
 """
 
@@ -60,8 +62,16 @@ def _kernel(q_ref, kn_ref, vn_ref, bn_ref, k_ref, v_ref, b_ref, valid_ref, o_ref
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
-        vc = v_ref[cols, :].astype(q.dtype).astype(_F32)                           # [BC, D]
-        pv = lax.dot_general(p, vc, _NN, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+        vc = v_ref[cols, :].astype(q.dtype)                                        # [BC, D]
+        if q.dtype == _F32:
+            pv = lax.dot_general(p, vc, _NN, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+        else:
+            # f32 probabilities as hi + lo half-precision parts on the tensor cores (an IEEE f32 dot runs on FMA
+            # units): p - hi - lo is below 2^-16 |p|, far under the output's own rounding
+            p_hi = p.astype(q.dtype)
+            p_lo = (p - p_hi.astype(_F32)).astype(q.dtype)
+            pv = (lax.dot_general(p_hi, vc, _NN, preferred_element_type=_F32)
+                  + lax.dot_general(p_lo, vc, _NN, preferred_element_type=_F32))
         return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
     m, l, acc = lax.fori_loop(0, n_blocks, body, (m, l, acc))

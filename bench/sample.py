@@ -274,6 +274,57 @@ def bench_profile(args, results):
     results["profile"] = prof
 
 
+def bench_attention_kernel(args, results):
+    """The fused path's decode attention alone (pallas_kernels.decode) at Doge-160M shapes, per batch size: device
+    time per call (jax.profiler kernel table, 20 calls) for several block / warp / stage settings, against the
+    jnp reference (XLA), and the max difference to it."""
+    import jax
+    import jax.numpy as jnp
+    from bench.profile import kernel_table
+    from pallas_kernels.decode import decode_attention_pallas, decode_attention_reference
+    from wmjax.config import DogeConfig
+    cfg = DogeConfig.preset(args.preset)
+    L, g, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    r = cfg.num_attention_heads // g
+    c = -(-(args.prompt_len + args.new) // 64) * 64
+    rng = np.random.default_rng(0)
+    rows = []
+    for bs in args.batch_sizes:
+        a = lambda *shape, dt=jnp.bfloat16: jnp.asarray(rng.normal(size=shape), dt)
+        q = jnp.pad(a(bs, g, r, d), ((0, 0), (0, 0), (0, 16 - r), (0, 0)))
+        ins = (q, a(bs, g, d), a(bs, g, d), a(bs, g, 16, dt=jnp.float32), a(L, bs, c, 2, g, d),
+               a(L, bs, g, c, dt=jnp.float32), jnp.asarray(rng.random((bs, c)) < 0.9, jnp.int32))
+        want = jax.jit(lambda *x: decode_attention_reference(*x, layer=L // 2, scale=d ** -0.5))
+        variants = [("reference (XLA)", want)]
+        for bc, nw, ns in [(64, 4, 2), (64, 4, 1), (128, 4, 2), (32, 4, 2), (64, 8, 2), (64, 2, 2)]:
+            f = jax.jit(lambda *x, bc=bc, nw=nw, ns=ns: decode_attention_pallas(
+                *x, layer=L // 2, scale=d ** -0.5, block_c=bc, num_warps=nw, num_stages=ns))
+            variants.append((f"pallas block_c={bc} warps={nw} stages={ns}", f))
+        ref = np.asarray(want(*ins), np.float32)
+        for name, f in variants:
+            try:
+                err = float(np.max(np.abs(np.asarray(f(*ins), np.float32) - ref)))
+                n = 20
+
+                def many(f=f):
+                    out = None
+                    for _ in range(n):
+                        out = f(*ins)
+                    return out
+                kt = kernel_table(many, iters=1)
+                dev_us = 1e3 * sum(k["total_ms"] for k in kt) / n
+                t0 = time.perf_counter()
+                jax.block_until_ready(many())
+                wall_us = 1e6 * (time.perf_counter() - t0) / n
+                row = dict(bs=bs, variant=name, device_us=dev_us, kernels=sum(k["count"] for k in kt) / n,
+                           wall_us=wall_us, max_abs_diff=err)
+            except Exception as e:  # noqa: BLE001
+                row = dict(bs=bs, variant=name, error=f"{type(e).__name__}: {str(e)[:200]}")
+            log("[attn-kernel]", json.dumps(row))
+            rows.append(row)
+    results["attention_kernel"] = rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="Doge-160M")
@@ -289,6 +340,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", action="store_true", help="kernel tables of generate (jax.profiler) instead of timing")
     p.add_argument("--profile-top", type=int, default=40)
+    p.add_argument("--attention-kernel", action="store_true",
+                   help="time the fused path's decode attention kernel alone (variants vs the XLA reference)")
     p.add_argument("--decode", type=lambda s: s.split(","), default=["auto"],
                    help="generate(decode=...) paths to time, comma-separated (e.g. model,fused); the last one is "
                         "compared with transformers")
@@ -301,7 +354,9 @@ def main(argv=None):
     import jax
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     results = {"device": jax.devices()[0].device_kind, "args": vars(args)}
-    if args.profile:
+    if args.attention_kernel:
+        bench_attention_kernel(args, results)
+    elif args.profile:
         bench_profile(args, results)
     else:
         if not args.no_long:

@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as pltr
 __all__ = ["decode_attention_pallas", "decode_attention_reference"]
 
 _F32 = jnp.float32
+_DEBUG = False
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
@@ -108,7 +109,7 @@ def decode_attention_pallas(q, k_new, v_new, bias_new, kv, bias, valid, *, layer
         out_specs=pl.BlockSpec((None, None, r, d), lambda ib, ig: (ib, ig, 0, 0)),
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="wmjax_decode_attention",
+        name="wmjax_decode_attention", debug=_DEBUG,
     )(q, k_new, v_new, bias_new, kv, kv, bias, valid)
 
 

@@ -274,20 +274,20 @@ def tune(shapes, w_dense=True):
         "v5": _kcfg(base, fwd=(128, 64, 4, 2), dq=(64, 32, 4, 2), dkv=(32, 128, 8, 2)),
         "v6": _kcfg(base, fwd=(64, 32, 4, 2), dq=(32, 64, 4, 2), dkv=(128, 64, 8, 2)),
         "v7": _kcfg(base, fwd=(64, 128, 4, 2), dq=(64, 128, 4, 2), dkv=(32, 64, 4, 3)),
-        "f1": _kcfg(base, fused_bwd=True),
-        "f2": _kcfg(base, fused_bwd=True, dkv=(64, 128, 8, 2)),
-        "f3": _kcfg(base, fused_bwd=True, dkv=(64, 128, 8, 3)),
-        "f4": _kcfg(base, fused_bwd=True, dkv=(128, 128, 8, 2)),
-        "f5": _kcfg(base, fused_bwd=True, dkv=(32, 64, 4, 3)),
+        "s1": _kcfg(base, dkv=(64, 64, 4, 2)),
+        "s2": _kcfg(base, dkv=(64, 128, 8, 2)),
         "nometa": _kcfg(base, dense_meta=False),
         "noheavy": _kcfg(base, heavy_first=False),
     }
-    for shp in shapes.split(","):
+    for shp in shapes.split(","):  # "4x2048" (all variants) or "16x2048=cur+f2" (those named)
+        shp, _, only = shp.partition("=")
         b, length = map(int, shp.split("x"))
         w = length if (w_dense or length <= W) else W
         q, k, v, bias, do = make_inputs(b, length)
         pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (b, length))
         names = list(variants) if length <= W or w_dense else ["cur", "noheavy"]
+        if only:
+            names = only.split("+")
         for name in names:
             cfg = variants[name]
 
@@ -304,7 +304,7 @@ def tune(shapes, w_dense=True):
                 ks = {}
                 for r in rows:
                     nm = r["name"]
-                    key = next((t for t in ("bwd_fused", "bwd_dkv", "bwd_dq", "fwd", "key_expiry", "query_block_lists")
+                    key = next((t for t in ("bwd_dkv", "bwd_dq", "fwd", "key_expiry", "query_block_lists")
                                 if "dmattn_" + t in nm), None)
                     key = key or ("sort" if "sort" in nm.lower() else "other")
                     ks[key] = ks.get(key, 0.0) + r["total_ms"]

@@ -6,6 +6,7 @@ for an abstract H100 without a GPU (interpret mode hides lowering errors). Run:
     python -m pytest -q tests/test_dmattn_kernel.py
 """
 
+import dataclasses
 import re
 import warnings
 
@@ -117,6 +118,15 @@ def test_packed_documents_segment_ids(w):
     """Packed training batches: segment ids (contiguous documents) and per-document positions; top-k per document
     (w=30: sparse path; w=200 >= L: fast path), GQA 2, ragged L."""
     errs = _run_pair(2, 90, 4, 2, 64, w, docs=[(20, 45, 25), (60, 10)], seed=11)
+    assert all(e <= 1e-4 for e in errs.values()), errs
+
+
+def test_dense_gpu_default_tiles_f32():
+    """L <= w with the GPU's dense-mode defaults (fwd 128x64, dq and dk/dv 64x64) in interpret mode: packed documents
+    (expired key blocks skipped, masked and unmasked tiles) plus left padding, ragged L, GQA 2."""
+    cfg = dataclasses.replace(default_config(64, jnp.float32, dense=True), interpret=True)
+    assert cfg.block_q != cfg.block_q_dq  # the metadata is built per kernel's tiles
+    errs = _run_pair(2, 330, 4, 2, 64, 400, left_pad=(0, 5), docs=[(70, 150, 110), (200, 130)], cfg=cfg, seed=13)
     assert all(e <= 1e-4 for e in errs.values()), errs
 
 

@@ -7,7 +7,9 @@ delta_i = rowsum(O_i * dO_i):
 * dq kernel: one program per (query block, batch, query head), keys visited like the forward
   (`forward.visit_keys`: gathered list / dense prefix / diagonal).
 * dk/dv kernel: one program per (key block, batch, kv head), looping over the group's query heads and the
-  query rows [min j, max e_j) of its keys; sums over the group in registers (native GQA, no repeat). In sparse
+  query rows [min j, max e_j) of its keys; sums over the group in registers (native GQA, no repeat). With a
+  contiguous key block, the query blocks past the diagonal whose rows all precede every key's expiry run without
+  a mask (plain causal: all of them). Key blocks are launched in ascending order (longest row ranges first). In sparse
   mode the key block is a set of keys regrouped by e_j (`prepass.dkv_key_order`), gathered by index and
   written back by index, so its row range stays near the keys' own visible ranges.
 """
@@ -129,93 +131,6 @@ def _dkv_kernel(*refs, scale, block_q, block_k, r, length, regrouped, prec, nk, 
         db_ref[...] = db
 
 
-def _dkv_dq_kernel(q_ref, k_ref, v_ref, bias_ref, e_ref, do_ref, lse_ref, delta_ref, dqacc_ref,
-                   dk_ref, dv_ref, db_ref, dq_ref, *, scale, block_q, block_k, r, length, prec):
-    """Dense mode, FA2-style: dk/dv/d_bias of one contiguous key block (as `_dkv_kernel`) and, from the same P and
-    dS tiles, the key block's share of dq added with f32 atomics into dq_ref (aliased to a zeroed dqacc_ref):
-    5 matmuls per tile instead of the split's 7."""
-    del dqacc_ref  # the same buffer as dq_ref (input_output_aliases)
-    qk_scale = scale * LOG2E
-    kb = pl.program_id(2)
-    j_lo = kb * block_k
-    kidx = j_lo + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-    sl = pl.ds(pl.multiple_of(j_lo, block_k), block_k)
-    k, v, bias, e = k_ref[sl, :], v_ref[sl, :], bias_ref[sl], e_ref[sl]
-    d = k.shape[-1]
-    bias2 = bias * LOG2E
-    t_lo = j_lo // block_q
-    t_hi = (jnp.minimum(jnp.max(e), length) + block_q - 1) // block_q
-    t_diag = jnp.minimum((j_lo + block_k + block_q - 1) // block_q, t_hi)
-    t_clean = jnp.maximum(t_diag, jnp.minimum(jnp.min(e) // block_q, t_hi))
-    ranges = ((t_lo, t_diag, True), (t_diag, t_clean, False), (t_clean, t_hi, True))
-
-    acc = (jnp.zeros((block_k, d), jnp.float32), jnp.zeros((block_k, d), jnp.float32),
-           jnp.zeros((block_k,), jnp.float32))
-    for hh in range(r):  # query heads of this kv group
-        def body(tb, acc, hh=hh, masked=True):
-            dk, dv, db = acc
-            i0 = pl.multiple_of(tb * block_q, block_q)
-            sl = pl.ds(i0, block_q)
-            q = q_ref[sl, hh, :]
-            do = do_ref[sl, hh, :]
-            lse2 = lse_ref[hh, sl] * LOG2E
-            delta = delta_ref[hh, sl]
-            s = _dot_nt(k, q, prec) * qk_scale + bias2[:, None]
-            p = jnp.exp2(s - lse2[None, :])
-            if masked:
-                rows = i0 + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-                keep = (kidx[:, None] <= rows[None, :]) & (rows[None, :] < e[:, None])  # [bk, bq]
-                p = jnp.where(keep, p, 0.0)
-            dv = dv + _dot_nn(p.astype(do.dtype), do, prec)
-            dp = _dot_nt(v, do, prec)
-            ds = p * (dp - delta[None, :])
-            dsc = ds.astype(q.dtype)
-            dk = dk + _dot_nn(dsc, q, prec)
-            db = db + jnp.sum(ds, axis=1)
-            dq = jax.lax.dot_general(dsc, k, (((0,), (0,)), ((), ())), precision=prec,
-                                     preferred_element_type=jnp.float32)  # [bq, d]
-            pltr.atomic_add(dq_ref, (sl, jnp.int32(hh), slice(None)), dq * scale)
-            return dk, dv, db
-
-        for lo, hi, masked in ranges:
-            acc = jax.lax.fori_loop(lo, hi, functools.partial(body, masked=masked), acc)
-    dk, dv, db = acc
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    db_ref[...] = db
-
-
-def _fused_backward(q, k, v, bias, e, lse, do, delta, *, scale, cfg: DmattnConfig):
-    b, length, h, d = q.shape
-    g = k.shape[2]
-    r = h // g
-    bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
-    nk = length // bk
-    kernel = functools.partial(_dkv_dq_kernel, scale=scale, block_q=bq, block_k=bk, r=r, length=length,
-                               prec=dot_precision(q.dtype))
-    qgspec = pl.BlockSpec((None, length, r, d), lambda bi, gi, kb: (bi, 0, gi, 0))
-    kvspec = pl.BlockSpec((None, length, None, d), lambda bi, gi, kb: (bi, 0, gi, 0))
-    gspec = pl.BlockSpec((None, None, length), lambda bi, gi, kb: (bi, gi, 0))
-    rowspec = pl.BlockSpec((None, r, length), lambda bi, gi, kb: (bi, gi, 0))
-    dq_acc = jnp.zeros(q.shape, jnp.float32)
-    dk, dv, db, dq = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                   jax.ShapeDtypeStruct(bias.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape, jnp.float32)),
-        grid=(b, g, nk),
-        in_specs=[qgspec, kvspec, kvspec, gspec, gspec, qgspec, rowspec, rowspec, qgspec],
-        out_specs=[pl.BlockSpec((None, bk, None, d), lambda bi, gi, kb: (bi, kb, gi, 0)),
-                   pl.BlockSpec((None, bk, None, d), lambda bi, gi, kb: (bi, kb, gi, 0)),
-                   pl.BlockSpec((None, None, bk), lambda bi, gi, kb: (bi, gi, kb)),
-                   qgspec],
-        input_output_aliases={8: 3},
-        compiler_params=compiler_params(cfg.num_warps_dkv, cfg.num_stages_dkv),
-        interpret=cfg.interpret,
-        name="dmattn_bwd_fused",
-    )(q, k, v, bias, e, do, lse, delta, dq_acc)
-    return dq.astype(q.dtype), dk, dv, db
-
-
 def flash_backward(q, k, v, bias, e, o, lse, do, lists, counts, perm, *, scale, cap, cfg: DmattnConfig):
     """Returns dq [b, L, H, D], dk, dv [b, L, G, D] (input dtypes), d_bias [b, G, L] f32."""
     b, length, h, d = q.shape
@@ -225,8 +140,6 @@ def flash_backward(q, k, v, bias, e, o, lse, do, lists, counts, perm, *, scale, 
     delta = jnp.einsum("blhd,blhd->bhl", o, do, preferred_element_type=jnp.float32,
                        precision=jax.lax.Precision.HIGHEST)
     mode = "sparse" if lists is not None else ("meta" if cfg.dense_meta else "dense")
-    if mode != "sparse" and cfg.fused_bwd:
-        return _fused_backward(q, k, v, bias, e, lse, do, delta, scale=scale, cfg=cfg)
 
     # ---- dq
     bq, bk = cfg.block_q_dq, cfg.block_k_dq

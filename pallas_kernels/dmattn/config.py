@@ -28,8 +28,6 @@ class DmattnConfig:
                                 tiles whose keys are all kept by all rows without a mask (per-block metadata from
                                 e); in the dk/dv kernel, unmasked tiles for query blocks before every key's expiry.
     heavy_first:                launch order: the longest query blocks (fwd, dq) first.
-    fused_bwd:                  dense mode: one backward kernel per key block (dk, dv, d_bias, and dq by f32
-                                atomics) with the dk/dv tiles, instead of separate dq and dk/dv kernels.
     interpret:                  Pallas interpret mode (CPU tests only; never the GPU default).
     """
 
@@ -52,7 +50,6 @@ class DmattnConfig:
     num_warps_aux: int = 4
     dense_meta: bool = True
     heavy_first: bool = True
-    fused_bwd: bool = False
     interpret: bool = False
 
     @property
@@ -69,6 +66,12 @@ def default_config(head_dim: int, dtype, dense: bool = False) -> DmattnConfig:
     """GPU defaults by head dim (H100, Triton backend). dense: L <= w (no pre-pass, contiguous key blocks; the
     training shape of every published Doge). d=128 sparse picked by the bench/dmattn.py --sweep of 2026-11-23:
     fwd 64x64 / 4 warps, dq 4 warps, dk/dv 4 warps 3 stages beat 128-row / 8-warp tiles by 10-30% per kernel."""
+    if head_dim <= 128 and dense:
+        # bench/dmattn.py --tune 4x2048,16x2048 (H100, 2026-11-23, per-kernel profile): fwd 128x64 / 8 warps /
+        # 3 stages 0.090 ms, dq 64x64 / 4 / 2 0.098, dk/dv 64x64 / 4 warps / 2 stages 0.141 (3 stages: 0.252)
+        return DmattnConfig(block_q=128, block_k=64, num_warps_fwd=8, num_stages_fwd=3, block_q_dq=64, block_k_dq=64,
+                            num_warps_dq=4, num_stages_dq=2, block_q_dkv=64, block_k_dkv=64, num_warps_dkv=4,
+                            num_stages_dkv=2)
     if head_dim <= 128:
         return DmattnConfig()
     return DmattnConfig(block_q=64, block_k=32, num_warps_fwd=8, block_q_dq=64, block_k_dq=32, num_warps_dq=8,

@@ -1,10 +1,13 @@
 """Forward flash kernel (Pallas, Triton backend) and the key iteration shared with the dq kernel.
 
-One program per (query block t, batch, query head). Row i keeps key j iff j <= i < e_j (e from the pre-pass;
-padding keys have e_j = j). Keys are visited in three parts, online softmax in f32:
+One program per (batch, query head, query block t), query blocks slowest and, by default, the longest (last)
+blocks launched first. Row i keeps key j iff j <= i < e_j (e from the pre-pass; padding keys have e_j = j). Keys
+are visited in three parts, online softmax in f32 and base 2 (exp2, log2(e) folded into the scale):
   * sparse mode, list fits: the earlier keys j < i0 kept at row i0 (the block's first row), gathered by index
     from the pre-pass list (at most w of them without ties): work O(w + block_q) per row, not O(i);
   * dense mode (L <= w: no pre-pass at all; or a list that overflowed on ties): every earlier key, contiguous;
+    with L <= w, `dense_block_meta` lets it skip the leading key blocks that expired before the block and run the
+    rest without a mask when every row keeps every key (plain causal: all of them);
   * the block's own keys [i0, i0 + block_q) with the causal test.
 Rows with no kept key output zeros (lse = +inf); the reference gives those padding rows the uniform average.
 """

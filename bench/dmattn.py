@@ -274,8 +274,12 @@ def tune(shapes, w_dense=True):
         "v5": _kcfg(base, fwd=(128, 64, 4, 2), dq=(64, 32, 4, 2), dkv=(32, 128, 8, 2)),
         "v6": _kcfg(base, fwd=(64, 32, 4, 2), dq=(32, 64, 4, 2), dkv=(128, 64, 8, 2)),
         "v7": _kcfg(base, fwd=(64, 128, 4, 2), dq=(64, 128, 4, 2), dkv=(32, 64, 4, 3)),
+        # sparse-path (L > w) candidates, not yet measured
         "s1": _kcfg(base, dkv=(64, 64, 4, 2)),
         "s2": _kcfg(base, dkv=(64, 128, 8, 2)),
+        "g1": _kcfg(base, fwd=(128, 64, 8, 3), dkv=(64, 64, 4, 2)),
+        "p1": _kcfg(base, expiry_block_j=128),
+        "p2": _kcfg(base, expiry_block_x=512, list_chunk=1024),
         "nometa": _kcfg(base, dense_meta=False),
         "noheavy": _kcfg(base, heavy_first=False),
     }
@@ -288,6 +292,7 @@ def tune(shapes, w_dense=True):
         names = list(variants) if length <= W or w_dense else ["cur", "noheavy"]
         if only:
             names = only.split("+")
+        first = None
         for name in names:
             cfg = variants[name]
 
@@ -309,8 +314,12 @@ def tune(shapes, w_dense=True):
                     key = key or ("sort" if "sort" in nm.lower() else "other")
                     ks[key] = ks.get(key, 0.0) + r["total_ms"]
                 wall = time_jax(f, (q, k, v, bias, do), n=10, trials=5)
-                print(f"  tune b{b} L{length} w{w} {name:8s} wall {wall:7.3f} | gpu {tot:7.3f} | "
-                      + " ".join(f"{k_} {v_:.3f}" for k_, v_ in sorted(ks.items(), key=lambda x: -x[1])), flush=True)
+                got = jax.device_get(f(q, k, v, bias, do))
+                first = got if first is None else first  # every variant must give the first one's out and grads
+                dev = max(rel(a, e) for a, e in zip(got, first))
+                print(f"  tune b{b} L{length} w{w} {name:8s} wall {wall:7.3f} | vs {names[0]} {dev:.1e} | "
+                      f"gpu {tot:7.3f} | " + " ".join(f"{k_} {v_:.3f}" for k_, v_ in
+                                                      sorted(ks.items(), key=lambda x: -x[1])), flush=True)
                 if name == "cur" and length > W:
                     for r in rows[:14]:
                         print(f"      {r['total_ms']:7.3f} ms x{r['count']:.0f}  {r['name'][:100]}", flush=True)

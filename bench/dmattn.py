@@ -280,6 +280,7 @@ def tune(shapes, w_dense=True):
         "g1": _kcfg(base, fwd=(128, 64, 8, 3), dkv=(64, 64, 4, 2)),
         "p1": _kcfg(base, expiry_block_j=128),
         "p2": _kcfg(base, expiry_block_x=512, list_chunk=1024),
+        "o1": _kcfg(base, dkv_order_packed=True),
         "nometa": _kcfg(base, dense_meta=False),
         "noheavy": _kcfg(base, heavy_first=False),
     }

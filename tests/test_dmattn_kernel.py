@@ -172,6 +172,15 @@ def test_key_expiry_prepass(ties):
         np.testing.assert_array_equal(np.asarray(e[r]), _expiry_bruteforce(bias[r], valid[r], w))
 
 
+@pytest.mark.parametrize("length,group", [(1000, 512), (96, 32), (4096, 512)])
+def test_dkv_key_order_packed_equals_two_key_sort(length, group):
+    """The packed short-row sort gives the same dk/dv key order as the two-key whole-row sort (ties in e broken
+    by index), also with a partial last group."""
+    from pallas_kernels.dmattn.prepass import dkv_key_order
+    e = jnp.asarray(np.random.default_rng(length).integers(0, length + 1, (3, length)), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(dkv_key_order(e, group, packed=True)), np.asarray(dkv_key_order(e, group)))
+
+
 def test_kept_set_equals_reference_top_k():
     """rows [j, e_j) reproduce the reference's kept set bias_j >= tau_i (distinct and tied biases)."""
     from wmjax.ops.dmattn import keep_threshold_reference

@@ -135,7 +135,7 @@ def prepare_mask(key_bias, valid, keep_window_size: int, cfg: DmattnConfig, segm
     out["lists_fwd"], out["counts_fwd"] = lists[cfg.block_q]
     out["lists_dq"], out["counts_dq"] = lists[cfg.block_q_dq]
     if cfg.dkv_group > cfg.block_k_dkv:
-        out["perm"] = dkv_key_order(e, cfg.dkv_group).reshape(b, g, lp)
+        out["perm"] = dkv_key_order(e, cfg.dkv_group, cfg.dkv_order_packed).reshape(b, g, lp)
     return out
 
 

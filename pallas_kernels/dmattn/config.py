@@ -23,6 +23,8 @@ class DmattnConfig:
     list_chunk:                 keys scanned per step when building the per-query-block key lists.
     dkv_group:                  keys regrouped (by expiry row) within aligned groups of this many keys for the
                                 dk/dv kernel, so a key block's row range is short; 0 = no regrouping.
+    dkv_order_packed:           build that order with one sort of short rows (one per group) of a packed int32 key
+                                instead of a two-key sort over whole rows (the same permutation).
     num_warps_* / num_stages_*: Triton compiler parameters per kernel.
     dense_meta:                 dense mode (no key lists): skip the key blocks expired before a query block and run
                                 tiles whose keys are all kept by all rows without a mask (per-block metadata from
@@ -41,6 +43,7 @@ class DmattnConfig:
     expiry_block_x: int = 256
     list_chunk: int = 512
     dkv_group: int = 512
+    dkv_order_packed: bool = False
     num_warps_fwd: int = 4
     num_stages_fwd: int = 2
     num_warps_dq: int = 4

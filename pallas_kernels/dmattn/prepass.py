@@ -182,9 +182,20 @@ def query_block_lists(e, block_q: int, cap: int, cfg: DmattnConfig):
     return lists, counts
 
 
-def dkv_key_order(e, group: int):
-    """e [n, L] -> perm [n, L] int32: keys sorted by e within aligned groups of `group` keys (stable)."""
+def dkv_key_order(e, group: int, packed: bool = False):
+    """e [n, L] -> perm [n, L] int32: keys sorted by e within aligned groups of `group` keys (stable).
+    packed: the same permutation from one sort of short rows (one row per group) of a single int32 key
+    e * group + offset (unique, so stability is implied) instead of a two-key sort over whole rows; needs
+    (L + 1) * group < 2^31."""
     n, length = e.shape
     iota = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
-    _, _, perm = jax.lax.sort((iota // group, e, iota), dimension=1, num_keys=2, is_stable=True)
-    return perm
+    if not packed or (length + 1) * group >= 2 ** 31:
+        _, _, perm = jax.lax.sort((iota // group, e, iota), dimension=1, num_keys=2, is_stable=True)
+        return perm
+    lg = round_up(length, group)
+    key = jnp.minimum(e, length) * group + iota % group
+    key = jnp.pad(key, ((0, 0), (0, lg - length)), constant_values=(length + 1) * group - 1)  # sorts last
+    key = jax.lax.sort(key.reshape(n * (lg // group), group), dimension=1)
+    base = (jnp.arange(lg // group, dtype=jnp.int32) * group)[None, :, None]
+    perm = (key.reshape(n, lg // group, group) % group + base).reshape(n, lg)
+    return perm[:, :length]

@@ -296,10 +296,13 @@ def bench_attention_kernel(args, results):
                a(L, bs, g, c, dt=jnp.float32), jnp.asarray(rng.random((bs, c)) < 0.9, jnp.int32))
         want = jax.jit(lambda *x: decode_attention_reference(*x, layer=L // 2, scale=d ** -0.5))
         variants = [("reference (XLA)", want)]
-        for bc, nw, ns in [(64, 4, 2), (64, 4, 1), (128, 4, 2), (32, 4, 2), (64, 8, 2), (64, 2, 2)]:
-            f = jax.jit(lambda *x, bc=bc, nw=nw, ns=ns: decode_attention_pallas(
-                *x, layer=L // 2, scale=d ** -0.5, block_c=bc, num_warps=nw, num_stages=ns))
-            variants.append((f"pallas block_c={bc} warps={nw} stages={ns}", f))
+        for dyn, bc, nw, ns in [(True, 64, 4, 2), (False, 64, 4, 2), (True, 64, 4, 1), (True, 128, 4, 2),
+                                (True, 32, 4, 2), (True, 64, 8, 2), (True, 64, 2, 2)]:
+            lyr = jnp.int32(L // 2) if dyn else L // 2
+            f = jax.jit(lambda *x, lyr=lyr, bc=bc, nw=nw, ns=ns: decode_attention_pallas(
+                *x, layer=lyr, scale=d ** -0.5, block_c=bc, num_warps=nw, num_stages=ns))
+            variants.append((f"pallas layer={'operand' if dyn else 'static'} block_c={bc} warps={nw} stages={ns}",
+                             f))
         ref = np.asarray(want(*ins), np.float32)
         for name, f in variants:
             try:

@@ -386,10 +386,12 @@ def test_decode_attention_kernel_matches_reference(dtype):
     args = (a(b, G, R, D), a(b, G, D), a(b, G, D), a(b, G, R, dt=jnp.float32), a(L, b, C, 2, G, D),
             a(L, b, G, C, dt=jnp.float32), jnp.asarray(rng.random((b, C)) < 0.6, jnp.int32))
     for layer in range(L):
-        got = decode_attention_pallas(*args, layer=layer, scale=0.3, interpret=True)
         want = decode_attention_reference(*args, layer=layer, scale=0.3)
         tol = 1e-5 if dtype == jnp.float32 else 1e-2
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+        for lyr in (layer, jnp.int32(layer)):  # baked into the index maps / an operand
+            got = decode_attention_pallas(*args, layer=lyr, scale=0.3, interpret=True)
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol,
+                                       rtol=tol)
 
 
 def test_decode_attention_kernel_lowers_for_h100():
@@ -402,8 +404,9 @@ def test_decode_attention_kernel_lowers_for_h100():
     b, G, R, D, L, C = 16, 3, 16, 128, 24, 384
     shapes = (s((b, G, R, D), jnp.bfloat16), s((b, G, D), jnp.bfloat16), s((b, G, D), jnp.bfloat16),
               s((b, G, R), jnp.float32), s((L, b, C, 2, G, D), jnp.bfloat16), s((L, b, G, C), jnp.float32),
-              s((b, C), jnp.int32))
+              s((b, C), jnp.int32), s((), jnp.int32))
     with jax.sharding.use_abstract_mesh(h100):
-        lowered = jax.jit(lambda *x: decode_attention_pallas(*x, layer=5, scale=D ** -0.5)).trace(
-            *shapes).lower(lowering_platforms=("cuda",))
-    assert "wmjax_decode_attention" in lowered.as_text()
+        for fn in (lambda *x: decode_attention_pallas(*x[:-1], layer=5, scale=D ** -0.5),
+                   lambda *x: decode_attention_pallas(*x[:-1], layer=x[-1], scale=D ** -0.5)):
+            lowered = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
+            assert "wmjax_decode_attention" in lowered.as_text()

@@ -277,8 +277,10 @@ def _linear(x, kernel, bias=None):
 def _decode_attention(q, k_new, v_new, bias_new, kv, bias, valid, *, layer, scale, implementation):
     from pallas_kernels.decode import decode_attention_pallas, decode_attention_reference
     if implementation in ("pallas", "interpret"):
-        return decode_attention_pallas(q, k_new, v_new, bias_new, kv, bias, valid, layer=layer, scale=scale,
-                                       interpret=implementation == "interpret")
+        # the layer index as an operand: one compiled kernel for all layers (baked in, each layer launched its own
+        # kernel variant, measured slow; see docs/BENCHMARKS.md)
+        return decode_attention_pallas(q, k_new, v_new, bias_new, kv, bias, valid, layer=jnp.int32(layer),
+                                       scale=scale, interpret=implementation == "interpret")
     return decode_attention_reference(q, k_new, v_new, bias_new, kv, bias, valid, layer=layer, scale=scale)
 
 

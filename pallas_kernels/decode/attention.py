@@ -15,7 +15,9 @@ five writes per layer before the attention.
 Layouts: q [b, G, R, D] (R = query heads per kv head, padded to a power of two >= 16 with zero rows);
 k_new, v_new [b, G, D] (cache dtype); bias_new [b, G, R] f32 (the new key's bias, per query row);
 kv [L, b, C, 2, G, D] (keys at [..., 0, :, :], values at [..., 1, :, :]); bias [L, b, G, C] f32;
-valid [b, C] int32 (1 = slot holds a real token visible to the query). C a multiple of block_c.
+valid [b, C] int32 (1 = slot holds a real token visible to the query). C a multiple of block_c. The layer is a
+Python int (baked into the block index maps: one compiled kernel per layer) or an int32 scalar operand (one
+kernel for every layer, indexing the layer inside).
 Scores: dot of q and keys in q's dtype with f32 accumulation (exact products of bf16 inputs); softmax in f32;
 probabilities (f32) times values: for f32 inputs an IEEE f32 dot (not TF32); for bf16/f16 inputs the f32
 probabilities split into hi + lo half-precision parts, two tensor-core dots with f32 accumulation (relative
@@ -41,7 +43,13 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
-def _kernel(q_ref, kn_ref, vn_ref, bn_ref, k_ref, v_ref, b_ref, valid_ref, o_ref, *, scale, block_c, n_blocks):
+def _kernel(*refs, scale, block_c, n_blocks, dynamic_layer):
+    if dynamic_layer:  # the refs hold every layer; the layer index is an operand
+        lyr_ref, q_ref, kn_ref, vn_ref, bn_ref, k_ref, v_ref, b_ref, valid_ref, o_ref = refs
+        at = (lyr_ref[0],)
+    else:
+        q_ref, kn_ref, vn_ref, bn_ref, k_ref, v_ref, b_ref, valid_ref, o_ref = refs
+        at = ()
     q = q_ref[...]                                   # [R, D]
     qprec = lax.Precision.HIGHEST if q.dtype == _F32 else None
     kn = kn_ref[...].astype(q.dtype).astype(_F32)    # [D]
@@ -56,14 +64,14 @@ def _kernel(q_ref, kn_ref, vn_ref, bn_ref, k_ref, v_ref, b_ref, valid_ref, o_ref
         m, l, acc = carry
         c0 = pl.multiple_of(j * block_c, block_c)
         cols = pl.ds(c0, block_c)
-        kc = k_ref[cols, :].astype(q.dtype)                                        # [BC, D]
+        kc = k_ref[at + (cols, slice(None))].astype(q.dtype)                                      # [BC, D]
         s = lax.dot_general(q, kc, _NT, precision=qprec, preferred_element_type=_F32) * scale   # [R, BC]
-        add = jnp.where(valid_ref[cols] != 0, b_ref[cols], neg)                    # [BC]
+        add = jnp.where(valid_ref[cols] != 0, b_ref[at + (cols,)], neg)                # [BC]
         s = s + add[None, :]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
-        vc = v_ref[cols, :].astype(q.dtype)                                        # [BC, D]
+        vc = v_ref[at + (cols, slice(None))].astype(q.dtype)                                      # [BC, D]
         if q.dtype == _F32:
             pv = lax.dot_general(p, vc, _NN, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
         else:
@@ -79,38 +87,52 @@ def _kernel(q_ref, kn_ref, vn_ref, bn_ref, k_ref, v_ref, b_ref, valid_ref, o_ref
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
-def decode_attention_pallas(q, k_new, v_new, bias_new, kv, bias, valid, *, layer: int, scale: float,
+def decode_attention_pallas(q, k_new, v_new, bias_new, kv, bias, valid, *, layer, scale: float,
                             block_c: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
-    """Returns [b, G, R, D] in q.dtype. See the module docstring for layouts."""
+    """Returns [b, G, R, D] in q.dtype. See the module docstring for layouts.
+
+    layer: a Python int (baked into the block index maps: one compiled kernel per layer) or an int32 scalar
+    array (an operand read in the kernel: one kernel for every layer)."""
     b, g, r, d = q.shape
     nl, _, c, two, g2, _ = kv.shape
-    if two != 2 or g2 != g or not 0 <= layer < nl:
+    dynamic = not isinstance(layer, int)
+    if two != 2 or g2 != g or (not dynamic and not 0 <= layer < nl):
         raise ValueError(f"decode_attention_pallas: kv {kv.shape} does not fit q {q.shape} / layer {layer}")
     if c % block_c:
         raise ValueError(f"decode_attention_pallas: cache length {c} must be a multiple of block_c={block_c}")
     if r < 16 or r & (r - 1) or d & (d - 1):
         raise ValueError(f"decode_attention_pallas: query rows per kv head {r} (a power of two >= 16) and "
                          f"head_dim {d} (a power of two) needed; the caller pads")
-    kern = functools.partial(_kernel, scale=float(scale), block_c=block_c, n_blocks=c // block_c)
+    kern = functools.partial(_kernel, scale=float(scale), block_c=block_c, n_blocks=c // block_c,
+                             dynamic_layer=dynamic)
+    if dynamic:
+        lspecs = [pl.BlockSpec((nl, None, c, None, None, d), lambda ib, ig: (0, ib, 0, 0, ig, 0)),   # keys
+                  pl.BlockSpec((nl, None, c, None, None, d), lambda ib, ig: (0, ib, 0, 1, ig, 0)),   # values
+                  pl.BlockSpec((nl, None, None, c), lambda ib, ig: (0, ib, ig, 0))]                  # bias
+        lead_specs = [pl.BlockSpec((1,), lambda ib, ig: (0,))]
+        lead = (jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),)
+    else:
+        lspecs = [pl.BlockSpec((None, None, c, None, None, d), lambda ib, ig: (layer, ib, 0, 0, ig, 0)),
+                  pl.BlockSpec((None, None, c, None, None, d), lambda ib, ig: (layer, ib, 0, 1, ig, 0)),
+                  pl.BlockSpec((None, None, None, c), lambda ib, ig: (layer, ib, ig, 0))]
+        lead_specs, lead = [], ()
     return pl.pallas_call(
         kern,
         out_shape=jax.ShapeDtypeStruct((b, g, r, d), q.dtype),
         grid=(b, g),
-        in_specs=[
+        in_specs=lead_specs + [
             pl.BlockSpec((None, None, r, d), lambda ib, ig: (ib, ig, 0, 0)),                 # q
             pl.BlockSpec((None, None, d), lambda ib, ig: (ib, ig, 0)),                      # k_new
             pl.BlockSpec((None, None, d), lambda ib, ig: (ib, ig, 0)),                      # v_new
             pl.BlockSpec((None, None, r), lambda ib, ig: (ib, ig, 0)),                      # bias_new
-            pl.BlockSpec((None, None, c, None, None, d), lambda ib, ig: (layer, ib, 0, 0, ig, 0)),  # keys
-            pl.BlockSpec((None, None, c, None, None, d), lambda ib, ig: (layer, ib, 0, 1, ig, 0)),  # values
-            pl.BlockSpec((None, None, None, c), lambda ib, ig: (layer, ib, ig, 0)),         # bias
+        ] + lspecs + [
             pl.BlockSpec((None, c), lambda ib, ig: (ib, 0)),                                # valid
         ],
         out_specs=pl.BlockSpec((None, None, r, d), lambda ib, ig: (ib, ig, 0, 0)),
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="wmjax_decode_attention", debug=_DEBUG,
-    )(q, k_new, v_new, bias_new, kv, kv, bias, valid)
+    )(*lead, q, k_new, v_new, bias_new, kv, kv, bias, valid)
 
 
 def decode_attention_reference(q, k_new, v_new, bias_new, kv, bias, valid, *, layer: int, scale: float):

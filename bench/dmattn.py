@@ -260,9 +260,9 @@ def _kcfg(base, fwd=None, dq=None, dkv=None, **kw):
 
 
 def tune(shapes, w_dense=True):
-    """Per-kernel GPU times (jax.profiler, bench/profile.py) of wmjax fwd+bwd for config variants; each variant
+    """Per-kernel GPU times (jax.profiler, bench/kernel_profile.py) of wmjax fwd+bwd for config variants; each variant
     sets the fwd, dq and dk/dv tiles together (independent kernels, so each column is read on its own)."""
-    from bench.profile import kernel_table
+    from bench.kernel_profile import kernel_table
     from pallas_kernels.dmattn import DmattnConfig
     base = DmattnConfig(interpret=jax.default_backend() == "cpu")
     variants = {

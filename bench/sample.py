@@ -24,9 +24,7 @@ import time
 
 import numpy as np
 
-# the script's own folder would shadow the standard library's `profile` with bench/profile.py (torch imports cProfile)
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.join(_HERE, ".."))
 
 
@@ -124,7 +122,7 @@ def bench_main(args, results):
                 f"tok/s ({1e3 * best / args.new:.3f} ms/step incl. prefill; first call {first:.1f}s)")
             if dec in args.kernels:
                 import tempfile
-                from bench.profile import kernel_table, print_kernel_table
+                from bench.kernel_profile import kernel_table, print_kernel_table
                 from wmjax.sampling import generate
                 logdir = tempfile.mkdtemp(prefix="wmjax_sample_prof_")
                 rows = kernel_table(lambda: generate(model, params, prompts, max_new_tokens=args.new, stop_tokens=[],
@@ -228,7 +226,7 @@ def bench_profile(args, results):
     import tempfile
     import jax
     import jax.numpy as jnp
-    from bench.profile import kernel_table, print_kernel_table
+    from bench.kernel_profile import kernel_table, print_kernel_table
     from wmjax.config import DogeConfig
     from wmjax.models.doge import DogeForCausalLM, init_params
     from wmjax.sampling import generate
@@ -280,7 +278,7 @@ def bench_attention_kernel(args, results):
     jnp reference (XLA), and the max difference to it."""
     import jax
     import jax.numpy as jnp
-    from bench.profile import kernel_table
+    from bench.kernel_profile import kernel_table
     from pallas_kernels.decode import decode_attention_pallas, decode_attention_reference
     from wmjax.config import DogeConfig
     cfg = DogeConfig.preset(args.preset)

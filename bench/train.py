@@ -31,8 +31,6 @@ import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# drop bench/ itself from sys.path: bench/profile.py would shadow the stdlib `profile` module (torch imports it)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.join(_HERE, ".."))
 
 import warnings  # noqa: E402
@@ -152,7 +150,7 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
 
 
 # --------------------------------------------------------------------------------------------------------------
-# profile: per-kernel device time (bench/profile.py), grouped by what the kernel computes (from the optimized
+# profile: per-kernel device time (bench/kernel_profile.py), grouped by what the kernel computes (from the optimized
 # HLO's op_name metadata: flax module scopes + the trainer's "loss" / "optimizer" named scopes)
 
 _GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|wgmma|sm90_|sm80_", re.IGNORECASE)
@@ -235,7 +233,7 @@ def profile_step(fn, hlo_text: str, iters: int = 3, title: str = ""):
 
     from jax.profiler import ProfileData
 
-    from bench.profile import kernel_table, print_kernel_table
+    from bench.kernel_profile import kernel_table, print_kernel_table
 
     logdir = tempfile.mkdtemp(prefix="wmjax_train_prof_")
     rows = kernel_table(fn, iters=iters, logdir=logdir)
@@ -344,7 +342,7 @@ def main():
     ap.add_argument("--loss", default="auto", help="wmjax loss path(s): auto (= fused), fused, logits; e.g. logits,fused")
     ap.add_argument("--loss-chunk-tokens", default="8192", help="fused loss: tokens per chunk (comma list to sweep)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also profile N steps per wmjax config (bench/profile.py kernel table + categories)")
+                    help="also profile N steps per wmjax config (bench/kernel_profile.py kernel table + categories)")
     ap.add_argument("--tag", default="", help="label printed with the results (e.g. the XLA_FLAGS variant)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train.json"))

@@ -1,6 +1,6 @@
 """Kernel-level time breakdown of a jitted call, from JAX's own profiler (no nsys needed).
 
-    from bench.profile import kernel_table, print_kernel_table
+    from bench.kernel_profile import kernel_table, print_kernel_table
     rows = kernel_table(lambda: step(state, batch), iters=3)     # runs fn under jax.profiler.trace
     print_kernel_table(rows, top=25, title="train step b16")
 
@@ -9,7 +9,7 @@ the written XSpace with `jax.profiler.ProfileData` and sums the device events (G
 returns a list of dicts {name, total_ms (per iteration), count (per iteration), mean_us, share} sorted by time.
 On CPU there is no device plane: the table is empty (the function still runs), so scripts can call it anywhere.
 
-    python bench/profile.py              # self-test: a matmul + softmax, prints the table (CPU: empty table)
+    python bench/kernel_profile.py              # self-test: a matmul + softmax, prints the table (CPU: empty table)
 """
 
 from __future__ import annotations

@@ -344,7 +344,7 @@ def main(argv=None):
     p.add_argument("--attention-kernel", action="store_true",
                    help="time the fused path's decode attention kernel alone (variants vs the XLA reference)")
     p.add_argument("--decode", type=lambda s: s.split(","), default=["auto"],
-                   help="generate(decode=...) paths to time, comma-separated (e.g. model,fused); the last one is "
+                   help="generate(decode=...) paths to time, comma-separated (model, fused, fused_xla, auto; e.g. model,fused_xla); the last one is "
                         "compared with transformers")
     p.add_argument("--kernels", type=lambda s: s.split(","), default=[],
                    help="decode paths to also profile (kernel table of one generate call, after timing)")

@@ -323,8 +323,8 @@ FUSED = dict(keep_window_size=64)  # the fused path needs a full cache no longer
 def test_fused_decode_step_equals_model_decode_step(variant, impl):
     """prefill, then step by step through the model's decode step and through fused_decode_step (concatenated
     projections, layer-stacked cache, the decode attention kernel in Pallas interpret mode or its reference)."""
-    from wmjax.sampling import (fused_decode_step, fused_decode_supported, prefill, decode_step,
-                                prepare_decode_params, stack_decode_cache, pad_prompts)
+    from wmjax.fused_decode import fused_decode_step, fused_decode_supported, prepare_decode_params, stack_decode_cache
+    from wmjax.sampling import decode_step, pad_prompts, prefill
     over = dict(FUSED) if variant == "dense" else dict(FUSED, tie_word_embeddings=False, attention_bias=True,
                                                        mlp_bias=True, qk_norm=False)
     cfg, params, model = _setup(**over)
@@ -356,13 +356,14 @@ def test_generate_fused_decode_equals_model_decode():
     prompts = _distinct_rows(rng, [4, 11, 7], cfg.vocab_size)
     kw = dict(max_new_tokens=12, stop_tokens=[], return_logprobs=True, cache="full")
     a = generate(model, params, prompts, decode="model", **kw)
-    b = generate(model, params, prompts, decode="fused", **kw)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+    for decode in ("fused", "fused_xla"):
+        b = generate(model, params, prompts, decode=decode, **kw)
+        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens), err_msg=decode)
+        np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5, err_msg=decode)
 
 
 def test_fused_decode_applies_only_where_exact():
-    from wmjax.sampling import fused_decode_supported
+    from wmjax.fused_decode import fused_decode_supported
     cfg = DogeConfig(**dict(TINY, **FUSED))
     assert fused_decode_supported(cfg, "full", 64)
     assert not fused_decode_supported(cfg, "full", 65)  # longer than keep_window_size: per-step top-k needed

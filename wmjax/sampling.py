@@ -23,16 +23,10 @@ Stop tokens: `stop_tokens` = None (config.eos_token_id, if any), a list of ids f
 every row has stopped or max_new_tokens were generated.
 
 Decode path (`decode=`): "model" runs every decode step through the Flax model (`decode_step`); "fused" through
-`fused_decode_step`, a decode-specialized functional copy of the Doge layer math for dense Doge with a full cache
-that fits keep_window_size: q/k/v and gate/up projections as one matmul each (weights concatenated once per
-`generate` call, before the loop, by `prepare_decode_params`; the params keep their HF names), RoPE and the
-visibility mask computed once per step for all layers, the attention of the new token over one layer of a
-layer-stacked cache (`pallas_kernels.decode` on GPU, its jnp reference elsewhere) with the new key/value/bias
-as separate inputs, and every layer's new cache entries written by one update per step. Same math as the model
-path (tests/test_sampling.py checks the logits). "auto" (default) is "model" for now: on an H100 (Doge-160M,
-bf16) the fused path's XLA part costs ~20% less device time than the model's decode step, but its Pallas
-attention kernel runs 22 us (bs 16) to 224 us (bs 1) per layer, so the whole fused step was slower (see
-docs/BENCHMARKS.md, Sampling). `WMJAX_DECODE_ATTENTION=reference` runs the fused path's attention in XLA instead.
+`wmjax.fused_decode.fused_decode_step`, an experimental decode-specialized step for dense Doge with a full cache
+that fits keep_window_size (concatenated projections, a layer-stacked cache written once per step, attention on
+`pallas_kernels.decode` on GPU); "fused_xla" is the same step with its attention in XLA. "auto" (default) is
+"model": on an H100 the fused step measured slower (its Pallas attention kernel; docs/BENCHMARKS.md, Sampling).
 
 Streaming: `callback(step, tokens [b] np.int32, active [b] np.bool)` is called on the host once per generated
 token position (through `jax.debug.callback`; `active` is False for rows already stopped before this step).
@@ -44,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -52,11 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from wmjax.cache import init_cache
-from wmjax.config import DogeConfig
 
 __all__ = ["SamplingParams", "GenerateOutput", "generate", "process_logits", "prefill", "decode_step",
-           "pad_prompts", "positions_from_mask", "fused_decode_supported", "prepare_decode_params",
-           "stack_decode_cache", "fused_decode_step"]
+           "pad_prompts", "positions_from_mask", "DECODE_PATHS"]
+
+# generate(decode=...): "model" = the Flax model's decode step; "fused" = wmjax.fused_decode with its attention on
+# the Pallas kernel on GPU (jnp reference elsewhere); "fused_xla" = the same with the attention in XLA.
+DECODE_PATHS = ("auto", "model", "fused", "fused_xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,171 +185,6 @@ def decode_step(model, params, cache, tokens, positions):
     return logits[:, 0], cache
 
 
-# ---------------------------------------------------------------------------------------------------- fused decode
-_DECODE_BLOCK = 64  # cache slots per block of the decode attention kernel; the stacked cache is padded to it
-# projection kernels stored [out, in] for the fused decode (XLA then sees row reductions for batch-1 matmuls);
-# an experiment switch for bench/sample.py, read once at import
-_WEIGHTS_NK = os.environ.get("WMJAX_DECODE_WEIGHTS", "kn") == "nk"
-# attention of the fused decode: "pallas" | "reference" (XLA) | unset (pallas on GPU); read once at import
-_DECODE_ATTENTION = os.environ.get("WMJAX_DECODE_ATTENTION") or None
-
-
-def fused_decode_supported(config, cache_kind: str, cache_length: int) -> bool:
-    """Whether `fused_decode_step` computes exactly what the model's decode step does for this setup: dense Doge
-    (no MoE, attention layers only), full cache no longer than keep_window_size (every visible key is kept, so
-    no per-step top-k), no sliding window, bias heads = kv heads (HF layout), power-of-two head_dim."""
-    layer_types = getattr(config, "layer_types", None)
-    d = config.head_dim
-    return (isinstance(config, DogeConfig) and not config.is_moe and cache_kind == "full" and config.sliding_window is None
-            and (layer_types is None or all(t == "attention" for t in layer_types))
-            and config.num_bias_heads == config.num_key_value_heads and d & (d - 1) == 0
-            and cache_length <= config.keep_window_size)
-
-
-def prepare_decode_params(config, params, dtype):
-    """Per layer: the q/k/v kernels concatenated into one [hidden, (H + 2G) D] kernel and gate/up into one
-    [hidden, 2F] kernel (in the compute dtype, as nn.Dense casts them), plus the small params as they are. Runs
-    inside the jit, once per `generate` call (a copy of the projection weights), not per step."""
-    m = params["model"]
-    cast = lambda x: jnp.asarray(x).astype(dtype)
-    ck = (lambda x: x.T) if _WEIGHTS_NK else (lambda x: x)  # kernels as [out, in] (experiment, see _WEIGHTS_NK)
-    layers = []
-    for i in range(config.num_hidden_layers):
-        lp = m[f"layers_{i}"]
-        at, mlp = lp["self_attn"], lp["mlp"]
-        qkv = [at["q_proj"], at["k_proj"], at["v_proj"]]
-        gu = [mlp["gate_proj"], mlp["up_proj"]]
-        layer = dict(
-            input_norm=lp["input_layernorm"]["weight"], post_norm=lp["post_attention_layernorm"]["weight"],
-            input_residual=lp["input_residual"], post_residual=lp["post_attention_residual"],
-            qkv=ck(jnp.concatenate([cast(p["kernel"]) for p in qkv], axis=1)),
-            o=ck(cast(at["o_proj"]["kernel"])), dt=ck(cast(at["dt_proj"]["kernel"])), A=at["A"],
-            gate_up=ck(jnp.concatenate([cast(p["kernel"]) for p in gu], axis=1)),
-            down=ck(cast(mlp["down_proj"]["kernel"])))
-        if config.attention_bias:
-            layer["qkv_bias"] = jnp.concatenate([cast(p["bias"]) for p in qkv])
-            layer["o_bias"], layer["dt_bias"] = cast(at["o_proj"]["bias"]), cast(at["dt_proj"]["bias"])
-        if config.mlp_bias:
-            layer["gate_up_bias"] = jnp.concatenate([cast(p["bias"]) for p in gu])
-            layer["down_bias"] = cast(mlp["down_proj"]["bias"])
-        if config.qk_norm:
-            layer["q_norm"], layer["k_norm"] = at["q_norm"]["weight"], at["k_norm"]["weight"]
-        layers.append(layer)
-    out = dict(embedding=m["embed_tokens"]["embedding"], norm=m["norm"]["weight"], layers=tuple(layers))
-    if not config.tie_word_embeddings:
-        out["lm_head"] = ck(cast(params["lm_head"]["kernel"]))
-    return out
-
-
-def stack_decode_cache(cache, block: int = _DECODE_BLOCK):
-    """The model's full cache -> the fused decode state: kv [L, b, C', 2, G, D] (keys, values), bias
-    [L, b, G, C'] f32, position / mask [b, C'] (identical in every layer: one copy), length; C' = C rounded up
-    to `block` (the extra slots are never valid)."""
-    layers = cache["layers"]
-    c = layers[0].key.shape[1]
-    pad = -c % block
-    padc = lambda x, axis: jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
-    kv = jnp.stack([jnp.stack([lc.key, lc.value], axis=2) for lc in layers])
-    bias = jnp.stack([lc.key_bias for lc in layers])
-    return dict(kv=padc(kv, 2), bias=padc(bias, 3), position=padc(layers[0].key_position, 1),
-                mask=padc(layers[0].key_mask, 1), length=cache["length"])
-
-
-def _rms(x, weight, eps, dtype):
-    # wmjax.layers.norm.RMSNorm
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
-    return weight.astype(dtype) * x32.astype(x.dtype)
-
-
-def _linear(x, kernel, bias=None):
-    # nn.Dense with dtype = kernel.dtype (operands already in the compute dtype); kernel [in, out], or [out, in]
-    # when prepared with _WEIGHTS_NK
-    y = jax.lax.dot_general(x.astype(kernel.dtype), kernel, (((x.ndim - 1,), (1 if _WEIGHTS_NK else 0,)), ((), ())))
-    return y if bias is None else y + bias
-
-
-def _decode_attention(q, k_new, v_new, bias_new, kv, bias, valid, *, layer, scale, implementation):
-    from pallas_kernels.decode import decode_attention_pallas, decode_attention_reference
-    if implementation in ("pallas", "interpret"):
-        # the layer index as an operand: one compiled kernel for all layers (baked in, each layer launched its own
-        # kernel variant, measured slow; see docs/BENCHMARKS.md)
-        return decode_attention_pallas(q, k_new, v_new, bias_new, kv, bias, valid, layer=jnp.int32(layer),
-                                       scale=scale, interpret=implementation == "interpret")
-    return decode_attention_reference(q, k_new, v_new, bias_new, kv, bias, valid, layer=layer, scale=scale)
-
-
-def fused_decode_step(config, dtype, fparams, state, tokens, positions, implementation=None):
-    """One token per row ([b]) at `positions` [b] through the whole model, decode-specialized (see the module
-    docstring); `fparams` from `prepare_decode_params`, `state` from `stack_decode_cache`.
-    Returns (logits [b, V] f32, new state). implementation: "pallas" | "reference" | "interpret" (the kernel in
-    Pallas interpret mode, for tests) | None (pallas on GPU, else reference)."""
-    from wmjax.layers.rope import apply_rope, rope_cos_sin
-    cfg = config
-    if implementation is None:
-        implementation = _DECODE_ATTENTION or ("pallas" if jax.default_backend() == "gpu" else "reference")
-    b = tokens.shape[0]
-    h, g, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    r = h // g
-    rp = max(16, 1 << (r - 1).bit_length()) if implementation in ("pallas", "interpret") else r
-    eps, scale = cfg.rms_norm_eps, d ** -0.5
-    kv, kbias, length = state["kv"], state["bias"], state["length"]
-    cdt = kv.dtype
-    emb = fparams["embedding"].astype(dtype)
-    x = jnp.take(emb, tokens, axis=0)                                          # [b, hidden]
-    cos, sin = rope_cos_sin(positions[:, None], d, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
-                            cfg.max_position_embeddings, dtype=dtype)          # [b, 1, d]
-    # cached slots visible to this token (the token itself is handled by the attention separately)
-    valid = (state["mask"] & (state["position"] <= positions[:, None])).astype(jnp.int32)
-    new_k, new_v, new_b = [], [], []
-    for li, lp in enumerate(fparams["layers"]):
-        n = _rms(x, lp["input_norm"], eps, dtype)
-        qkv = _linear(n, lp["qkv"], lp.get("qkv_bias"))
-        q = qkv[:, :h * d].reshape(b, 1, h, d)
-        k = qkv[:, h * d:(h + g) * d].reshape(b, 1, g, d)
-        v = qkv[:, (h + g) * d:]                                               # [b, G D]
-        if cfg.qk_norm:
-            q = _rms(q, lp["q_norm"], eps, dtype)
-            k = _rms(k, lp["k_norm"], eps, dtype)
-        q = apply_rope(q, cos, sin)[:, 0]                                      # [b, H, d]
-        k = apply_rope(k, cos, sin)[:, 0]                                      # [b, G, d]
-        dt = _linear(v, lp["dt"], lp.get("dt_bias"))                           # [b, G]
-        kb = jnp.exp(lp["A"].astype(jnp.float32) * jax.nn.softplus(dt.astype(jnp.float32)))
-        k_c, v_c = k.astype(cdt), v.reshape(b, g, d).astype(cdt)
-        qg = q.reshape(b, g, r, d)
-        if rp != r:
-            qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
-        att = _decode_attention(qg, k_c, v_c, jnp.broadcast_to(kb[:, :, None], (b, g, rp)), kv, kbias, valid,
-                                layer=li, scale=scale, implementation=implementation)
-        att = att[:, :, :r].reshape(b, h * d)
-        o = _linear(att, lp["o"], lp.get("o_bias"))
-        x = lp["input_residual"].astype(dtype) * x + o
-        m = _rms(x, lp["post_norm"], eps, dtype)
-        gu = _linear(m, lp["gate_up"], lp.get("gate_up_bias"))
-        f = cfg.intermediate_size
-        ffn = _linear(jax.nn.silu(gu[:, :f]) * gu[:, f:], lp["down"], lp.get("down_bias"))
-        x = lp["post_residual"].astype(dtype) * x + ffn
-        new_k.append(k_c)
-        new_v.append(v_c)
-        new_b.append(kb)
-    x = _rms(x, fparams["norm"], eps, dtype)
-    if "lm_head" in fparams:
-        logits = _linear(x, fparams["lm_head"])
-    else:
-        logits = jnp.dot(x, emb.T)
-    # every layer's new entries, one update each: kv [L, b, 1, 2, G, D], bias [L, b, G, 1]
-    upd = jnp.stack([jnp.stack(new_k), jnp.stack(new_v)], axis=2)[:, :, None]
-    zero = jnp.zeros((), jnp.int32)
-    new_state = dict(
-        kv=jax.lax.dynamic_update_slice(kv, upd, (zero, zero, length, zero, zero, zero)),
-        bias=jax.lax.dynamic_update_slice(kbias, jnp.stack(new_b)[..., None], (zero, zero, zero, length)),
-        position=jax.lax.dynamic_update_slice(state["position"], positions[:, None].astype(jnp.int32),
-                                              (zero, length)),
-        mask=jax.lax.dynamic_update_slice(state["mask"], jnp.ones((b, 1), bool), (zero, length)),
-        length=length + 1)
-    return logits.astype(jnp.float32), new_state
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "cache_kind", "cache_length", "sampling",
                                              "return_logprobs", "callback", "cache_dtype", "pad_id", "decode"))
 def _generate_jit(params, input_ids, attention_mask, stop_ids, key, *, model, max_new_tokens, cache_kind,
@@ -396,10 +226,12 @@ def _generate_jit(params, input_ids, attention_mask, stop_ids, key, *, model, ma
         i, done = st[0], st[4]
         return (i < max_new_tokens) & ~jnp.all(done)
 
-    if decode == "fused":
+    if decode in ("fused", "fused_xla"):
+        from wmjax.fused_decode import fused_decode_step, prepare_decode_params, stack_decode_cache
+        impl = "reference" if decode == "fused_xla" else None
         fparams = prepare_decode_params(cfg, params, model.dtype)
         cache = stack_decode_cache(cache)
-        step = lambda cache, tok, pos: fused_decode_step(cfg, model.dtype, fparams, cache, tok, pos)
+        step = lambda cache, tok, pos: fused_decode_step(cfg, model.dtype, fparams, cache, tok, pos, impl)
     else:
         step = lambda cache, tok, pos: decode_step(model, params, cache, tok, pos)
 
@@ -428,7 +260,7 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     model: a DogeForCausalLM (its dtype is the compute dtype); params: its params.
     max_cache_length: for cache="full", the cache size (default: padded prompt length + max_new_tokens); a
     prompt that does not fit with max_new_tokens is an error.
-    decode: "model", "fused" (the decode-specialized step; an error where `fused_decode_supported` says it does
+    decode: "model", "fused" / "fused_xla" (wmjax.fused_decode; an error where `fused_decode_supported` says it does
     not apply) or "auto" (= "model" for now; see the module docstring).
     """
     cfg = model.config
@@ -493,14 +325,15 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
             raise ValueError("generate: sampling (temperature > 0) needs a PRNG key: rng=jax.random.key(seed)")
         rng = jax.random.PRNGKey(0)
     cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
-    if decode not in ("auto", "model", "fused"):
-        raise ValueError(f"generate: decode={decode!r}; expected 'auto', 'model' or 'fused'")
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"generate: decode={decode!r}; expected one of {DECODE_PATHS}")
+    from wmjax.fused_decode import fused_decode_supported
     from wmjax.models.doge import DogeForCausalLM
     fused_ok = isinstance(model, DogeForCausalLM) and fused_decode_supported(cfg, kind, int(length))
-    if decode == "fused" and not fused_ok:
-        raise ValueError("generate: decode='fused' needs a dense Doge with a full cache no longer than "
+    if decode in ("fused", "fused_xla") and not fused_ok:
+        raise ValueError(f"generate: decode={decode!r} needs a dense Doge with a full cache no longer than "
                          "keep_window_size, no sliding window and bias heads = kv heads (fused_decode_supported)")
-    decode = "fused" if decode == "fused" else "model"  # auto: the model path (measured faster on H100 so far)
+    decode = "model" if decode == "auto" else decode  # auto: the model path (measured faster on H100 so far)
     toks, lengths, lps, steps = _generate_jit(
         params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stop), rng, model=model,
         max_new_tokens=int(max_new_tokens), cache_kind=kind, cache_length=int(length), sampling=sp,

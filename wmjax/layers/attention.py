@@ -11,7 +11,6 @@ q_norm, k_norm (RMSNorm [head_dim], absent in the legacy `qk_norm=False` layout)
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -24,9 +23,6 @@ from wmjax.layers.linear import dense
 from wmjax.layers.norm import RMSNorm
 from wmjax.layers.rope import apply_rope
 from wmjax.ops.dmattn import dynamic_mask_attention
-
-# decode over a full KV cache via wmjax.cache.kv_decode_attention (WMJAX_DECODE_VIA_OP=1: via the DMA op)
-_FAST_DECODE = os.environ.get("WMJAX_DECODE_VIA_OP", "0") != "1"
 
 
 class DynamicMaskAttention(nn.Module):
@@ -75,7 +71,7 @@ class DynamicMaskAttention(nn.Module):
             return mk(cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out), layer_cache
         if layer_cache is not None:
             layer_cache = write_kv(layer_cache, k, v, key_bias, positions, token_mask, cache_length)
-            if s == 1 and segment_ids is None and cfg.sliding_window is None and _FAST_DECODE:
+            if s == 1 and segment_ids is None and cfg.sliding_window is None:
                 # single-token decode: same semantics as the op, without its [Sq, Sk] machinery
                 out = kv_decode_attention(layer_cache, q, positions, keep_window_size=cfg.keep_window_size,
                                           scale=d ** -0.5)

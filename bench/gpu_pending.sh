@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed by issues 4, 5 and 6, in ONE device call (a machine start costs a minute or
+# more of device time; three engineers' separate calls spent this session's budget). Each step has its own
+# timeout so one hang does not eat the others; logs and JSON land in $OUT (the device tool brings them back).
+#
+#   device run, carry [".anchors"]:   bash bench/gpu_pending.sh            (~8-9 min; timeout_s 580)
+#   one step only:                     STEPS="dmattn" bash bench/gpu_pending.sh
+#
+# Steps (see docs/BENCHMARKS.md, each section's "next GPU call"):
+#   dmattn  issue 4: sparse-path variants at b2 L8192 (target fwd+bwd <= 1.9 ms), then the full table with
+#           tokamax at the three shapes (new dense defaults end to end; b1 L32768 ratio)
+#   sample  issue 5: decode attention kernel alone, then generate with decode=model / fused_xla / fused
+#   train   issue 6: b16 step with the fused loss vs HF (b4) in one process
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export PYTHONPATH=".anchors/py:.:${PYTHONPATH:-}"
+OUT=${OUT:-./bench_out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-"dmattn sample train"}
+
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== [$name] $* (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$OUT/steps.log"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  echo "=== [$name] rc=${PIPESTATUS[0]} $(date -u +%H:%M:%S)" | tee -a "$OUT/steps.log"
+}
+
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/steps.log"
+for s in $STEPS; do
+  case $s in
+    dmattn)
+      step dmattn_sparse 120 python3 bench/dmattn.py --skip hf,fdm --check-only \
+        --tune-sparse 2x8192=cur+s1+s2+g1+p1+p2+o1
+      step dmattn_table 150 python3 bench/dmattn.py --skip hf,fdm ;;
+    sample)
+      step sample_kernel 60 python3 bench/sample.py --attention-kernel
+      step sample 140 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode model,fused_xla,fused \
+        --json "$OUT/sample.json" ;;
+    train)
+      step train 150 python3 bench/train.py --batch 16 --hf-batch 4 --steps 8 --warmup 1 --json "$OUT/train.json" ;;
+    *) echo "unknown step $s (dmattn, sample, train)"; exit 2 ;;
+  esac
+done

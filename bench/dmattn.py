@@ -274,7 +274,9 @@ def tune(shapes, w_dense=True):
         "v5": _kcfg(base, fwd=(128, 64, 4, 2), dq=(64, 32, 4, 2), dkv=(32, 128, 8, 2)),
         "v6": _kcfg(base, fwd=(64, 32, 4, 2), dq=(32, 64, 4, 2), dkv=(128, 64, 8, 2)),
         "v7": _kcfg(base, fwd=(64, 128, 4, 2), dq=(64, 128, 4, 2), dkv=(32, 64, 4, 3)),
-        # sparse-path (L > w) candidates, not yet measured
+        # sparse-path (L > w) candidates; s1 (H100 2026-11-23: 1.624 vs cur 1.963 ms at b2 L8192) became the
+        # default, so "cur" now equals s1; g1, p1, p2, o1 not yet measured
+        "s0": _kcfg(base, dkv=(64, 64, 4, 3)),  # the sparse default before that measurement
         "s1": _kcfg(base, dkv=(64, 64, 4, 2)),
         "s2": _kcfg(base, dkv=(64, 128, 8, 2)),
         "g1": _kcfg(base, fwd=(128, 64, 8, 3), dkv=(64, 64, 4, 2)),

@@ -7,8 +7,8 @@
 #   one step only:                     STEPS="dmattn" bash bench/gpu_pending.sh
 #
 # Steps (see docs/BENCHMARKS.md, each section's "next GPU call"):
-#   dmattn  issue 4: sparse-path variants at b2 L8192 (target fwd+bwd <= 1.9 ms), then the full table with
-#           tokamax at the three shapes (new dense defaults end to end; b1 L32768 ratio)
+#   dmattn  issue 4 follow-up: remaining sparse-path variants at b2 L8192 and b1 L32768, then the full table
+#           with tokamax at the three shapes (the sparse default with 2-stage dk/dv at 32k end to end)
 #   sample  issue 5: decode attention kernel alone, then generate with decode=model / fused_xla / fused
 #   train   issue 6: b16 step with the fused loss vs HF (b4) in one process
 set -uo pipefail
@@ -32,7 +32,7 @@ for s in $STEPS; do
   case $s in
     dmattn)
       step dmattn_sparse 120 python3 bench/dmattn.py --skip hf,fdm --check-only \
-        --tune-sparse 2x8192=cur+s1+s2+g1+p1+p2+o1
+        --tune-sparse 2x8192,1x32768=cur+s0+g1+p1+p2+o1
       step dmattn_table 150 python3 bench/dmattn.py --skip hf,fdm ;;
     sample)
       step sample_kernel 60 python3 bench/sample.py --attention-kernel

@@ -49,7 +49,7 @@ class DmattnConfig:
     num_warps_dq: int = 4
     num_stages_dq: int = 2
     num_warps_dkv: int = 4
-    num_stages_dkv: int = 3
+    num_stages_dkv: int = 2
     num_warps_aux: int = 4
     dense_meta: bool = True
     heavy_first: bool = True
@@ -68,7 +68,9 @@ class DmattnConfig:
 def default_config(head_dim: int, dtype, dense: bool = False) -> DmattnConfig:
     """GPU defaults by head dim (H100, Triton backend). dense: L <= w (no pre-pass, contiguous key blocks; the
     training shape of every published Doge). d=128 sparse picked by the bench/dmattn.py --sweep of 2026-11-23:
-    fwd 64x64 / 4 warps, dq 4 warps, dk/dv 4 warps 3 stages beat 128-row / 8-warp tiles by 10-30% per kernel."""
+    fwd 64x64 / 4 warps, dq 4 warps, dk/dv 4 warps beat 128-row / 8-warp tiles by 10-30% per kernel; dk/dv with
+    2 stages instead of 3 (--tune-sparse 2x8192=cur+s1+s2, H100, 2026-11-23): dk/dv 0.917 -> 0.578 ms, b2 L8192
+    fwd+bwd 1.963 -> 1.624 ms (64x128 / 8 warps / 2 stages: 1.802)."""
     if head_dim <= 128 and dense:
         # bench/dmattn.py --tune 4x2048,16x2048 (H100, 2026-11-23, per-kernel profile): fwd 128x64 / 8 warps /
         # 3 stages 0.090 ms, dq 64x64 / 4 / 2 0.098, dk/dv 64x64 / 4 warps / 2 stages 0.141 (3 stages: 0.252)

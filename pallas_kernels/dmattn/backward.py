@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from .config import DmattnConfig, compiler_params, dot_precision
-from .forward import LOG2E, _dot_nn, _dot_nt, dense_block_meta, query_block_index, visit_keys
+from .forward import LOG2E, _dot_nn, _dot_nt, query_block_index, query_block_inputs, visit_keys
 
 
 def _dq_kernel(*refs, scale, block_q, block_k, cap, mode, prec, nq, heavy_first):
@@ -148,19 +148,12 @@ def flash_backward(q, k, v, bias, e, o, lse, do, lists, counts, perm, *, scale, 
     kernel = functools.partial(_dq_kernel, scale=scale, block_q=bq, block_k=bk, cap=cap, mode=mode, prec=prec,
                                nq=nq, heavy_first=cfg.heavy_first)
     qspec = pl.BlockSpec((None, bq, None, d), lambda bi, hi, t: (bi, qb(t), hi, 0))
-    kvspec = pl.BlockSpec((None, length, None, d), lambda bi, hi, t: (bi, 0, hi // r, 0))
-    gspec = pl.BlockSpec((None, None, length), lambda bi, hi, t: (bi, hi // r, 0))
     rowspec = pl.BlockSpec((None, None, bq), lambda bi, hi, t: (bi, hi, qb(t)))
-    in_specs = [qspec, kvspec, kvspec, gspec, gspec, qspec, rowspec, rowspec]
-    args = [q, k, v, bias, e, do, lse, delta]
-    if mode == "sparse":
-        width = lists.shape[-1]
-        in_specs += [pl.BlockSpec((None, None, None, width), lambda bi, hi, t: (bi, hi // r, qb(t), 0)),
-                     pl.BlockSpec((None, None, 1), lambda bi, hi, t: (bi, hi // r, qb(t)))]
-        args += [lists, counts]
-    elif mode == "meta":
-        in_specs.append(pl.BlockSpec((None, None, 2), lambda bi, hi, t: (bi, qb(t), 0)))
-        args.append(dense_block_meta(e, bq, bk))
+    in_specs, args = query_block_inputs(q, k, v, bias, e, lists, counts, mode=mode, qb=qb, block_q=bq, block_k=bk,
+                                        r=r)
+    # the kernel's refs: q, k, v, bias, e, do, lse, delta, then the mode's lists / metadata
+    in_specs[5:5] = [qspec, rowspec, rowspec]
+    args[5:5] = [do, lse, delta]
     dq = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),

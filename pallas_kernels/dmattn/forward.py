@@ -157,6 +157,27 @@ def _fwd_kernel(*refs, scale, block_q, block_k, cap, mode, prec, nq, heavy_first
     lse_ref[...] = jnp.where(nonempty, (m + jnp.log2(l_safe)) * LN2, jnp.inf)  # natural-log units
 
 
+def query_block_inputs(q, k, v, bias, e, lists, counts, *, mode, qb, block_q, block_k, r):
+    """BlockSpecs and operands shared by the kernels with one program per (batch, query head, query block t):
+    q's block [block_q, D], the whole k / v / bias / e of the head's kv group, then per mode the block's key list
+    and count ("sparse") or its dense-mode metadata ("meta", `dense_block_meta`). qb(t) = the block index."""
+    length, d = q.shape[1], q.shape[3]
+    kvspec = pl.BlockSpec((None, length, None, d), lambda bi, hi, t: (bi, 0, hi // r, 0))
+    gspec = pl.BlockSpec((None, None, length), lambda bi, hi, t: (bi, hi // r, 0))
+    specs = [pl.BlockSpec((None, block_q, None, d), lambda bi, hi, t: (bi, qb(t), hi, 0)), kvspec, kvspec,
+             gspec, gspec]
+    args = [q, k, v, bias, e]
+    if mode == "sparse":
+        width = lists.shape[-1]
+        specs += [pl.BlockSpec((None, None, None, width), lambda bi, hi, t: (bi, hi // r, qb(t), 0)),
+                  pl.BlockSpec((None, None, 1), lambda bi, hi, t: (bi, hi // r, qb(t)))]
+        args += [lists, counts]
+    elif mode == "meta":
+        specs.append(pl.BlockSpec((None, None, 2), lambda bi, hi, t: (bi, qb(t), 0)))
+        args.append(dense_block_meta(e, block_q, block_k))
+    return specs, args
+
+
 def flash_forward(q, k, v, bias, e, lists, counts, *, scale, cap, cfg: DmattnConfig):
     """q [b, L, H, D], k/v [b, L, G, D], bias [b, G, L] f32, e [b, G, L] int32, lists [b, G, nq, W] / counts
     [b, G, nq] int32 or None (dense mode). L a multiple of the blocks. Returns (o [b, L, H, D], lse [b, H, L])."""
@@ -169,22 +190,8 @@ def flash_forward(q, k, v, bias, e, lists, counts, *, scale, cap, cfg: DmattnCon
     qb = query_block_index(nq, cfg.heavy_first)
     kernel = functools.partial(_fwd_kernel, scale=scale, block_q=bq, block_k=bk, cap=cap, mode=mode,
                                prec=dot_precision(q.dtype), nq=nq, heavy_first=cfg.heavy_first)
-    in_specs = [
-        pl.BlockSpec((None, bq, None, d), lambda bi, hi, t: (bi, qb(t), hi, 0)),
-        pl.BlockSpec((None, length, None, d), lambda bi, hi, t: (bi, 0, hi // r, 0)),
-        pl.BlockSpec((None, length, None, d), lambda bi, hi, t: (bi, 0, hi // r, 0)),
-        pl.BlockSpec((None, None, length), lambda bi, hi, t: (bi, hi // r, 0)),
-        pl.BlockSpec((None, None, length), lambda bi, hi, t: (bi, hi // r, 0)),
-    ]
-    args = [q, k, v, bias, e]
-    if mode == "sparse":
-        width = lists.shape[-1]
-        in_specs += [pl.BlockSpec((None, None, None, width), lambda bi, hi, t: (bi, hi // r, qb(t), 0)),
-                     pl.BlockSpec((None, None, 1), lambda bi, hi, t: (bi, hi // r, qb(t)))]
-        args += [lists, counts]
-    elif mode == "meta":
-        in_specs.append(pl.BlockSpec((None, None, 2), lambda bi, hi, t: (bi, qb(t), 0)))
-        args.append(dense_block_meta(e, bq, bk))
+    in_specs, args = query_block_inputs(q, k, v, bias, e, lists, counts, mode=mode, qb=qb, block_q=bq,
+                                        block_k=bk, r=r)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, length), jnp.float32)),

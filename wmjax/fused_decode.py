@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from wmjax.config import DogeConfig
+from wmjax.layers.norm import rms_norm
 
 __all__ = ["fused_decode_supported", "prepare_decode_params", "stack_decode_cache", "fused_decode_step",
            "DECODE_ATTENTION_IMPLS"]
@@ -93,13 +94,6 @@ def stack_decode_cache(cache, block: int = _DECODE_BLOCK):
                 mask=padc(layers[0].key_mask, 1), length=cache["length"])
 
 
-def _rms(x, weight, eps, dtype):
-    # wmjax.layers.norm.RMSNorm
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
-    return weight.astype(dtype) * x32.astype(x.dtype)
-
-
 def _linear(x, kernel, bias=None):
     # nn.Dense with dtype = kernel.dtype (operands already in the compute dtype); kernel [in, out]
     y = jax.lax.dot_general(x.astype(kernel.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
@@ -143,14 +137,14 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
     valid = (state["mask"] & (state["position"] <= positions[:, None])).astype(jnp.int32)
     new_k, new_v, new_b = [], [], []
     for li, lp in enumerate(fparams["layers"]):
-        n = _rms(x, lp["input_norm"], eps, dtype)
+        n = rms_norm(x, lp["input_norm"], eps, dtype)
         qkv = _linear(n, lp["qkv"], lp.get("qkv_bias"))
         q = qkv[:, :h * d].reshape(b, 1, h, d)
         k = qkv[:, h * d:(h + g) * d].reshape(b, 1, g, d)
         v = qkv[:, (h + g) * d:]                                               # [b, G D]
         if cfg.qk_norm:
-            q = _rms(q, lp["q_norm"], eps, dtype)
-            k = _rms(k, lp["k_norm"], eps, dtype)
+            q = rms_norm(q, lp["q_norm"], eps, dtype)
+            k = rms_norm(k, lp["k_norm"], eps, dtype)
         q = apply_rope(q, cos, sin)[:, 0]                                      # [b, H, d]
         k = apply_rope(k, cos, sin)[:, 0]                                      # [b, G, d]
         dt = _linear(v, lp["dt"], lp.get("dt_bias"))                           # [b, G]
@@ -164,7 +158,7 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
         att = att[:, :, :r].reshape(b, h * d)
         o = _linear(att, lp["o"], lp.get("o_bias"))
         x = lp["input_residual"].astype(dtype) * x + o
-        m = _rms(x, lp["post_norm"], eps, dtype)
+        m = rms_norm(x, lp["post_norm"], eps, dtype)
         gu = _linear(m, lp["gate_up"], lp.get("gate_up_bias"))
         f = cfg.intermediate_size
         ffn = _linear(jax.nn.silu(gu[:, :f]) * gu[:, f:], lp["down"], lp.get("down_bias"))
@@ -172,7 +166,7 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
         new_k.append(k_c)
         new_v.append(v_c)
         new_b.append(kb)
-    x = _rms(x, fparams["norm"], eps, dtype)
+    x = rms_norm(x, fparams["norm"], eps, dtype)
     if "lm_head" in fparams:
         logits = _linear(x, fparams["lm_head"])
     else:

@@ -11,6 +11,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+def rms_norm(x, weight, eps: float, dtype):
+    """x [..., dim] -> [..., dim]: statistics in f32, cast back to x.dtype, times weight (cast to `dtype`)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
+    return weight.astype(dtype) * x32.astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """x [..., dim] -> [..., dim]; param `weight` [dim] (init 1) with logical axes `axes`."""
 
@@ -24,7 +31,4 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, tuple(self.axes)),
                             (self.dim,), self.param_dtype)
-        input_dtype = x.dtype
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
-        return weight.astype(self.dtype) * x32.astype(input_dtype)
+        return rms_norm(x, weight, self.eps, self.dtype)

@@ -272,58 +272,87 @@ def bench_profile(args, results):
     results["profile"] = prof
 
 
-def bench_attention_kernel(args, results):
-    """The fused path's decode attention alone (pallas_kernels.decode) at Doge-160M shapes, per batch size: device
-    time per call (jax.profiler kernel table, 20 calls) for several block / warp / stage settings, against the
-    jnp reference (XLA), and the max difference to it."""
+def bench_decode_kernels(args, results):
+    """The fused decode path's kernels alone (pallas_kernels.decode) at the preset's shapes, per batch size: device
+    time per call (jax.profiler kernel table, 20 calls) for a few block / warp settings, against the jnp
+    reference (XLA), and the max difference to it. The fused step launches per layer: qkv (norm prologue),
+    attention, o (residual), gate/up (norm + SwiGLU), down (residual); per step the LM head."""
     import jax
     import jax.numpy as jnp
     from bench.kernel_profile import kernel_table
-    from pallas_kernels.decode import decode_attention_pallas, decode_attention_reference
+    from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
+                                       decode_linear_reference)
     from wmjax.config import DogeConfig
+    from wmjax.layers.rope import rope_cos_sin
     cfg = DogeConfig.preset(args.preset)
-    L, g, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    r = cfg.num_attention_heads // g
+    h, g, d, hid, ffn = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
+                         cfg.intermediate_size)
+    vocab = -(-cfg.vocab_size // 64) * 64
     c = -(-(args.prompt_len + args.new) // 64) * 64
     rng = np.random.default_rng(0)
-    rows = []
-    for bs in args.batch_sizes:
-        a = lambda *shape, dt=jnp.bfloat16: jnp.asarray(rng.normal(size=shape), dt)
-        q = jnp.pad(a(bs, g, r, d), ((0, 0), (0, 0), (0, 16 - r), (0, 0)))
-        ins = (q, a(bs, g, d), a(bs, g, d), a(bs, g, 16, dt=jnp.float32), a(L, bs, c, 2, g, d),
-               a(L, bs, g, c, dt=jnp.float32), jnp.asarray(rng.random((bs, c)) < 0.9, jnp.int32))
-        want = jax.jit(lambda *x: decode_attention_reference(*x, layer=L // 2, scale=d ** -0.5))
-        variants = [("reference (XLA)", want)]
-        for dyn, bc, nw, ns in [(True, 64, 4, 2), (False, 64, 4, 2), (True, 64, 4, 1), (True, 128, 4, 2),
-                                (True, 32, 4, 2), (True, 64, 8, 2), (True, 64, 2, 2)]:
-            lyr = jnp.int32(L // 2) if dyn else L // 2
-            f = jax.jit(lambda *x, lyr=lyr, bc=bc, nw=nw, ns=ns: decode_attention_pallas(
-                *x, layer=lyr, scale=d ** -0.5, block_c=bc, num_warps=nw, num_stages=ns))
-            variants.append((f"pallas layer={'operand' if dyn else 'static'} block_c={bc} warps={nw} stages={ns}",
-                             f))
-        ref = np.asarray(want(*ins), np.float32)
-        for name, f in variants:
-            try:
-                err = float(np.max(np.abs(np.asarray(f(*ins), np.float32) - ref)))
-                n = 20
+    bf, f32 = jnp.bfloat16, jnp.float32
+    a = lambda *shape, dt=bf, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, dt)
+    rows_out = []
 
-                def many(f=f):
-                    out = None
-                    for _ in range(n):
-                        out = f(*ins)
-                    return out
-                kt = kernel_table(many, iters=1)
-                dev_us = 1e3 * sum(k["total_ms"] for k in kt) / n
-                t0 = time.perf_counter()
-                jax.block_until_ready(many())
-                wall_us = 1e6 * (time.perf_counter() - t0) / n
-                row = dict(bs=bs, variant=name, device_us=dev_us, kernels=sum(k["count"] for k in kt) / n,
-                           wall_us=wall_us, max_abs_diff=err)
-            except Exception as e:  # noqa: BLE001
-                row = dict(bs=bs, variant=name, error=f"{type(e).__name__}: {str(e)[:200]}")
-            log("[attn-kernel]", json.dumps(row))
-            rows.append(row)
-    results["attention_kernel"] = rows
+    def measure(bs, kernel, name, f, ins, ref):
+        try:
+            got = f(*ins)
+            err = max(float(np.max(np.abs(np.asarray(x, np.float32)[:bs] - np.asarray(y, np.float32)[:bs])))
+                      for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)))
+            n = 20
+
+            def many():
+                out = None
+                for _ in range(n):
+                    out = f(*ins)
+                return out
+            kt = kernel_table(many, iters=1)
+            row = dict(bs=bs, kernel=kernel, variant=name, device_us=1e3 * sum(k["total_ms"] for k in kt) / n,
+                       kernels=sum(k["count"] for k in kt) / n, max_abs_diff=err)
+        except Exception as e:  # noqa: BLE001
+            row = dict(bs=bs, kernel=kernel, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        log("[decode-kernel]", json.dumps(row))
+        rows_out.append(row)
+
+    for bs in args.batch_sizes:
+        rows = -(-bs // 16) * 16
+        nw = a(hid, dt=f32, scale=0.1) + 1
+        linears = {
+            "qkv": ((a(rows, hid), a((h + 2 * g) * d, hid, scale=hid ** -0.5)), dict(norm_weight=nw)),
+            "o": ((a(rows, h * d), a(hid, h * d, scale=(h * d) ** -0.5)),
+                  dict(residual=a(rows, hid), residual_scale=a(hid, dt=f32))),
+            "gate_up": ((a(rows, hid), a(ffn, hid, scale=hid ** -0.5)),
+                        dict(up_weight=a(ffn, hid, scale=hid ** -0.5), norm_weight=nw)),
+            "down": ((a(rows, ffn), a(hid, ffn, scale=ffn ** -0.5)),
+                     dict(residual=a(rows, hid), residual_scale=a(hid, dt=f32))),
+            "lm_head": ((a(rows, hid), a(vocab, hid, scale=hid ** -0.5)), dict(norm_weight=nw, out_dtype=f32)),
+        }
+        for kname, (ins, kw) in linears.items():
+            want = jax.jit(lambda *x, kw=kw: decode_linear_reference(*x, **kw))
+            ref = want(*ins)
+            measure(bs, kname, "reference (XLA)", want, ins, ref)
+            blocks = [64, 128] if kname == "lm_head" else [16, 32]
+            for bn in blocks:
+                for bk, warps in [(256, 4), (128, 2)]:
+                    f = jax.jit(lambda *x, kw=kw, bn=bn, bk=bk, warps=warps: decode_linear(
+                        *x, block_n=bn, block_k=bk, num_warps=warps, **kw))
+                    measure(bs, kname, f"pallas block_n={bn} block_k={bk} warps={warps}", f, ins, ref)
+        pos = jnp.asarray(rng.integers(args.prompt_len, c - 1, size=bs))
+        cos, sin = rope_cos_sin(pos[:, None], d, cfg.rope_theta, dtype=bf)
+        valid = jnp.asarray(rng.random((bs, c)) < 0.9, jnp.int32).at[:, c // 2:].set(0)
+        ins = (a(rows, (h + 2 * g) * d), cos[:, 0], sin[:, 0], valid, jnp.int32(c // 2), nw[:d], nw[:d],
+               a(g, g * d, scale=(g * d) ** -0.5), None, a(g, dt=f32), a(bs, g, c, d), a(bs, g, c, d),
+               a(bs, g, c, dt=f32))
+        kw = dict(num_heads=h, eps=cfg.rms_norm_eps, scale=d ** -0.5)
+        want = jax.jit(lambda *x: decode_layer_attention_reference(*x[:8], None, *x[8:], **kw))
+        ins = ins[:8] + ins[9:]
+        ref = want(*ins)
+        measure(bs, "attention", "reference (XLA)", want, ins, ref)
+        for bc, warps, stages in [(64, 4, 2), (128, 4, 2), (64, 2, 2), (32, 4, 2)]:
+            f = jax.jit(lambda *x, bc=bc, warps=warps, stages=stages: decode_layer_attention(
+                *x[:8], None, *x[8:], block_c=bc, num_warps=warps, num_stages=stages, **kw))
+            measure(bs, "attention", f"pallas block_c={bc} warps={warps} stages={stages}", f, ins, ref)
+    results["decode_kernels"] = rows_out
 
 
 def main(argv=None):
@@ -341,8 +370,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", action="store_true", help="kernel tables of generate (jax.profiler) instead of timing")
     p.add_argument("--profile-top", type=int, default=40)
-    p.add_argument("--attention-kernel", action="store_true",
-                   help="time the fused path's decode attention kernel alone (variants vs the XLA reference)")
+    p.add_argument("--decode-kernels", action="store_true",
+                   help="time the fused path's decode kernels alone (block variants vs the XLA reference)")
     p.add_argument("--decode", type=lambda s: s.split(","), default=["auto"],
                    help="generate(decode=...) paths to time, comma-separated (model, fused, fused_xla, auto; e.g. model,fused_xla); the last one is "
                         "compared with transformers")
@@ -355,8 +384,8 @@ def main(argv=None):
     import jax
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     results = {"device": jax.devices()[0].device_kind, "args": vars(args)}
-    if args.attention_kernel:
-        bench_attention_kernel(args, results)
+    if args.decode_kernels:
+        bench_decode_kernels(args, results)
     elif args.profile:
         bench_profile(args, results)
     else:

@@ -1,20 +1,29 @@
-"""Decode-specialized Doge step for `wmjax.sampling.generate(decode="fused")` (experimental, off by default).
+"""Decode-specialized Doge step for `wmjax.sampling.generate(decode="fused" | "fused_xla")`.
 
-A functional copy of the Doge layer math for one token per row, shaped for decode (dense Doge with a full KV
-cache no longer than keep_window_size, so every visible key is kept and there is no per-step top-k):
+One token per row through the whole model in five kernels per layer (`pallas_kernels.decode`), where the Flax
+model's decode step launches ~25 (measured on an H100: at batch 1 a decode step is bound by the number of small
+dependent kernels, not by bytes; docs/BENCHMARKS.md, Sampling):
 
-- q/k/v projections as one matmul and gate/up as one (`prepare_decode_params` concatenates the kernels once per
-  `generate` call, inside the jit, before the loop; the params keep their HF names);
-- RoPE and the visibility mask computed once per step for all layers;
-- attention of the new token over one layer of a layer-stacked cache (`stack_decode_cache`): kv
-  [layers, b, C, 2, G, D], bias [layers, b, G, C], with the new key/value/bias as separate inputs
-  (`pallas_kernels.decode` or its jnp reference), and every layer's new entries written by one update per step.
+    qkv  = rms_norm(x; input_norm) @ [W_q; W_k; W_v]^T                    decode_linear, RMSNorm prologue
+    att, cache = attention(qkv, cache)      q/k RMSNorm, RoPE, dt_proj -> key bias, softmax over the cache and
+                                            the new token, the new key/value/bias written in place
+    x    = input_residual * x + att @ W_o^T                               decode_linear, residual epilogue
+    hid  = silu(m @ W_gate^T) * (m @ W_up^T),  m = rms_norm(x; post_norm)  decode_linear, norm + SwiGLU
+    x    = post_residual * x + hid @ W_down^T                             decode_linear, residual epilogue
 
-Same math as the model's decode step (`wmjax.sampling.decode_step`); tests/test_sampling.py checks logits and
-tokens against it. Why it is not the default: on an H100 (Doge-160M, bf16) its XLA part costs ~20% less device
-time than the model's decode step, but its Pallas attention kernel measured 22 us (bs 16) to 224 us (bs 1) per
-layer, so the whole step was slower (docs/BENCHMARKS.md, Sampling). `attention="reference"` runs the attention in
-XLA instead (not yet measured on a GPU).
+and once per step the embedding gather, RoPE cos/sin, the visibility mask and the final norm + LM head (one more
+decode_linear). The weights are stored [out, in] (each kernel program reads contiguous rows), transposed and
+concatenated once per `generate` call inside the jit, before the decode loop (`prepare_decode_params`). Rows are
+padded to a multiple of 16 (tensor-core dots); only the real rows touch the cache.
+
+The cache is per layer: keys / values [b, G, C, D] (C rounded up to the attention kernel's block), key bias
+[b, G, C] f32, and one position / mask [b, C] shared by every layer (`decode_state_from_cache`).
+
+Applies to dense Doge with a full cache no longer than keep_window_size (every visible key is kept, no per-step
+top-k): `fused_decode_supported`. Same math as the model's decode step (`wmjax.sampling.decode_step`), with each
+elementwise step rounded to the compute dtype as the model's jnp code; tests/test_sampling.py checks logits and
+tokens against it. implementation "pallas" runs the kernels, "interpret" the kernels in Pallas interpret mode
+(tests), "reference" their plain-jnp references (XLA; `decode="fused_xla"`).
 """
 
 from __future__ import annotations
@@ -23,162 +32,147 @@ import jax
 import jax.numpy as jnp
 
 from wmjax.config import DogeConfig
-from wmjax.layers.norm import rms_norm
 
-__all__ = ["fused_decode_supported", "prepare_decode_params", "stack_decode_cache", "fused_decode_step",
-           "DECODE_ATTENTION_IMPLS"]
+__all__ = ["fused_decode_supported", "prepare_decode_params", "decode_state_from_cache", "fused_decode_step",
+           "DECODE_IMPLS"]
 
-DECODE_ATTENTION_IMPLS = ("pallas", "reference", "interpret")
+DECODE_IMPLS = ("pallas", "reference", "interpret")
 
-
-_DECODE_BLOCK = 64  # cache slots per block of the decode attention kernel; the stacked cache is padded to it
+_ROWS = 16          # rows are padded to a multiple of this (tensor-core dots need M >= 16)
+_CACHE_BLOCK = 64   # cache slots per block of the attention kernel; the cache is padded to a multiple of it
+_LOGITS_BLOCK = 64  # output columns per program of the LM head (vocab padded to a multiple of it)
 
 
 def fused_decode_supported(config, cache_kind: str, cache_length: int) -> bool:
     """Whether `fused_decode_step` computes exactly what the model's decode step does for this setup: dense Doge
     (no MoE, attention layers only), full cache no longer than keep_window_size (every visible key is kept, so
-    no per-step top-k), no sliding window, bias heads = kv heads (HF layout), power-of-two head_dim."""
+    no per-step top-k), no sliding window, bias heads = kv heads (HF layout), power-of-two head_dim, and
+    hidden / ffn / heads x head_dim sizes that are multiples of 16 (the projection kernel's blocks)."""
     layer_types = getattr(config, "layer_types", None)
     d = config.head_dim
-    return (isinstance(config, DogeConfig) and not config.is_moe and cache_kind == "full" and config.sliding_window is None
+    return (isinstance(config, DogeConfig) and not config.is_moe and cache_kind == "full"
+            and config.sliding_window is None
             and (layer_types is None or all(t == "attention" for t in layer_types))
-            and config.num_bias_heads == config.num_key_value_heads and d & (d - 1) == 0
+            and config.num_bias_heads == config.num_key_value_heads and d >= 8 and d & (d - 1) == 0
+            and all(n % 16 == 0 for n in (config.hidden_size, config.intermediate_size,
+                                          config.num_attention_heads * d))
             and cache_length <= config.keep_window_size)
 
 
+def _block(n: int, prefer: int) -> int:
+    """The largest power of two <= prefer (and >= 16) dividing n."""
+    blk = prefer
+    while blk > 16 and n % blk:
+        blk //= 2
+    return blk
+
+
 def prepare_decode_params(config, params, dtype):
-    """Per layer: the q/k/v kernels concatenated into one [hidden, (H + 2G) D] kernel and gate/up into one
-    [hidden, 2F] kernel (in the compute dtype, as nn.Dense casts them), plus the small params as they are. Runs
-    inside the jit, once per `generate` call (a copy of the projection weights), not per step."""
+    """The model's params -> the decode kernels' operands: per layer the q/k/v kernels concatenated and
+    transposed to [(H + 2G) D, hidden], o [hidden, H D], gate / up [F, hidden], down [hidden, F], dt_proj
+    transposed to [G, G D] (all in the compute dtype, as nn.Dense casts them), norms, residual scales, A, biases;
+    the LM head [V', hidden] (the tied embedding or the untied head, transposed; V' = vocab rounded up to the
+    head's block). Runs inside the jit, once per `generate` call, before the decode loop."""
     m = params["model"]
     cast = lambda x: jnp.asarray(x).astype(dtype)
+    t = lambda x: cast(x).T
+    d = config.head_dim
+    ones = jnp.ones((d,), dtype)
     layers = []
     for i in range(config.num_hidden_layers):
         lp = m[f"layers_{i}"]
         at, mlp = lp["self_attn"], lp["mlp"]
         qkv = [at["q_proj"], at["k_proj"], at["v_proj"]]
-        gu = [mlp["gate_proj"], mlp["up_proj"]]
         layer = dict(
             input_norm=lp["input_layernorm"]["weight"], post_norm=lp["post_attention_layernorm"]["weight"],
             input_residual=lp["input_residual"], post_residual=lp["post_attention_residual"],
-            qkv=(jnp.concatenate([cast(p["kernel"]) for p in qkv], axis=1)),
-            o=(cast(at["o_proj"]["kernel"])), dt=(cast(at["dt_proj"]["kernel"])), A=at["A"],
-            gate_up=(jnp.concatenate([cast(p["kernel"]) for p in gu], axis=1)),
-            down=(cast(mlp["down_proj"]["kernel"])))
+            qkv=jnp.concatenate([t(p["kernel"]) for p in qkv], axis=0), o=t(at["o_proj"]["kernel"]),
+            dt=t(at["dt_proj"]["kernel"]), A=at["A"], gate=t(mlp["gate_proj"]["kernel"]),
+            up=t(mlp["up_proj"]["kernel"]), down=t(mlp["down_proj"]["kernel"]),
+            q_norm=at["q_norm"]["weight"] if config.qk_norm else ones,
+            k_norm=at["k_norm"]["weight"] if config.qk_norm else ones)
         if config.attention_bias:
             layer["qkv_bias"] = jnp.concatenate([cast(p["bias"]) for p in qkv])
             layer["o_bias"], layer["dt_bias"] = cast(at["o_proj"]["bias"]), cast(at["dt_proj"]["bias"])
         if config.mlp_bias:
-            layer["gate_up_bias"] = jnp.concatenate([cast(p["bias"]) for p in gu])
+            layer["gate_bias"], layer["up_bias"] = cast(mlp["gate_proj"]["bias"]), cast(mlp["up_proj"]["bias"])
             layer["down_bias"] = cast(mlp["down_proj"]["bias"])
-        if config.qk_norm:
-            layer["q_norm"], layer["k_norm"] = at["q_norm"]["weight"], at["k_norm"]["weight"]
         layers.append(layer)
-    out = dict(embedding=m["embed_tokens"]["embedding"], norm=m["norm"]["weight"], layers=tuple(layers))
-    if not config.tie_word_embeddings:
-        out["lm_head"] = (cast(params["lm_head"]["kernel"]))
-    return out
+    head = (cast(m["embed_tokens"]["embedding"]) if config.tie_word_embeddings
+            else t(params["lm_head"]["kernel"]))
+    head = jnp.pad(head, ((0, -head.shape[0] % _LOGITS_BLOCK), (0, 0)))
+    return dict(embedding=m["embed_tokens"]["embedding"], norm=m["norm"]["weight"], lm_head=head,
+                layers=tuple(layers))
 
 
-def stack_decode_cache(cache, block: int = _DECODE_BLOCK):
-    """The model's full cache -> the fused decode state: kv [L, b, C', 2, G, D] (keys, values), bias
-    [L, b, G, C'] f32, position / mask [b, C'] (identical in every layer: one copy), length; C' = C rounded up
-    to `block` (the extra slots are never valid)."""
+def decode_state_from_cache(cache, block: int = _CACHE_BLOCK):
+    """The model's full cache (after prefill) -> the fused decode state: per layer keys / values
+    [b, G, C', D] and key bias [b, G, C'] f32, one position / mask [b, C'] (identical in every layer), length;
+    C' = C rounded up to `block` (the extra slots are never valid)."""
     layers = cache["layers"]
-    c = layers[0].key.shape[1]
-    pad = -c % block
+    pad = -layers[0].key.shape[1] % block
     padc = lambda x, axis: jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
-    kv = jnp.stack([jnp.stack([lc.key, lc.value], axis=2) for lc in layers])
-    bias = jnp.stack([lc.key_bias for lc in layers])
-    return dict(kv=padc(kv, 2), bias=padc(bias, 3), position=padc(layers[0].key_position, 1),
-                mask=padc(layers[0].key_mask, 1), length=cache["length"])
-
-
-def _linear(x, kernel, bias=None):
-    # nn.Dense with dtype = kernel.dtype (operands already in the compute dtype); kernel [in, out]
-    y = jax.lax.dot_general(x.astype(kernel.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    return y if bias is None else y + bias
-
-
-def _decode_attention(q, k_new, v_new, bias_new, kv, bias, valid, *, layer, scale, implementation):
-    from pallas_kernels.decode import decode_attention_pallas, decode_attention_reference
-    if implementation in ("pallas", "interpret"):
-        # the layer index as an operand: one compiled kernel for all layers (baked in, each layer launched its own
-        # kernel variant, measured slow; see docs/BENCHMARKS.md)
-        return decode_attention_pallas(q, k_new, v_new, bias_new, kv, bias, valid, layer=jnp.int32(layer),
-                                       scale=scale, interpret=implementation == "interpret")
-    return decode_attention_reference(q, k_new, v_new, bias_new, kv, bias, valid, layer=layer, scale=scale)
+    return dict(keys=tuple(padc(lc.key.transpose(0, 2, 1, 3), 2) for lc in layers),
+                values=tuple(padc(lc.value.transpose(0, 2, 1, 3), 2) for lc in layers),
+                biases=tuple(padc(lc.key_bias, 2) for lc in layers),
+                position=padc(layers[0].key_position, 1), mask=padc(layers[0].key_mask, 1),
+                length=cache["length"])
 
 
 def fused_decode_step(config, dtype, fparams, state, tokens, positions, implementation=None):
-    """One token per row ([b]) at `positions` [b] through the whole model, decode-specialized (see the module
-    docstring); `fparams` from `prepare_decode_params`, `state` from `stack_decode_cache`.
-    Returns (logits [b, V] f32, new state). implementation: "pallas" | "reference" | "interpret" (the kernel in
-    Pallas interpret mode, for tests) | None (pallas on GPU, else reference)."""
-    from wmjax.layers.rope import apply_rope, rope_cos_sin
+    """One token per row (tokens [b]) at `positions` [b] through the whole model (see the module docstring);
+    `fparams` from `prepare_decode_params`, `state` from `decode_state_from_cache`.
+    Returns (logits [b, V] f32, new state). implementation: "pallas" | "reference" | "interpret" | None (pallas
+    on GPU, else reference)."""
+    from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
+                                       decode_linear_reference)
+    from wmjax.layers.rope import rope_cos_sin
     cfg = config
     if implementation is None:
         implementation = "pallas" if jax.default_backend() == "gpu" else "reference"
-    if implementation not in DECODE_ATTENTION_IMPLS:
-        raise ValueError(f"fused_decode_step: implementation={implementation!r}; expected one of "
-                         f"{DECODE_ATTENTION_IMPLS} or None")
-    b = tokens.shape[0]
-    h, g, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    r = h // g
-    rp = max(16, 1 << (r - 1).bit_length()) if implementation in ("pallas", "interpret") else r
-    eps, scale = cfg.rms_norm_eps, d ** -0.5
-    kv, kbias, length = state["kv"], state["bias"], state["length"]
-    cdt = kv.dtype
-    emb = fparams["embedding"].astype(dtype)
-    x = jnp.take(emb, tokens, axis=0)                                          # [b, hidden]
-    cos, sin = rope_cos_sin(positions[:, None], d, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
-                            cfg.max_position_embeddings, dtype=dtype)          # [b, 1, d]
-    # cached slots visible to this token (the token itself is handled by the attention separately)
-    valid = (state["mask"] & (state["position"] <= positions[:, None])).astype(jnp.int32)
-    new_k, new_v, new_b = [], [], []
-    for li, lp in enumerate(fparams["layers"]):
-        n = rms_norm(x, lp["input_norm"], eps, dtype)
-        qkv = _linear(n, lp["qkv"], lp.get("qkv_bias"))
-        q = qkv[:, :h * d].reshape(b, 1, h, d)
-        k = qkv[:, h * d:(h + g) * d].reshape(b, 1, g, d)
-        v = qkv[:, (h + g) * d:]                                               # [b, G D]
-        if cfg.qk_norm:
-            q = rms_norm(q, lp["q_norm"], eps, dtype)
-            k = rms_norm(k, lp["k_norm"], eps, dtype)
-        q = apply_rope(q, cos, sin)[:, 0]                                      # [b, H, d]
-        k = apply_rope(k, cos, sin)[:, 0]                                      # [b, G, d]
-        dt = _linear(v, lp["dt"], lp.get("dt_bias"))                           # [b, G]
-        kb = jnp.exp(lp["A"].astype(jnp.float32) * jax.nn.softplus(dt.astype(jnp.float32)))
-        k_c, v_c = k.astype(cdt), v.reshape(b, g, d).astype(cdt)
-        qg = q.reshape(b, g, r, d)
-        if rp != r:
-            qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
-        att = _decode_attention(qg, k_c, v_c, jnp.broadcast_to(kb[:, :, None], (b, g, rp)), kv, kbias, valid,
-                                layer=li, scale=scale, implementation=implementation)
-        att = att[:, :, :r].reshape(b, h * d)
-        o = _linear(att, lp["o"], lp.get("o_bias"))
-        x = lp["input_residual"].astype(dtype) * x + o
-        m = rms_norm(x, lp["post_norm"], eps, dtype)
-        gu = _linear(m, lp["gate_up"], lp.get("gate_up_bias"))
-        f = cfg.intermediate_size
-        ffn = _linear(jax.nn.silu(gu[:, :f]) * gu[:, f:], lp["down"], lp.get("down_bias"))
-        x = lp["post_residual"].astype(dtype) * x + ffn
-        new_k.append(k_c)
-        new_v.append(v_c)
-        new_b.append(kb)
-    x = rms_norm(x, fparams["norm"], eps, dtype)
-    if "lm_head" in fparams:
-        logits = _linear(x, fparams["lm_head"])
+    if implementation not in DECODE_IMPLS:
+        raise ValueError(f"fused_decode_step: implementation={implementation!r}; expected one of {DECODE_IMPLS} "
+                         "or None")
+    if implementation == "reference":
+        linear, attention = decode_linear_reference, decode_layer_attention_reference
     else:
-        logits = jnp.dot(x, emb.T)
-    # every layer's new entries, one update each: kv [L, b, 1, 2, G, D], bias [L, b, G, 1]
-    upd = jnp.stack([jnp.stack(new_k), jnp.stack(new_v)], axis=2)[:, :, None]
+        interpret = implementation == "interpret"
+
+        def linear(x, w, **kw):
+            return decode_linear(x, w, block_n=_block(w.shape[0], kw.pop("block_n", 16)),
+                                 block_k=_block(x.shape[1], 256), interpret=interpret, **kw)
+
+        def attention(*args, **kw):
+            return decode_layer_attention(*args, block_c=_CACHE_BLOCK, interpret=interpret, **kw)
+    b = tokens.shape[0]
+    rows = -(-b // _ROWS) * _ROWS
+    d, eps = cfg.head_dim, cfg.rms_norm_eps
+    x = jnp.take(fparams["embedding"].astype(dtype), jnp.pad(tokens, (0, rows - b)), axis=0)   # [rows, hidden]
+    cos, sin = rope_cos_sin(positions[:, None], d, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
+                            cfg.max_position_embeddings, dtype=dtype)
+    cos, sin = cos[:, 0], sin[:, 0]                                                            # [b, D]
+    # cached slots visible to this token (the token itself is handled inside the attention)
+    valid = (state["mask"] & (state["position"] <= positions[:, None])).astype(jnp.int32)
+    slot = state["length"]
+    keys, values, biases = list(state["keys"]), list(state["values"]), list(state["biases"])
+    for li, lp in enumerate(fparams["layers"]):
+        qkv = linear(x, lp["qkv"], norm_weight=lp["input_norm"], eps=eps, bias=lp.get("qkv_bias"))
+        att, keys[li], values[li], biases[li] = attention(
+            qkv, cos, sin, valid, slot, lp["q_norm"], lp["k_norm"], lp["dt"], lp.get("dt_bias"), lp["A"],
+            keys[li], values[li], biases[li], num_heads=cfg.num_attention_heads, eps=eps, scale=d ** -0.5,
+            qk_norm=cfg.qk_norm)
+        x = linear(att, lp["o"], bias=lp.get("o_bias"), residual=x, residual_scale=lp["input_residual"])
+        hid = linear(x, lp["gate"], up_weight=lp["up"], norm_weight=lp["post_norm"], eps=eps,
+                     bias=lp.get("gate_bias"), up_bias=lp.get("up_bias"))
+        x = linear(hid, lp["down"], bias=lp.get("down_bias"), residual=x, residual_scale=lp["post_residual"])
+    head = fparams["lm_head"]
+    extra = dict(block_n=_LOGITS_BLOCK) if implementation != "reference" else {}
+    logits = linear(x, head, norm_weight=fparams["norm"], eps=eps, out_dtype=jnp.float32, **extra)
     zero = jnp.zeros((), jnp.int32)
     new_state = dict(
-        kv=jax.lax.dynamic_update_slice(kv, upd, (zero, zero, length, zero, zero, zero)),
-        bias=jax.lax.dynamic_update_slice(kbias, jnp.stack(new_b)[..., None], (zero, zero, zero, length)),
+        keys=tuple(keys), values=tuple(values), biases=tuple(biases),
         position=jax.lax.dynamic_update_slice(state["position"], positions[:, None].astype(jnp.int32),
-                                              (zero, length)),
-        mask=jax.lax.dynamic_update_slice(state["mask"], jnp.ones((b, 1), bool), (zero, length)),
-        length=length + 1)
-    return logits.astype(jnp.float32), new_state
+                                              (zero, slot)),
+        mask=jax.lax.dynamic_update_slice(state["mask"], jnp.ones((b, 1), bool), (zero, slot)),
+        length=slot + 1)
+    return logits[:b, :cfg.vocab_size], new_state

@@ -23,10 +23,11 @@ Stop tokens: `stop_tokens` = None (config.eos_token_id, if any), a list of ids f
 every row has stopped or max_new_tokens were generated.
 
 Decode path (`decode=`): "model" runs every decode step through the Flax model (`decode_step`); "fused" through
-`wmjax.fused_decode.fused_decode_step`, an experimental decode-specialized step for dense Doge with a full cache
-that fits keep_window_size (concatenated projections, a layer-stacked cache written once per step, attention on
-`pallas_kernels.decode` on GPU); "fused_xla" is the same step with its attention in XLA. "auto" (default) is
-"model": on an H100 the fused step measured slower (its Pallas attention kernel; docs/BENCHMARKS.md, Sampling).
+`wmjax.fused_decode.fused_decode_step`, a decode-specialized step for dense Doge with a full cache that fits
+keep_window_size (five `pallas_kernels.decode` kernels per layer on GPU: projections with the norm / residual /
+SwiGLU fused in, and the layer's attention with q/k norm, RoPE, key bias and the cache write fused in);
+"fused_xla" is the same step through the kernels' jnp references (XLA). "auto" (default) is "model" (see
+docs/BENCHMARKS.md, Sampling, for the measured paths).
 
 Streaming: `callback(step, tokens [b] np.int32, active [b] np.bool)` is called on the host once per generated
 token position (through `jax.debug.callback`; `active` is False for rows already stopped before this step).
@@ -227,10 +228,10 @@ def _generate_jit(params, input_ids, attention_mask, stop_ids, key, *, model, ma
         return (i < max_new_tokens) & ~jnp.all(done)
 
     if decode in ("fused", "fused_xla"):
-        from wmjax.fused_decode import fused_decode_step, prepare_decode_params, stack_decode_cache
+        from wmjax.fused_decode import decode_state_from_cache, fused_decode_step, prepare_decode_params
         impl = "reference" if decode == "fused_xla" else None
         fparams = prepare_decode_params(cfg, params, model.dtype)
-        cache = stack_decode_cache(cache)
+        cache = decode_state_from_cache(cache)
         step = lambda cache, tok, pos: fused_decode_step(cfg, model.dtype, fparams, cache, tok, pos, impl)
     else:
         step = lambda cache, tok, pos: decode_step(model, params, cache, tok, pos)

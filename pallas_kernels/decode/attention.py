@@ -1,28 +1,28 @@
-"""Pallas (Triton backend) single-token decode attention over a layer-stacked full KV cache.
+"""Pallas (Triton backend) decode attention of one Doge layer: from the fused q/k/v projection to the attention
+output, with the layer's new key/value/bias written into its cache in place.
 
-One query token per row attends to the cached keys of one layer plus its own (new) key, with the DMA rule of
-`wmjax.cache.kv_decode_attention` for a cache no longer than keep_window_size (every visible key is kept):
+One query token per row. Per (row, kv head g) one program does, for the Doge layer of `wmjax.layers.attention`
+(HF `DogeAttention`) with a full KV cache no longer than keep_window_size (every visible key is kept):
 
-    s_c   = (q . k_c) * scale + (bias_c if valid_c else finfo(f32).min)     c = cached slots of layer `layer`
-    s_new = (q . k_new) * scale + bias_new                                  (the token being fed; always visible)
-    out   = softmax([s, s_new]) @ [V; v_new]
+    q_h = rope(rms_norm(q_h; q_norm)),  k_g = rope(rms_norm(k_g; k_norm))     h = g R .. g R + R - 1
+    dt_g = v . W_dt[g] (+ b_dt[g]),     bias_g = exp(A_g * softplus(dt_g))    (v = all kv heads' values)
+    s_c  = (q_h . K_c) * scale + (bias_c if valid_c else finfo(f32).min)        c = cached slots
+    s_n  = (q_h . k_g) * scale + bias_g                                         (the new token, always visible)
+    out_h = softmax([s, s_n]) @ [V; v_g]
+    cache[slot] <- (k_g, v_g, bias_g)
 
-computed flash-decoding style in one program per (row, kv head): a loop over blocks of `block_c` cached slots
-with an online softmax, started from the new token. The new key/value/bias are separate inputs, so the caller
-can write every layer's new entries into the stacked cache once per step (one dynamic_update_slice) instead of
-five writes per layer before the attention.
+rope(x) = x * cos + rotate_half(x) * sin, worked on the two halves of head_dim so there is no concatenate; each
+elementwise step is rounded to the compute dtype as the model's jnp code is. Scores and p @ V use exact f32
+products of the (compute-dtype) inputs with f32 sums, like the model's HIGHEST-precision einsums; the softmax is
+the online (flash-decoding) form over blocks of `block_c` slots, started from the new token.
 
-Layouts: q [b, G, R, D] (R = query heads per kv head, padded to a power of two >= 16 with zero rows);
-k_new, v_new [b, G, D] (cache dtype); bias_new [b, G, R] f32 (the new key's bias, per query row);
-kv [L, b, C, 2, G, D] (keys at [..., 0, :, :], values at [..., 1, :, :]); bias [L, b, G, C] f32;
-valid [b, C] int32 (1 = slot holds a real token visible to the query). C a multiple of block_c. The layer is a
-Python int (baked into the block index maps: one compiled kernel per layer) or an int32 scalar operand (one
-kernel for every layer, indexing the layer inside).
-Scores: dot of q and keys in q's dtype with f32 accumulation (exact products of bf16 inputs); softmax in f32;
-probabilities (f32) times values: for f32 inputs an IEEE f32 dot (not TF32); for bf16/f16 inputs the f32
-probabilities split into hi + lo half-precision parts, two tensor-core dots with f32 accumulation (relative
-error of p below 2^-16; the values are exact in their dtype). Every `pallas_call` names the
-Triton backend (CompilerParams), so jax 0.10 and 0.11 lower the same way.
+Layouts: qkv [rows, (H + 2G) D] (the fused projection's output: q heads, k heads, v heads; only the first
+`batch` rows are read); cos, sin [batch, D]; valid [batch, C] int32 (1 = slot holds a token visible to this
+query; the slot being written is not valid); slot [1] int32; q_norm, k_norm [D]; dt_weight [G, G D] (the
+transpose of dt_proj's kernel); dt_bias [G] or None; A [G]; key/value caches [batch, G, C, D]; bias cache
+[batch, G, C] f32. C a multiple of block_c. Output: att [rows, H D] in the compute dtype (rows >= batch are not
+written) and the three caches (aliased to the inputs: updated in place on GPU).
+`decode_layer_attention_reference` is the same computation in plain jnp and defines its meaning.
 """
 
 from __future__ import annotations
@@ -35,118 +35,206 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-__all__ = ["decode_attention_pallas", "decode_attention_reference"]
+__all__ = ["decode_layer_attention", "decode_layer_attention_reference"]
 
 _F32 = jnp.float32
-_DEBUG = False
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
-def _kernel(*refs, scale, block_c, n_blocks, dynamic_layer):
-    if dynamic_layer:  # the refs hold every layer; the layer index is an operand
-        lyr_ref, q_ref, kn_ref, vn_ref, bn_ref, k_ref, v_ref, b_ref, valid_ref, o_ref = refs
-        at = (lyr_ref[0],)
+def _softplus(x):
+    # jax.nn.softplus(x) = logaddexp(x, 0) = max(x, 0) + log1p(exp(-|x|))
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _kernel(slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest, heads_per_group,
+            kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias):
+    if has_dt_bias:
+        dtb_ref, a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
     else:
-        q_ref, kn_ref, vn_ref, bn_ref, k_ref, v_ref, b_ref, valid_ref, o_ref = refs
-        at = ()
-    q = q_ref[...]                                   # [R, D]
-    qprec = lax.Precision.HIGHEST if q.dtype == _F32 else None
-    kn = kn_ref[...].astype(q.dtype).astype(_F32)    # [D]
-    vn = vn_ref[...].astype(q.dtype).astype(_F32)    # [D]
-    s_new = jnp.sum(q.astype(_F32) * kn[None, :], axis=1) * scale + bn_ref[...]  # [R]
-    m = s_new
-    l = jnp.ones_like(s_new)
-    acc = jnp.zeros((q.shape[0], q.shape[1]), _F32) + vn[None, :]
+        dtb_ref = None
+        a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
+    g = pl.program_id(1)
+    d, half, r_n = head_dim, head_dim // 2, heads_per_group
+    dtype = att_ref.dtype
+    cdt = k_out.dtype
+    rnd = lambda x: x.astype(dtype)
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    cos_a, cos_b = cos_ref[lo].astype(_F32), cos_ref[hi].astype(_F32)
+    sin_a, sin_b = sin_ref[lo].astype(_F32), sin_ref[hi].astype(_F32)
+
+    def norm_rope(base, w_ref):
+        a, b = qkv_ref[pl.ds(base, half)], qkv_ref[pl.ds(base + half, half)]
+        if qk_norm:
+            a32, b32 = a.astype(_F32), b.astype(_F32)
+            rstd = 1.0 / jnp.sqrt((jnp.sum(a32 * a32) + jnp.sum(b32 * b32)) / d + eps)
+            a = w_ref[lo].astype(dtype) * (a32 * rstd).astype(a.dtype)
+            b = w_ref[hi].astype(dtype) * (b32 * rstd).astype(b.dtype)
+        a32, b32 = rnd(a).astype(_F32), rnd(b).astype(_F32)
+        ra = rnd(rnd(a32 * cos_a).astype(_F32) + rnd(-b32 * sin_a).astype(_F32))
+        rb = rnd(rnd(b32 * cos_b).astype(_F32) + rnd(a32 * sin_b).astype(_F32))
+        return ra, rb
+
+    h_all = r_n * kv_heads
+    k_base = h_all * d + g * d
+    v_base = (h_all + kv_heads) * d
+    # the new key (normed, rotated) and value, in the cache dtype as stored
+    ka, kb = norm_rope(k_base, kn_ref)
+    ka, kb = ka.astype(cdt), kb.astype(cdt)
+    va, vb = qkv_ref[pl.ds(v_base + g * d, half)].astype(cdt), qkv_ref[pl.ds(v_base + g * d + half, half)].astype(cdt)
+    # dt_proj over all kv heads' values -> this head's key bias
+    dt = None
+    for j in range(kv_heads):
+        vj = qkv_ref[pl.ds(v_base + j * d, d)].astype(dtype).astype(_F32)
+        part = jnp.sum(vj * wdt_ref[pl.ds(j * d, d)].astype(dtype).astype(_F32))
+        dt = part if dt is None else dt + part
+    dt = rnd(dt)
+    if has_dt_bias:
+        dt = rnd(dt.astype(_F32) + dtb_ref[...].astype(dtype).astype(_F32))          # [1]
+    bias_new = jnp.exp(a_ref[...].astype(_F32) * _softplus(dt.astype(_F32)))        # [1]
+
+    # cache writes (this program owns row i, kv head g; the slot is not read as valid this step)
+    slot = slot_ref[0]
+    k_out[pl.ds(slot, 1), lo] = ka[None, :]
+    k_out[pl.ds(slot, 1), hi] = kb[None, :]
+    v_out[pl.ds(slot, 1), lo] = va[None, :]
+    v_out[pl.ds(slot, 1), hi] = vb[None, :]
+    b_out[pl.ds(slot, 1)] = bias_new
+
+    kna, knb = ka.astype(dtype).astype(_F32), kb.astype(dtype).astype(_F32)
+    vna, vnb = va.astype(dtype).astype(_F32), vb.astype(dtype).astype(_F32)
+    qs, carry = [], []
+    for r in range(r_n):
+        qa, qb = norm_rope((g * r_n + r) * d, qn_ref)
+        qa, qb = qa.astype(_F32), qb.astype(_F32)
+        qs.append((qa, qb))
+        s_new = (jnp.sum(qa * kna) + jnp.sum(qb * knb)) * scale + jnp.sum(bias_new)
+        carry += [s_new, jnp.float32(1.0), vna, vnb]            # m, l, acc_a, acc_b
     neg = jnp.finfo(_F32).min
 
     def body(j, carry):
-        m, l, acc = carry
-        c0 = pl.multiple_of(j * block_c, block_c)
-        cols = pl.ds(c0, block_c)
-        kc = k_ref[at + (cols, slice(None))].astype(q.dtype)                                      # [BC, D]
-        s = lax.dot_general(q, kc, _NT, precision=qprec, preferred_element_type=_F32) * scale   # [R, BC]
-        add = jnp.where(valid_ref[cols] != 0, b_ref[at + (cols,)], neg)                # [BC]
-        s = s + add[None, :]
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        vc = v_ref[at + (cols, slice(None))].astype(q.dtype)                                      # [BC, D]
-        if q.dtype == _F32:
-            pv = lax.dot_general(p, vc, _NN, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
-        else:
-            # f32 probabilities as hi + lo half-precision parts on the tensor cores (an IEEE f32 dot runs on FMA
-            # units): p - hi - lo is below 2^-16 |p|, far under the output's own rounding
-            p_hi = p.astype(q.dtype)
-            p_lo = (p - p_hi.astype(_F32)).astype(q.dtype)
-            pv = (lax.dot_general(p_hi, vc, _NN, preferred_element_type=_F32)
-                  + lax.dot_general(p_lo, vc, _NN, preferred_element_type=_F32))
-        return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+        cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
+        kc_a = k_ref[cols, lo].astype(dtype).astype(_F32)                 # [BC, D/2]
+        kc_b = k_ref[cols, hi].astype(dtype).astype(_F32)
+        vc_a = v_ref[cols, lo].astype(dtype).astype(_F32)
+        vc_b = v_ref[cols, hi].astype(dtype).astype(_F32)
+        add = jnp.where(valid_ref[cols] != 0, b_ref[cols], neg)          # [BC]
+        out = []
+        for r in range(r_n):
+            m, l, acc_a, acc_b = carry[4 * r:4 * r + 4]
+            qa, qb = qs[r]
+            s = (jnp.sum(kc_a * qa[None, :], axis=1) + jnp.sum(kc_b * qb[None, :], axis=1)) * scale + add
+            m_new = jnp.maximum(m, jnp.max(s))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new)                                       # [BC]
+            out += [m_new, l * alpha + jnp.sum(p), acc_a * alpha + jnp.sum(p[:, None] * vc_a, axis=0),
+                    acc_b * alpha + jnp.sum(p[:, None] * vc_b, axis=0)]
+        return tuple(out)
 
-    m, l, acc = lax.fori_loop(0, n_blocks, body, (m, l, acc))
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    carry = lax.fori_loop(0, n_blocks, body, tuple(carry))
+    for r in range(r_n):
+        _, l, acc_a, acc_b = carry[4 * r:4 * r + 4]
+        base = (g * r_n + r) * d
+        att_ref[pl.ds(base, half)] = (acc_a / l).astype(dtype)
+        att_ref[pl.ds(base + half, half)] = (acc_b / l).astype(dtype)
 
 
-def decode_attention_pallas(q, k_new, v_new, bias_new, kv, bias, valid, *, layer, scale: float,
-                            block_c: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
-    """Returns [b, G, R, D] in q.dtype. See the module docstring for layouts.
+def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c):
+    b, g, c, d = key_cache.shape
+    problems = []
+    if qkv.shape[1] != (num_heads + 2 * g) * d or qkv.shape[0] < b:
+        problems.append(f"qkv {qkv.shape} is not [rows >= {b}, (H={num_heads} + 2 G={g}) D={d}]")
+    if num_heads % g:
+        problems.append(f"num_heads {num_heads} is not a multiple of kv heads {g}")
+    if cos.shape != (b, d) or valid.shape != (b, c):
+        problems.append(f"cos {cos.shape} / valid {valid.shape} are not [{b}, {d}] / [{b}, {c}]")
+    if q_norm.shape != (d,) or dt_weight.shape != (g, g * d) or A.shape != (g,):
+        problems.append(f"q_norm {q_norm.shape}, dt_weight {dt_weight.shape}, A {A.shape} are not "
+                        f"[{d}], [{g}, {g * d}], [{g}]")
+    if bias_cache.shape != (b, g, c):
+        problems.append(f"bias cache {bias_cache.shape} != {(b, g, c)}")
+    if d < 8 or d & (d - 1):
+        problems.append(f"head_dim {d} must be a power of two >= 8")
+    if block_c < 16 or block_c & (block_c - 1) or c % block_c:
+        problems.append(f"cache length {c} must be a multiple of block_c={block_c} (a power of two >= 16)")
+    if problems:
+        raise ValueError("decode_layer_attention: " + "; ".join(problems))
 
-    layer: a Python int (baked into the block index maps: one compiled kernel per layer) or an int32 scalar
-    array (an operand read in the kernel: one kernel for every layer)."""
-    b, g, r, d = q.shape
-    nl, _, c, two, g2, _ = kv.shape
-    dynamic = not isinstance(layer, int)
-    if two != 2 or g2 != g or (not dynamic and not 0 <= layer < nl):
-        raise ValueError(f"decode_attention_pallas: kv {kv.shape} does not fit q {q.shape} / layer {layer}")
-    if c % block_c:
-        raise ValueError(f"decode_attention_pallas: cache length {c} must be a multiple of block_c={block_c}")
-    if r < 16 or r & (r - 1) or d & (d - 1):
-        raise ValueError(f"decode_attention_pallas: query rows per kv head {r} (a power of two >= 16) and "
-                         f"head_dim {d} (a power of two) needed; the caller pads")
-    kern = functools.partial(_kernel, scale=float(scale), block_c=block_c, n_blocks=c // block_c,
-                             dynamic_layer=dynamic)
-    if dynamic:
-        lspecs = [pl.BlockSpec((nl, None, c, None, None, d), lambda ib, ig: (0, ib, 0, 0, ig, 0)),   # keys
-                  pl.BlockSpec((nl, None, c, None, None, d), lambda ib, ig: (0, ib, 0, 1, ig, 0)),   # values
-                  pl.BlockSpec((nl, None, None, c), lambda ib, ig: (0, ib, ig, 0))]                  # bias
-        lead_specs = [pl.BlockSpec((1,), lambda ib, ig: (0,))]
-        lead = (jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),)
-    else:
-        lspecs = [pl.BlockSpec((None, None, c, None, None, d), lambda ib, ig: (layer, ib, 0, 0, ig, 0)),
-                  pl.BlockSpec((None, None, c, None, None, d), lambda ib, ig: (layer, ib, 0, 1, ig, 0)),
-                  pl.BlockSpec((None, None, None, c), lambda ib, ig: (layer, ib, ig, 0))]
-        lead_specs, lead = [], ()
+
+def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A, key_cache,
+                           value_cache, bias_cache, *, num_heads: int, eps: float, scale: float, qk_norm=True,
+                           block_c: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+    """Returns (att [rows, H D] in cos.dtype, key_cache, value_cache, bias_cache) with slot `slot` (int32 [1])
+    of every (row, kv head) written. See the module docstring for layouts."""
+    _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c)
+    b, g, c, d = key_cache.shape
+    rows, width = qkv.shape
+    has_dt_bias = dt_bias is not None
+    kern = functools.partial(_kernel, heads_per_group=num_heads // g, kv_heads=g, head_dim=d, eps=float(eps),
+                             scale=float(scale), block_c=block_c, n_blocks=c // block_c, qk_norm=bool(qk_norm),
+                             has_dt_bias=has_dt_bias)
+    row = lambda n: pl.BlockSpec((None, n), lambda i, j: (i, 0))
+    full = lambda n: pl.BlockSpec((n,), lambda i, j: (0,))
+    head1 = pl.BlockSpec((1,), lambda i, j: (j,))
+    cache_spec = pl.BlockSpec((None, None, c, d), lambda i, j: (i, j, 0, 0))
+    bias_spec = pl.BlockSpec((None, None, c), lambda i, j: (i, j, 0))
+    specs = [full(1), row(width), row(d), row(d), row(c), full(d), full(d),
+             pl.BlockSpec((None, g * d), lambda i, j: (j, 0))]
+    operands = [jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), qkv, cos, sin, valid.astype(jnp.int32),
+                q_norm, k_norm, dt_weight]
+    if has_dt_bias:
+        specs.append(head1), operands.append(dt_bias)
+    specs += [head1, cache_spec, cache_spec, bias_spec]
+    operands += [A, key_cache, value_cache, bias_cache]
+    n_in = len(operands)
     return pl.pallas_call(
         kern,
-        out_shape=jax.ShapeDtypeStruct((b, g, r, d), q.dtype),
-        grid=(b, g),
-        in_specs=lead_specs + [
-            pl.BlockSpec((None, None, r, d), lambda ib, ig: (ib, ig, 0, 0)),                 # q
-            pl.BlockSpec((None, None, d), lambda ib, ig: (ib, ig, 0)),                      # k_new
-            pl.BlockSpec((None, None, d), lambda ib, ig: (ib, ig, 0)),                      # v_new
-            pl.BlockSpec((None, None, r), lambda ib, ig: (ib, ig, 0)),                      # bias_new
-        ] + lspecs + [
-            pl.BlockSpec((None, c), lambda ib, ig: (ib, 0)),                                # valid
-        ],
-        out_specs=pl.BlockSpec((None, None, r, d), lambda ib, ig: (ib, ig, 0, 0)),
+        out_shape=(jax.ShapeDtypeStruct((rows, num_heads * d), cos.dtype),
+                   jax.ShapeDtypeStruct(key_cache.shape, key_cache.dtype),
+                   jax.ShapeDtypeStruct(value_cache.shape, value_cache.dtype),
+                   jax.ShapeDtypeStruct(bias_cache.shape, bias_cache.dtype)),
+        grid=(b, g), in_specs=specs,
+        out_specs=(row(num_heads * d), cache_spec, cache_spec, bias_spec),
+        input_output_aliases={n_in - 3: 1, n_in - 2: 2, n_in - 1: 3},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="wmjax_decode_attention", debug=_DEBUG,
-    )(*lead, q, k_new, v_new, bias_new, kv, kv, bias, valid)
+        interpret=interpret, name="wmjax_decode_layer_attention",
+    )(*operands)
 
 
-def decode_attention_reference(q, k_new, v_new, bias_new, kv, bias, valid, *, layer: int, scale: float):
-    """Plain-jnp version of `decode_attention_pallas` (same inputs; any R, C): one softmax over the cached slots
-    of `layer` and the new key."""
-    keys = kv[layer, :, :, 0].astype(q.dtype)                   # [b, C, G, D]
-    values = kv[layer, :, :, 1].astype(q.dtype).astype(_F32)
+def decode_layer_attention_reference(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A,
+                                     key_cache, value_cache, bias_cache, *, num_heads: int, eps: float,
+                                     scale: float, qk_norm=True):
+    """Plain-jnp `decode_layer_attention` (same arguments; rows >= batch of att are zeros)."""
+    from wmjax.layers.norm import rms_norm
+    from wmjax.layers.rope import apply_rope
+    b, g, c, d = key_cache.shape
+    rows = qkv.shape[0]
+    h, dtype, cdt = num_heads, cos.dtype, key_cache.dtype
+    x = qkv[:b]
+    q = x[:, :h * d].reshape(b, 1, h, d).astype(dtype)
+    k = x[:, h * d:(h + g) * d].reshape(b, 1, g, d).astype(dtype)
+    v = x[:, (h + g) * d:].astype(dtype)                                          # [b, G D]
+    if qk_norm:
+        q, k = rms_norm(q, q_norm, eps, dtype), rms_norm(k, k_norm, eps, dtype)
+    q = apply_rope(q, cos[:, None], sin[:, None])[:, 0]                            # [b, H, D]
+    k = apply_rope(k, cos[:, None], sin[:, None])[:, 0].astype(cdt)               # [b, G, D]
+    dt = lax.dot_general(v, dt_weight.astype(dtype), (((1,), (1,)), ((), ())),
+                         precision=lax.Precision.HIGHEST, preferred_element_type=_F32).astype(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(dtype)
+    bias_new = jnp.exp(A.astype(_F32) * jax.nn.softplus(dt.astype(_F32)))          # [b, G]
+    v_new = v.reshape(b, g, d).astype(cdt)
+    s0 = jnp.reshape(jnp.asarray(slot, jnp.int32), ())
+    zero = jnp.zeros((), jnp.int32)
+    key_cache = lax.dynamic_update_slice(key_cache, k[:, :, None], (zero, zero, s0, zero))
+    value_cache = lax.dynamic_update_slice(value_cache, v_new[:, :, None], (zero, zero, s0, zero))
+    bias_cache = lax.dynamic_update_slice(bias_cache, bias_new[:, :, None], (zero, zero, s0))
+    visible = (valid != 0).at[:, s0].set(True)                                     # the new token is visible
+    r = h // g
+    qg = q.reshape(b, g, r, d)
     hp = lax.Precision.HIGHEST
-    s = jnp.einsum("bgrd,bcgd->bgrc", q, keys, precision=hp, preferred_element_type=_F32) * scale
-    add = jnp.where(valid[:, None].astype(bool), bias[layer], jnp.finfo(_F32).min)   # [b, G, C]
-    s = s + add[:, :, None]
-    kn = k_new.astype(q.dtype).astype(_F32)
-    s_new = jnp.einsum("bgrd,bgd->bgr", q.astype(_F32), kn, precision=hp) * scale + bias_new
-    probs = jax.nn.softmax(jnp.concatenate([s, s_new[..., None]], axis=-1), axis=-1)
-    out = jnp.einsum("bgrc,bcgd->bgrd", probs[..., :-1], values, precision=hp)
-    out = out + probs[..., -1:] * v_new.astype(q.dtype).astype(_F32)[:, :, None]
-    return out.astype(q.dtype)
+    s = jnp.einsum("bgrd,bgcd->bgrc", qg, key_cache.astype(dtype), precision=hp, preferred_element_type=_F32)
+    s = s * scale + jnp.where(visible[:, None], bias_cache, jnp.finfo(_F32).min)[:, :, None]
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bgrc,bgcd->bgrd", p, value_cache.astype(dtype).astype(_F32), precision=hp)
+    att = out.reshape(b, h * d).astype(dtype)
+    att = jnp.pad(att, ((0, rows - b), (0, 0)))
+    return att, key_cache, value_cache, bias_cache

@@ -1,0 +1,174 @@
+"""Pallas (Triton backend) projection for decode: a few rows times a weight, with the layer's glue fused in.
+
+At decode time a projection is a handful of rows [rows, K] times a weight [N, K]: it reads the whole weight for
+very little arithmetic, so its cost is one pass over the weight plus the launch. XLA lowers a batch-1 projection
+to a weight-sized multiply followed by a reduce (two kernels) and runs the RMSNorm before it and the residual or
+SwiGLU after it as kernels of their own. This kernel does the whole chain in one launch:
+
+    xn  = rms_norm(x; norm_weight)            (optional prologue; wmjax.layers.norm.rms_norm's rounding steps)
+    y   = xn @ W^T (+ bias)                   f32 accumulation, rounded to the compute dtype as nn.Dense does
+    out = silu(y) * (xn @ U^T (+ up_bias))    (optional SwiGLU epilogue: W = gate, U = up)
+    out = residual_scale * residual + y       (optional residual epilogue, Doge's learnable residual scale)
+
+Layouts: x [rows, K] (rows a multiple of 16: tensor-core dots need M >= 16; the caller pads), weights stored
+[N, K] (the transpose of flax's [in, out] kernel, so each program reads contiguous rows of K), biases [N],
+norm_weight [K], residual [rows, N], residual_scale [N]. N a multiple of block_n, K of block_k (powers of two;
+K itself need not be one). One program per block of block_n output columns, a static loop over K in block_k
+chunks (the RMSNorm's sum of squares first, in a pass of its own). Every `pallas_call` names the Triton backend.
+The reference `decode_linear_reference` is the same computation in plain jnp and defines its meaning.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+__all__ = ["decode_linear", "decode_linear_reference"]
+
+_F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+
+
+def _rounded_silu_mul(gate, up, dtype):
+    """silu(gate) * up with the compute dtype's rounding after each op (jax.nn.silu then a multiply)."""
+    sig = jax.nn.sigmoid(gate.astype(_F32)).astype(dtype)
+    act = (gate.astype(_F32) * sig.astype(_F32)).astype(dtype)
+    return (act.astype(_F32) * up.astype(_F32)).astype(dtype)
+
+
+def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has_residual):
+    refs = list(refs)
+    x_ref, w_ref = refs.pop(0), refs.pop(0)
+    u_ref = refs.pop(0) if has_up else None
+    nw_ref = refs.pop(0) if has_norm else None
+    b_ref = refs.pop(0) if has_bias else None
+    ub_ref = refs.pop(0) if has_bias and has_up else None
+    r_ref, rs_ref = (refs.pop(0), refs.pop(0)) if has_residual else (None, None)
+    (o_ref,) = refs
+    dtype = w_ref.dtype
+    prec = lax.Precision.HIGHEST if dtype == _F32 else None
+    chunks = [pl.ds(k0, block_k) for k0 in range(0, k_total, block_k)]
+    if has_norm:
+        ss = None
+        for ck in chunks:
+            xk = x_ref[:, ck].astype(_F32)
+            part = jnp.sum(xk * xk, axis=1)
+            ss = part if ss is None else ss + part
+        rstd = 1.0 / jnp.sqrt(ss / k_total + eps)                       # [rows]
+    acc = acc_up = None
+    for ck in chunks:
+        xk = x_ref[:, ck]
+        if has_norm:
+            xk = nw_ref[ck].astype(dtype)[None, :] * (xk.astype(_F32) * rstd[:, None]).astype(x_ref.dtype)
+        xk = xk.astype(dtype)
+        part = lax.dot_general(xk, w_ref[:, ck], _NT, precision=prec, preferred_element_type=_F32)
+        acc = part if acc is None else acc + part
+        if has_up:
+            part = lax.dot_general(xk, u_ref[:, ck], _NT, precision=prec, preferred_element_type=_F32)
+            acc_up = part if acc_up is None else acc_up + part
+    y = acc.astype(dtype)
+    if has_bias:
+        y = y + b_ref[...].astype(dtype)[None, :]
+    if has_up:
+        up = acc_up.astype(dtype)
+        if has_bias:
+            up = up + ub_ref[...].astype(dtype)[None, :]
+        y = _rounded_silu_mul(y, up, dtype)
+    if has_residual:
+        scaled = (rs_ref[...].astype(dtype)[None, :].astype(_F32) * r_ref[...].astype(_F32)).astype(dtype)
+        y = (scaled.astype(_F32) + y.astype(_F32)).astype(dtype)
+    o_ref[...] = y.astype(o_ref.dtype)
+
+
+def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale):
+    rows, k = x.shape
+    n, k2 = weight.shape
+    problems = []
+    if k2 != k:
+        problems.append(f"weight {weight.shape} is not [N, K={k}]")
+    if up_weight is not None and up_weight.shape != weight.shape:
+        problems.append(f"up_weight {up_weight.shape} != weight {weight.shape}")
+    if norm_weight is not None and norm_weight.shape != (k,):
+        problems.append(f"norm_weight {norm_weight.shape} != ({k},)")
+    for name, v in (("bias", bias), ("up_bias", up_bias), ("residual_scale", residual_scale)):
+        if v is not None and v.shape != (n,):
+            problems.append(f"{name} {v.shape} != ({n},)")
+    if (residual is None) != (residual_scale is None):
+        problems.append("residual and residual_scale go together")
+    if residual is not None and residual.shape != (rows, n):
+        problems.append(f"residual {residual.shape} != ({rows}, {n})")
+    if up_bias is not None and up_weight is None:
+        problems.append("up_bias without up_weight")
+    if (bias is None) != (up_bias is None) and up_weight is not None:
+        problems.append("bias and up_bias go together in the SwiGLU form")
+    if rows % 16:
+        problems.append(f"rows {rows} must be a multiple of 16 (the caller pads)")
+    for name, blk, dim in (("block_n", block_n, n), ("block_k", block_k, k)):
+        if blk < 16 or blk & (blk - 1) or dim % blk:
+            problems.append(f"{name}={blk} must be a power of two >= 16 dividing {dim}")
+    if problems:
+        raise ValueError("decode_linear: " + "; ".join(problems))
+
+
+def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1e-6, bias=None, up_bias=None,
+                  residual=None, residual_scale=None, out_dtype=None, block_n: int = 16, block_k: int = 256,
+                  num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+    """x [rows, K] -> [rows, N] in `out_dtype` (default: the weight's dtype = the compute dtype). See the module
+    docstring for the optional RMSNorm prologue (norm_weight, eps), bias, SwiGLU (up_weight, up_bias) and
+    residual (residual, residual_scale) parts."""
+    block_k = min(block_k, x.shape[1])
+    _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale)
+    rows, k = x.shape
+    n = weight.shape[0]
+    out_dtype = weight.dtype if out_dtype is None else out_dtype
+    operands, specs = [x, weight], [pl.BlockSpec((rows, k), lambda i: (0, 0)),
+                                    pl.BlockSpec((block_n, k), lambda i: (i, 0))]
+    col = pl.BlockSpec((block_n,), lambda i: (i,))
+    if up_weight is not None:
+        operands.append(up_weight), specs.append(pl.BlockSpec((block_n, k), lambda i: (i, 0)))
+    if norm_weight is not None:
+        operands.append(norm_weight), specs.append(pl.BlockSpec((k,), lambda i: (0,)))
+    if bias is not None:
+        operands.append(bias), specs.append(col)
+        if up_weight is not None:
+            operands.append(up_bias), specs.append(col)
+    if residual is not None:
+        operands += [residual, residual_scale]
+        specs += [pl.BlockSpec((rows, block_n), lambda i: (0, i)), col]
+    kern = functools.partial(_linear_kernel, k_total=k, block_k=block_k, eps=float(eps),
+                             has_norm=norm_weight is not None, has_bias=bias is not None,
+                             has_up=up_weight is not None, has_residual=residual is not None)
+    return pl.pallas_call(
+        kern, out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype), grid=(n // block_n,), in_specs=specs,
+        out_specs=pl.BlockSpec((rows, block_n), lambda i: (0, i)),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="wmjax_decode_linear",
+    )(*operands)
+
+
+def decode_linear_reference(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1e-6, bias=None,
+                            up_bias=None, residual=None, residual_scale=None, out_dtype=None):
+    """Plain-jnp `decode_linear` (same arguments and rounding steps; any rows)."""
+    from wmjax.layers.norm import rms_norm
+    dtype = weight.dtype
+    out_dtype = dtype if out_dtype is None else out_dtype
+    prec = lax.Precision.HIGHEST if dtype == _F32 else None
+    xn = x if norm_weight is None else rms_norm(x, norm_weight, eps, dtype)
+    xn = xn.astype(dtype)
+    y = lax.dot_general(xn, weight, _NT, precision=prec, preferred_element_type=_F32).astype(dtype)
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    if up_weight is not None:
+        up = lax.dot_general(xn, up_weight, _NT, precision=prec, preferred_element_type=_F32).astype(dtype)
+        if up_bias is not None:
+            up = up + up_bias.astype(dtype)
+        y = _rounded_silu_mul(y, up, dtype)
+    if residual is not None:
+        scaled = (residual_scale.astype(dtype).astype(_F32) * residual.astype(_F32)).astype(dtype)
+        y = (scaled.astype(_F32) + y.astype(_F32)).astype(dtype)
+    return y.astype(out_dtype)

@@ -1,0 +1,120 @@
+"""Decode kernels (pallas_kernels/decode) against their plain-jnp references, in Pallas interpret mode, and their
+Triton lowering for an abstract H100 (interpret mode hides lowering errors). Tolerances: f32 1e-5 (the kernels
+sum in a different order than XLA), bf16 2e-2 relative (one bf16 rounding of a differently ordered sum)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
+                                   decode_linear_reference)
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _close(got, want, tol, msg=""):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol,
+                               err_msg=msg)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "norm_bias", "swiglu", "residual", "logits_f32"])
+def test_decode_linear_matches_reference(dtype, variant):
+    rng = np.random.default_rng(0)
+    rows, k, n = 32, 96, 64
+    a = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, dtype)
+    x, w = a(rows, k), a(n, k, scale=k ** -0.5)
+    kw = {}
+    if variant in ("norm_bias", "swiglu", "logits_f32"):
+        kw.update(norm_weight=jnp.asarray(1 + rng.normal(size=k) * 0.1, jnp.float32), eps=1e-6)
+    if variant in ("norm_bias", "swiglu"):
+        kw.update(bias=a(n))
+    if variant == "swiglu":
+        kw.update(up_weight=a(n, k, scale=k ** -0.5), up_bias=a(n))
+    if variant == "residual":
+        kw.update(residual=a(rows, n), residual_scale=jnp.asarray(rng.normal(size=n), jnp.float32))
+    if variant == "logits_f32":
+        kw.update(out_dtype=jnp.float32)
+    want = decode_linear_reference(x, w, **kw)
+    got = decode_linear(x, w, block_n=16, block_k=32, interpret=True, **kw)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    _close(got, want, TOL[dtype], variant)
+
+
+def test_decode_linear_rejects_bad_shapes():
+    x = jnp.zeros((16, 64), jnp.float32)
+    with pytest.raises(ValueError, match=r"weight \(32, 48\) is not \[N, K=64\]"):
+        decode_linear(x, jnp.zeros((32, 48)), interpret=True)
+    with pytest.raises(ValueError, match="rows 8 must be a multiple of 16"):
+        decode_linear(jnp.zeros((8, 64)), jnp.zeros((32, 64)), interpret=True)
+    with pytest.raises(ValueError, match="block_n=48"):
+        decode_linear(x, jnp.zeros((96, 64)), block_n=48, interpret=True)
+
+
+def _attention_args(rng, dtype, b=3, rows=16, h=4, g=2, d=32, c=128, slot=70, dt_bias=True):
+    a = lambda *shape, scale=1.0, dt=dtype: jnp.asarray(rng.normal(size=shape) * scale, dt)
+    pos = rng.integers(60, 200, size=b)
+    from wmjax.layers.rope import rope_cos_sin
+    cos, sin = rope_cos_sin(jnp.asarray(pos)[:, None], d, 10000.0, dtype=dtype)
+    valid = rng.random((b, c)) < 0.7
+    valid[:, slot:] = False
+    return (a(rows, (h + 2 * g) * d), cos[:, 0], sin[:, 0], jnp.asarray(valid, jnp.int32), jnp.int32(slot),
+            jnp.asarray(1 + rng.normal(size=d) * 0.1, jnp.float32), jnp.asarray(1 + rng.normal(size=d) * 0.1, jnp.float32),
+            a(g, g * d, scale=(g * d) ** -0.5), a(g, scale=0.5) if dt_bias else None,
+            jnp.asarray(rng.normal(size=g), jnp.float32), a(b, g, c, d), a(b, g, c, d),
+            jnp.asarray(rng.normal(size=(b, g, c)), jnp.float32)), dict(num_heads=h, eps=1e-6, scale=d ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dt_bias,qk_norm", [(True, True), (False, False)])
+def test_decode_layer_attention_matches_reference(dtype, dt_bias, qk_norm):
+    args, kw = _attention_args(np.random.default_rng(1), dtype, dt_bias=dt_bias)
+    want = decode_layer_attention_reference(*args, qk_norm=qk_norm, **kw)
+    got = decode_layer_attention(*args, qk_norm=qk_norm, block_c=32, interpret=True, **kw)
+    b = args[-1].shape[0]
+    tol = TOL[dtype]
+    _close(got[0][:b], want[0][:b], tol, "att")
+    for name, g_, w_ in zip(("keys", "values", "biases"), got[1:], want[1:]):
+        chex.assert_trees_all_equal_shapes_and_dtypes(g_, w_)
+        _close(g_, w_, tol, name)
+    # only slot `slot` of the caches changed
+    for before, after in zip(args[-3:], got[1:]):
+        np.testing.assert_array_equal(np.delete(np.asarray(after, np.float32), 70, axis=2),
+                                      np.delete(np.asarray(before, np.float32), 70, axis=2))
+
+
+def test_decode_layer_attention_rejects_bad_shapes():
+    args, kw = _attention_args(np.random.default_rng(2), jnp.float32)
+    with pytest.raises(ValueError, match="block_c=48"):
+        decode_layer_attention(*args, block_c=48, interpret=True, **kw)
+    with pytest.raises(ValueError, match="not a multiple of kv heads"):
+        decode_layer_attention(*args, interpret=True, **dict(kw, num_heads=3))
+
+
+def test_decode_kernels_lower_for_h100():
+    """Doge-160M shapes (hidden 768, ffn 1536, 6 heads / 3 kv heads, head_dim 128, vocab 32768), 16 rows."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+    h100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                                                     num_cores=132, platform="cuda"))
+    s, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    rows, hid, ffn, h, g, d, c, b = 16, 768, 1536, 6, 3, 128, 384, 2
+    lin = [
+        ((s((rows, hid), bf), s(((h + 2 * g) * d, hid), bf), s((hid,), f32)),
+         lambda x, w, nw: decode_linear(x, w, norm_weight=nw)),
+        ((s((rows, hid), bf), s((ffn, hid), bf), s((ffn, hid), bf), s((hid,), f32)),
+         lambda x, w, u, nw: decode_linear(x, w, up_weight=u, norm_weight=nw)),
+        ((s((rows, ffn), bf), s((hid, ffn), bf), s((rows, hid), bf), s((hid,), f32)),
+         lambda x, w, r, rs: decode_linear(x, w, residual=r, residual_scale=rs)),
+        ((s((rows, hid), bf), s((32768, hid), bf), s((hid,), f32)),
+         lambda x, w, nw: decode_linear(x, w, norm_weight=nw, out_dtype=f32, block_n=64)),
+    ]
+    att_shapes = (s((rows, (h + 2 * g) * d), bf), s((b, d), bf), s((b, d), bf), s((b, c), jnp.int32),
+                  s((), jnp.int32), s((d,), f32), s((d,), f32), s((g, g * d), bf), s((g,), f32),
+                  s((b, g, c, d), bf), s((b, g, c, d), bf), s((b, g, c), f32))
+    att = lambda *x: decode_layer_attention(*x[:8], None, *x[8:], num_heads=h, eps=1e-6, scale=d ** -0.5)
+    with jax.sharding.use_abstract_mesh(h100):
+        for shapes, fn in lin + [(att_shapes, att)]:
+            text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+            assert "wmjax_decode_" in text

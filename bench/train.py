@@ -101,7 +101,11 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
             b = {"tokens": x[:, :-1], "targets": x[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
             batches.append({k: jax.device_put(v, bsh) for k, v in b.items()})
         t0 = time.perf_counter()
-        step_fn = step_fn.lower(state, batches[0]).compile()  # AOT: the profile needs the optimized HLO text
+        print(f"[wmjax] b{batch} loss={loss_fn.impl} spmd={spmd}: lowering + compiling", flush=True)
+        lowered = step_fn.lower(state, batches[0])
+        print(f"[wmjax] lowered in {time.perf_counter() - t0:.1f}s", flush=True)
+        step_fn = lowered.compile()  # AOT: the profile needs the optimized HLO text
+        print(f"[wmjax] compiled at {time.perf_counter() - t0:.1f}s", flush=True)
         state, m = step_fn(state, batches[0])
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
@@ -346,7 +350,12 @@ def main():
     ap.add_argument("--tag", default="", help="label printed with the results (e.g. the XLA_FLAGS variant)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train.json"))
+    ap.add_argument("--traceback-after", type=float, default=0, metavar="S",
+                    help="print every thread's Python stack each S seconds (find where a slow run spends its time)")
     args = ap.parse_args()
+    if args.traceback_after > 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.traceback_after, repeat=True)
 
     import jax
 

@@ -38,9 +38,10 @@ def test_decode_linear_matches_reference(dtype, variant):
     if variant == "logits_f32":
         kw.update(out_dtype=jnp.float32)
     want = decode_linear_reference(x, w, **kw)
-    got = decode_linear(x, w, block_n=16, block_k=32, interpret=True, **kw)
-    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
-    _close(got, want, TOL[dtype], variant)
+    for block_k in (32, 64):  # K=96 as 3 x 32, or 64 + 32
+        got = decode_linear(x, w, block_n=16, block_k=block_k, interpret=True, **kw)
+        chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+        _close(got, want, TOL[dtype], f"{variant} block_k={block_k}")
 
 
 def test_decode_linear_rejects_bad_shapes():
@@ -49,7 +50,7 @@ def test_decode_linear_rejects_bad_shapes():
         decode_linear(x, jnp.zeros((32, 48)), interpret=True)
     with pytest.raises(ValueError, match="rows 8 must be a multiple of 16"):
         decode_linear(jnp.zeros((8, 64)), jnp.zeros((32, 64)), interpret=True)
-    with pytest.raises(ValueError, match="block_n=48"):
+    with pytest.raises(ValueError, match="block_n=48 must be a power of two >= 16 dividing N=96"):
         decode_linear(x, jnp.zeros((96, 64)), block_n=48, interpret=True)
 
 

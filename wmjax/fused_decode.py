@@ -101,7 +101,7 @@ def prepare_decode_params(config, params, dtype):
     head = (cast(m["embed_tokens"]["embedding"]) if config.tie_word_embeddings
             else t(params["lm_head"]["kernel"]))
     head = jnp.pad(head, ((0, -head.shape[0] % _LOGITS_BLOCK), (0, 0)))
-    return dict(embedding=m["embed_tokens"]["embedding"], norm=m["norm"]["weight"], lm_head=head,
+    return dict(embedding=cast(m["embed_tokens"]["embedding"]), norm=m["norm"]["weight"], lm_head=head,
                 layers=tuple(layers))
 
 
@@ -139,15 +139,16 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
         interpret = implementation == "interpret"
 
         def linear(x, w, **kw):
-            return decode_linear(x, w, block_n=_block(w.shape[0], kw.pop("block_n", 16)),
-                                 block_k=_block(x.shape[1], 256), interpret=interpret, **kw)
+            # 8 warps: each program holds its whole [block_n, K] weight slab (and the rows) in registers
+            return decode_linear(x, w, block_n=_block(w.shape[0], kw.pop("block_n", 16)), block_k=512,
+                                 num_warps=8, interpret=interpret, **kw)
 
         def attention(*args, **kw):
             return decode_layer_attention(*args, block_c=_CACHE_BLOCK, interpret=interpret, **kw)
     b = tokens.shape[0]
     rows = -(-b // _ROWS) * _ROWS
     d, eps = cfg.head_dim, cfg.rms_norm_eps
-    x = jnp.take(fparams["embedding"].astype(dtype), jnp.pad(tokens, (0, rows - b)), axis=0)   # [rows, hidden]
+    x = jnp.take(fparams["embedding"], jnp.pad(tokens, (0, rows - b)), axis=0)                # [rows, hidden]
     cos, sin = rope_cos_sin(positions[:, None], d, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
                             cfg.max_position_embeddings, dtype=dtype)
     cos, sin = cos[:, 0], sin[:, 0]                                                            # [b, D]

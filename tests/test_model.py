@@ -151,3 +151,27 @@ def test_return_hidden_then_lm_head_is_the_logits(tied):
     assert layout == ("vd" if tied else "dv")
     ref = h @ (w.T if layout == "vd" else w)
     np.testing.assert_allclose(np.asarray(ref), np.asarray(logits), rtol=1e-5, atol=1e-5)
+
+
+def _rotate_half_rope(x, cos, sin):
+    """The HF formula: x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1]."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos[:, :, None] + jnp.concatenate([-x2, x1], axis=-1) * sin[:, :, None]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_apply_rope_equals_rotate_half_formula_without_concatenate(dtype):
+    from wmjax.layers.rope import apply_rope, rope_cos_sin
+
+    pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+    cos, sin = rope_cos_sin(pos, 16, 10000.0, dtype=dtype)
+    cos = cos + (0.01 * jax.random.normal(jax.random.PRNGKey(3), cos.shape)).astype(dtype)  # halves unequal too
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 3, 16)).astype(dtype)
+    ct = jax.random.normal(jax.random.PRNGKey(1), x.shape).astype(dtype)
+    out, vjp = jax.vjp(apply_rope, x, cos, sin)
+    ref, ref_vjp = jax.vjp(_rotate_half_rope, x, cos, sin)
+    chex.assert_trees_all_equal(out, ref)  # same products and sums per element
+    chex.assert_trees_all_close(vjp(ct), ref_vjp(ct), rtol=1e-6, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda x, c, s, g: jax.vjp(apply_rope, x, c, s)[1](g))(x, cos, sin, ct))
+    assert "concatenate" not in jaxpr and "rev" in jaxpr
+

@@ -3,6 +3,15 @@
     inv_freq_i = theta^(-2i/D),  emb = concat(pos * inv_freq, pos * inv_freq),
     x' = x * cos(emb) + rotate_half(x) * sin(emb),   rotate_half([x1, x2]) = [-x2, x1].
 
+Computed per half (x = [x1, x2], c/s = cos/sin of the D/2 frequencies):
+
+    x1' = x1 * c + x2 * (-s),    x2' = x2 * c + x1 * s
+
+as one elementwise expression over the view x [..., 2, D/2] and its pair-swapped view x[..., ::-1, :] (an HLO
+`reverse`, not the split + `concatenate` of `rotate_half`), so XLA fuses RoPE into its producer (the q/k norm) and
+its transpose (again a `reverse`) into the backward pass without a separate concatenate kernel in either
+direction. Same products and sums per element as the rotate_half formula ((-x2) * s == x2 * (-s) exactly).
+
 RoPE types: "default"; "linear" (positions / factor); "dynamic" (NTK-aware, HF `dynamic`): when the largest
 position of the call + 1 = Lp exceeds max_position_embeddings M, theta becomes
 theta * (factor * Lp / M - (factor - 1)) ** (D / (D - 2)). HF keeps the largest Lp seen so far in module state;
@@ -29,23 +38,36 @@ def rope_inv_freq(head_dim: int, theta, rope_type: str = "default", factor: floa
 
 def rope_cos_sin(positions, head_dim: int, theta, rope_type="default", factor=1.0, max_position_embeddings=2048,
                  dtype=jnp.float32):
-    """positions [b, s] int -> (cos, sin) each [b, s, head_dim], computed in f32 then cast to `dtype`."""
+    """positions [b, s] int -> (cos, sin) each [b, s, head_dim] (both halves equal), computed in f32 then cast to
+    `dtype`."""
     inv_freq = rope_inv_freq(head_dim, theta, rope_type, factor, max_position_embeddings, positions)
     pos = positions.astype(jnp.float32)
     if rope_type == "linear":
         pos = pos / factor
-    freqs = pos[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    freqs = pos[..., None] * inv_freq                                   # [b, s, D/2]
+    emb = jnp.broadcast_to(freqs[..., None, :], freqs.shape[:-1] + (2, head_dim // 2)).reshape(
+        freqs.shape[:-1] + (head_dim,))                                 # [b, s, D] = [freqs, freqs]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
 def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] on the last axis (reference form; `apply_rope` does not use it)."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
+def apply_rope_pairs(x, cos, sin):
+    """x, cos, sin [..., 2, D/2] (the two halves of head_dim; cos/sin broadcastable) -> [..., 2, D/2]:
+
+        [x1 * c1 + x2 * (-s1), x2 * c2 + x1 * s2]   (= x * cos + rotate_half(x) * sin on the flat layout)
+    """
+    sign = jnp.array([[-1], [1]], dtype=sin.dtype)                     # [2, 1]
+    return x * cos + x[..., ::-1, :] * (sin * sign)
+
+
 def apply_rope(x, cos, sin):
-    """x [b, s, heads, head_dim]; cos, sin [b, s, head_dim]."""
-    cos = cos[:, :, None, :]
-    sin = sin[:, :, None, :]
-    return x * cos + rotate_half(x) * sin
+    """x [b, s, heads, head_dim]; cos, sin [b, s, head_dim] (as from `rope_cos_sin`) -> [b, s, heads, head_dim]."""
+    b, s, _, d = x.shape
+    pairs = lambda t: t.reshape(t.shape[:-1] + (2, d // 2))
+    out = apply_rope_pairs(pairs(x), pairs(cos[:, :, None, :]), pairs(sin[:, :, None, :]))
+    return out.reshape(x.shape)

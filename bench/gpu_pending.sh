@@ -9,15 +9,16 @@
 # Steps (see docs/BENCHMARKS.md, each section's "next GPU call"):
 #   dmattn  issue 4 follow-up: remaining sparse-path variants at b2 L8192 and b1 L32768, then the full table
 #           with tokamax at the three shapes (the sparse default with 2-stage dk/dv at 32k end to end)
-#   sample  issue 5: the fused path's decode kernels alone, then generate with decode=model / fused (+ its profile)
-#   train   issue 6: b16 step with the fused loss (HF: add --hf-batch 4)
+#   sample  issue 5: generate with decode=model / fused and transformers generate, bs 1 and 16, one process
+#   sample_kernels  the fused path's decode kernels alone (bs 1; block / warp variants vs the XLA reference)
+#   train   issue 6: b16 step with the fused loss and HF (b4) in one process
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export PYTHONPATH=".anchors/py:.:${PYTHONPATH:-}"
 OUT=${OUT:-./bench_out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"dmattn sample train"}
+STEPS=${STEPS:-"sample train"}
 
 step() {  # step NAME TIMEOUT_S CMD...
   local name=$1 limit=$2
@@ -35,11 +36,13 @@ for s in $STEPS; do
         --tune-sparse 2x8192,1x32768=cur+s0+g1+p1+p2+o1
       step dmattn_table 150 python3 bench/dmattn.py --skip hf,fdm ;;
     sample)
-      step sample_kernels 200 python3 bench/sample.py --decode-kernels --json "$OUT/sample_kernels.json"
-      step sample 160 python3 bench/sample.py --no-long --no-hf --repeats 2 --decode model,fused \
-        --kernels fused --json "$OUT/sample.json" ;;
+      step sample 220 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode model,fused \
+        --json "$OUT/sample.json" ;;
+    sample_kernels)
+      step sample_kernels 120 python3 bench/sample.py --decode-kernels --batch-sizes 1 --json "$OUT/sample_kernels.json" ;;
     train)
-      step train 150 python3 bench/train.py --batch 16 --hf-batch '' --steps 8 --warmup 1 --json "$OUT/train.json" ;;
-    *) echo "unknown step $s (dmattn, sample, train)"; exit 2 ;;
+      step train 330 python3 bench/train.py --batch 16 --hf-batch 4 --steps 8 --warmup 1 --traceback-after 120 \
+        --json "$OUT/train.json" ;;
+    *) echo "unknown step $s (dmattn, sample, sample_kernels, train)"; exit 2 ;;
   esac
 done

@@ -175,3 +175,31 @@ def test_apply_rope_equals_rotate_half_formula_without_concatenate(dtype):
     jaxpr = str(jax.make_jaxpr(lambda x, c, s, g: jax.vjp(apply_rope, x, c, s)[1](g))(x, cos, sin, ct))
     assert "concatenate" not in jaxpr and "rev" in jaxpr
 
+
+def test_fused_dense_equals_separate_dense():
+    import flax.linen as nn
+    from wmjax.layers.linear import dense, fused_dense
+
+    specs = [(12, ("embed", "q_heads"), "a"), (4, ("embed", "kv_heads"), "b"), (8, ("embed", "kv_heads"), "c")]
+
+    class Fused(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return fused_dense(x, specs, use_bias=True, init_std=0.02, dtype=jnp.float32, param_dtype=jnp.float32)
+
+    class Separate(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return tuple(dense(f, axes, use_bias=True, init_std=0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                               name=name)(x) for f, axes, name in specs)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
+    pf = Fused().init(jax.random.PRNGKey(1), x)
+    ps = Separate().init(jax.random.PRNGKey(1), x)
+    chex.assert_trees_all_equal(pf, ps)  # same names, shapes, logical axes, init values
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, nn.meta.unbox(pf))
+    loss = lambda m, p, x: sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(m.apply(p, x)))
+    chex.assert_trees_all_close(Fused().apply(params, x), Separate().apply(params, x), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(jax.grad(lambda p, x: loss(Fused(), p, x), argnums=(0, 1))(params, x),
+                                jax.grad(lambda p, x: loss(Separate(), p, x), argnums=(0, 1))(params, x),
+                                rtol=1e-5, atol=1e-6)

@@ -139,9 +139,11 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
         interpret = implementation == "interpret"
 
         def linear(x, w, **kw):
-            # 8 warps: each program holds its whole [block_n, K] weight slab (and the rows) in registers
-            return decode_linear(x, w, block_n=_block(w.shape[0], kw.pop("block_n", 16)), block_k=512,
-                                 num_warps=8, interpret=interpret, **kw)
+            # blocks from `bench/sample.py --decode-kernels` on an H100 (docs/BENCHMARKS.md, Sampling): 16 output
+            # columns per program, 32 for the two-weight SwiGLU projection; K in chunks of 256; 4 warps
+            block_n = kw.pop("block_n", 32 if "up_weight" in kw else 16)
+            return decode_linear(x, w, block_n=_block(w.shape[0], block_n), block_k=256, num_warps=4,
+                                 interpret=interpret, **kw)
 
         def attention(*args, **kw):
             return decode_layer_attention(*args, block_c=_CACHE_BLOCK, interpret=interpret, **kw)

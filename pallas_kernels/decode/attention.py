@@ -61,8 +61,9 @@ def _kernel(slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_
     h_all = r_n * kv_heads
     k_base = h_all * d + g * d
     v_base = (h_all + kv_heads) * d
-    # every load of the prologue first, in one burst (a load followed at once by its use waits a full memory
-    # latency; interleaved, this prologue measured ~16 us on an H100)
+    # every load of the prologue first, in one burst, then the arithmetic (measured on an H100 at bs 1, the call
+    # alone: 16.9 us against 18.3 with each load next to its use; the kernel is still latency-bound, see
+    # docs/BENCHMARKS.md, Sampling)
     cos_a, cos_b, sin_a, sin_b = cos_ref[lo], cos_ref[hi], sin_ref[lo], sin_ref[hi]
     k_raw = (qkv_ref[pl.ds(k_base, half)], qkv_ref[pl.ds(k_base + half, half)])
     q_raw = [(qkv_ref[pl.ds((g * r_n + r) * d, half)], qkv_ref[pl.ds((g * r_n + r) * d + half, half)])

@@ -13,8 +13,8 @@ SwiGLU after it as kernels of their own. This kernel does the whole chain in one
 Layouts: x [rows, K] (rows a multiple of 16: tensor-core dots need M >= 16; the caller pads), weights stored
 [N, K] (the transpose of flax's [in, out] kernel, so each program reads contiguous rows of K), biases [N],
 norm_weight [K], residual [rows, N], residual_scale [N]. N a multiple of block_n (a power of two), K a multiple
-of 16. One program per block of block_n output columns: it loads its whole [block_n, K] weight slab and the rows
-as power-of-two chunks of at most block_k in one burst (so the loads overlap), then reduces over the chunks. Every `pallas_call` names the Triton backend.
+of 16. One program per block of block_n output columns, a static loop over K in power-of-two chunks of at most
+block_k (the RMSNorm's sum of squares first, in a pass of its own). Every `pallas_call` names the Triton backend.
 The reference `decode_linear_reference` is the same computation in plain jnp and defines its meaning.
 """
 
@@ -65,42 +65,37 @@ def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has
     dtype = w_ref.dtype
     prec = lax.Precision.HIGHEST if dtype == _F32 else None
     chunks = _chunks(k_total, block_k)
-    # every load first, in one burst: a load followed at once by its use would wait a full memory latency per
-    # chunk (measured: ~1 us per chunk on an H100 with the loads interleaved)
-    ws = [w_ref[:, ck] for ck in chunks]
-    us = [u_ref[:, ck] for ck in chunks] if has_up else None
-    xs = [x_ref[:, ck] for ck in chunks]
-    nws = [nw_ref[ck] for ck in chunks] if has_norm else None
-    bias = b_ref[...] if has_bias else None
-    up_bias = ub_ref[...] if has_bias and has_up else None
-    res, res_scale = (r_ref[...], rs_ref[...]) if has_residual else (None, None)
+    # loads next to their use, chunk by chunk: issuing every chunk's load first (the whole [block_n, K] slab in
+    # registers) measured 1.0-2.4x slower on an H100 (register spills; docs/BENCHMARKS.md, Sampling)
     if has_norm:
         ss = None
-        for xk in xs:
-            xk = xk.astype(_F32)
+        for ck in chunks:
+            xk = x_ref[:, ck].astype(_F32)
             part = jnp.sum(xk * xk, axis=1)
             ss = part if ss is None else ss + part
         rstd = 1.0 / jnp.sqrt(ss / k_total + eps)                       # [rows]
     acc = acc_up = None
-    for i, xk in enumerate(xs):
+    for ck in chunks:
+        xk = x_ref[:, ck]
         if has_norm:
-            xk = nws[i].astype(dtype)[None, :] * (xk.astype(_F32) * rstd[:, None]).astype(x_ref.dtype)
+            xk = nw_ref[ck].astype(dtype)[None, :] * (xk.astype(_F32) * rstd[:, None]).astype(x_ref.dtype)
         xk = xk.astype(dtype)
-        part = lax.dot_general(xk, ws[i], _NT, precision=prec, preferred_element_type=_F32)
+        part = lax.dot_general(xk, w_ref[:, ck], _NT, precision=prec, preferred_element_type=_F32)
         acc = part if acc is None else acc + part
         if has_up:
-            part = lax.dot_general(xk, us[i], _NT, precision=prec, preferred_element_type=_F32)
+            part = lax.dot_general(xk, u_ref[:, ck], _NT, precision=prec, preferred_element_type=_F32)
             acc_up = part if acc_up is None else acc_up + part
     y = acc.astype(dtype)
     if has_bias:
-        y = y + bias.astype(dtype)[None, :]
+        y = y + b_ref[...].astype(dtype)[None, :]
     if has_up:
         up = acc_up.astype(dtype)
         if has_bias:
-            up = up + up_bias.astype(dtype)[None, :]
+            up = up + ub_ref[...].astype(dtype)[None, :]
         y = _rounded_silu_mul(y, up, dtype)
     if has_residual:
-        scaled = (res_scale.astype(dtype)[None, :].astype(_F32) * res.astype(_F32)).astype(dtype)
+        res = r_ref[...]
+        scaled = (rs_ref[...].astype(dtype)[None, :].astype(_F32) * res.astype(_F32)).astype(dtype)
         y = (scaled.astype(_F32) + y.astype(_F32)).astype(dtype)
     o_ref[...] = y.astype(o_ref.dtype)
 
@@ -137,7 +132,7 @@ def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, r
 
 
 def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1e-6, bias=None, up_bias=None,
-                  residual=None, residual_scale=None, out_dtype=None, block_n: int = 16, block_k: int = 512,
+                  residual=None, residual_scale=None, out_dtype=None, block_n: int = 16, block_k: int = 256,
                   num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
     """x [rows, K] -> [rows, N] in `out_dtype` (default: the weight's dtype = the compute dtype). See the module
     docstring for the optional RMSNorm prologue (norm_weight, eps), bias, SwiGLU (up_weight, up_bias) and

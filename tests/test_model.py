@@ -203,3 +203,26 @@ def test_fused_dense_equals_separate_dense():
     chex.assert_trees_all_close(jax.grad(lambda p, x: loss(Fused(), p, x), argnums=(0, 1))(params, x),
                                 jax.grad(lambda p, x: loss(Separate(), p, x), argnums=(0, 1))(params, x),
                                 rtol=1e-5, atol=1e-6)
+
+
+def test_scale_by_weight_sums_weight_gradient_in_f32():
+    """The learnable norm / residual scales' gradient sums over every token: in bf16 compute it is summed in f32
+    (tolerance: bf16 inputs, exact f32 products, f32 sum -> ~1e-6 relative to the f64 sum; the plain autodiff
+    product sums in bf16 and is off by ~1e-2 at this size), and equals plain autodiff in f32."""
+    from wmjax.layers.norm import scale_by_weight
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(1 + 0.1 * rng.normal(size=64), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(4, 512, 64)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(4, 512, 64)), jnp.bfloat16)
+    exact = np.einsum("bsd,bsd->d", np.asarray(g, np.float64), np.asarray(x, np.float64))
+    y, vjp = jax.vjp(lambda w, x: scale_by_weight(w, x, jnp.bfloat16), w, x)
+    chex.assert_trees_all_equal(y, w.astype(jnp.bfloat16) * x)
+    dw, dx = vjp(g)
+    chex.assert_trees_all_equal(dx, g * w.astype(jnp.bfloat16))
+    assert dw.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dw), exact, rtol=1e-5, atol=1e-4)
+    # f32: the same value and gradients as autodiff of the plain product
+    x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
+    got = jax.vjp(lambda w, x: scale_by_weight(w, x, jnp.float32), w, x32)[1](g32)
+    want = jax.vjp(lambda w, x: w * x, w, x32)[1](g32)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

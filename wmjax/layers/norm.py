@@ -5,17 +5,45 @@ Matches HF `DogeRMSNorm`: statistics in f32, cast back to the input dtype, then 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def scale_by_weight(weight, x, dtype):
+    """weight [dim] (cast to `dtype`) * x [..., dim], as `weight.astype(dtype) * x`, with the weight's gradient
+    summed over every leading axis in f32. (Autodiff of the plain product sums the products in the compute dtype:
+    in bf16 over ~800 rows that measured 3.3% off the exact sum on CPU, 7e-8 in f32; the learnable norm and
+    residual scales of a training step sum over every token of the batch.) The value and the gradient of x are
+    the plain product's."""
+    return weight.astype(dtype) * x
+
+
+def _scale_fwd(weight, x, dtype):
+    return weight.astype(dtype) * x, (weight, x)
+
+
+def _scale_bwd(dtype, res, g):
+    weight, x = res
+    dx = (g * weight.astype(dtype)).astype(x.dtype)
+    g32 = g.astype(jnp.float32) * x.astype(jnp.float32)
+    dw = jnp.sum(g32.reshape(-1, g32.shape[-1]), axis=0) if g32.ndim > 1 else g32
+    return dw.astype(weight.dtype), dx
+
+
+scale_by_weight.defvjp(_scale_fwd, _scale_bwd)
+
+
 def rms_norm(x, weight, eps: float, dtype):
-    """x [..., dim] -> [..., dim]: statistics in f32, cast back to x.dtype, times weight (cast to `dtype`)."""
+    """x [..., dim] -> [..., dim]: statistics in f32, cast back to x.dtype, times weight (cast to `dtype`; its
+    gradient summed in f32, `scale_by_weight`)."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
-    return weight.astype(dtype) * x32.astype(x.dtype)
+    return scale_by_weight(weight, x32.astype(x.dtype), dtype)
 
 
 class RMSNorm(nn.Module):

@@ -24,7 +24,7 @@ from wmjax.config import DogeConfig
 from wmjax.layers.attention import DynamicMaskAttention
 from wmjax.layers.mlp import MLP
 from wmjax.layers.moe import CDMoE, router_aux_loss
-from wmjax.layers.norm import RMSNorm
+from wmjax.layers.norm import RMSNorm, scale_by_weight
 from wmjax.layers.rope import rope_cos_sin
 
 __all__ = ["DogeDecoderLayer", "DogeModel", "DogeForCausalLM", "init_params", "param_logical_axes"]
@@ -51,7 +51,7 @@ class DogeDecoderLayer(nn.Module):
             cache_length)
         attn_out = nn.Dropout(cfg.hidden_dropout)(attn_out, deterministic=deterministic)
         w_in = self.param("input_residual", residual_init, (cfg.hidden_size,), self.param_dtype)
-        h = w_in.astype(self.dtype) * h + attn_out
+        h = scale_by_weight(w_in, h, self.dtype) + attn_out
         h = nn.with_logical_constraint(h, _ACT)
 
         m = norm("post_attention_layernorm")(h)
@@ -62,7 +62,7 @@ class DogeDecoderLayer(nn.Module):
             ffn = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(m)
         ffn = nn.Dropout(cfg.hidden_dropout)(ffn, deterministic=deterministic)
         w_post = self.param("post_attention_residual", residual_init, (cfg.hidden_size,), self.param_dtype)
-        h = w_post.astype(self.dtype) * h + ffn
+        h = scale_by_weight(w_post, h, self.dtype) + ffn
         return nn.with_logical_constraint(h, _ACT), layer_cache, stats
 
 

@@ -3,22 +3,24 @@
 # more of device time; three engineers' separate calls spent this session's budget). Each step has its own
 # timeout so one hang does not eat the others; logs and JSON land in $OUT (the device tool brings them back).
 #
-#   device run, carry [".anchors"]:   bash bench/gpu_pending.sh            (~8-9 min; timeout_s 580)
+#   device run, carry [".anchors"]:   bash bench/gpu_pending.sh            (~9 min; timeout_s 590)
 #   one step only:                     STEPS="dmattn" bash bench/gpu_pending.sh
 #
 # Steps (see docs/BENCHMARKS.md, each section's "next GPU call"):
-#   dmattn  issue 4 follow-up: remaining sparse-path variants at b2 L8192 and b1 L32768, then the full table
-#           with tokamax at the three shapes (the sparse default with 2-stage dk/dv at 32k end to end)
-#   sample  issue 5: generate with decode=model / fused and transformers generate, bs 1 and 16, one process
+#   train   issue 6: b16 step with the fused loss and HF (b4) in one process, profiled (which of the session-3
+#           changes gave what; the init compile with the vmapped layer init)
+#   sample  issue 5: generate on the default (model) path and transformers generate, bs 1 and 16, one process
+#   sample_fused  the experimental fused decode path alone, bs 1 then bs 16 (bs 16 stalled twice in session 3:
+#           its own step, so a stall costs only this step's limit)
 #   sample_kernels  the fused path's decode kernels alone (bs 1; block / warp variants vs the XLA reference)
-#   train   issue 6: b16 step with the fused loss and HF (b4) in one process
+#   dmattn  issue 4 follow-ups (sparse-path variants, then the full table with tokamax)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export PYTHONPATH=".anchors/py:.:${PYTHONPATH:-}"
 OUT=${OUT:-./bench_out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"sample train"}
+STEPS=${STEPS:-"train sample sample_fused"}
 
 step() {  # step NAME TIMEOUT_S CMD...
   local name=$1 limit=$2
@@ -36,13 +38,16 @@ for s in $STEPS; do
         --tune-sparse 2x8192,1x32768=cur+s0+g1+p1+p2+o1
       step dmattn_table 150 python3 bench/dmattn.py --skip hf,fdm ;;
     sample)
-      step sample 220 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode model,fused \
+      step sample 200 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode model \
         --json "$OUT/sample.json" ;;
+    sample_fused)
+      step sample_fused 100 python3 bench/sample.py --no-long --no-hf --repeats 2 --decode fused \
+        --json "$OUT/sample_fused.json" ;;
     sample_kernels)
       step sample_kernels 120 python3 bench/sample.py --decode-kernels --batch-sizes 1 --json "$OUT/sample_kernels.json" ;;
     train)
-      step train 330 python3 bench/train.py --batch 16 --hf-batch 4 --steps 8 --warmup 1 --traceback-after 120 \
-        --json "$OUT/train.json" ;;
-    *) echo "unknown step $s (dmattn, sample, sample_kernels, train)"; exit 2 ;;
+      step train 260 python3 bench/train.py --batch 16 --hf-batch 4 --steps 8 --warmup 1 --profile 2 \
+        --traceback-after 120 --json "$OUT/train.json" ;;
+    *) echo "unknown step $s (train, sample, sample_fused, sample_kernels, dmattn)"; exit 2 ;;
   esac
 done

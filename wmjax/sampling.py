@@ -50,8 +50,8 @@ from wmjax.cache import init_cache
 __all__ = ["SamplingParams", "GenerateOutput", "generate", "process_logits", "prefill", "decode_step",
            "pad_prompts", "positions_from_mask", "DECODE_PATHS"]
 
-# generate(decode=...): "model" = the Flax model's decode step; "fused" = wmjax.fused_decode with its attention on
-# the Pallas kernel on GPU (jnp reference elsewhere); "fused_xla" = the same with the attention in XLA.
+# generate(decode=...): "model" = the Flax model's decode step; "fused" = wmjax.fused_decode on the
+# pallas_kernels.decode kernels on GPU (their jnp references elsewhere); "fused_xla" = the references everywhere.
 DECODE_PATHS = ("auto", "model", "fused", "fused_xla")
 
 

@@ -20,6 +20,14 @@ import jax
 import jax.numpy as jnp
 
 
+def _kernel_init(init_std: float, axes: Sequence[str]):
+    return nn.with_logical_partitioning(nn.initializers.normal(init_std), tuple(axes))
+
+
+def _bias_init(axes: Sequence[str]):
+    return nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],))
+
+
 def dense(features: int, axes: Sequence[str], *, use_bias: bool, init_std: float, dtype: Any, param_dtype: Any,
           name: str) -> nn.Dense:
     """`nn.Dense` whose kernel [in, out] carries logical axes `axes` and bias [out] carries `axes[-1]`.
@@ -31,8 +39,8 @@ def dense(features: int, axes: Sequence[str], *, use_bias: bool, init_std: float
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), tuple(axes)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)),
+        kernel_init=_kernel_init(init_std, axes),
+        bias_init=_bias_init(axes),
         name=name,
     )
 
@@ -50,12 +58,11 @@ class DenseParams(nn.Module):
 
     @nn.compact
     def __call__(self):
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
-                            (self.in_features, self.features), self.param_dtype)
+        kernel = self.param("kernel", _kernel_init(self.init_std, self.axes), (self.in_features, self.features),
+                            self.param_dtype)
         bias = None
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[-1],)),
-                              (self.features,), self.param_dtype)
+            bias = self.param("bias", _bias_init(self.axes), (self.features,), self.param_dtype)
         return kernel, bias
 
 

@@ -20,7 +20,6 @@ wmjax is functional and uses the current call's Lp (identical for a single forwa
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 
@@ -48,12 +47,6 @@ def rope_cos_sin(positions, head_dim: int, theta, rope_type="default", factor=1.
     emb = jnp.broadcast_to(freqs[..., None, :], freqs.shape[:-1] + (2, head_dim // 2)).reshape(
         freqs.shape[:-1] + (head_dim,))                                 # [b, s, D] = [freqs, freqs]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def rotate_half(x):
-    """[x1, x2] -> [-x2, x1] on the last axis (reference form; `apply_rope` does not use it)."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
 
 
 def apply_rope_pairs(x, cos, sin):

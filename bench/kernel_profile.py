@@ -34,30 +34,58 @@ def _short(name: str, width: int = 90) -> str:
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
+def _stream_lines(plane):
+    # XLA GPU planes carry one line per CUDA stream plus derived lines ("XLA Ops", "XLA Modules", ...);
+    # kernels live on the stream lines (if none is named so, take every line but the derived ones).
+    lines = list(plane.lines)
+    streams = [ln for ln in lines if ln.name.startswith("Stream")]
+    return streams or [ln for ln in lines if not ln.name.startswith(("XLA", "Launch", "Steps", "TensorFlow"))]
+
+
+def _newest_profile(logdir: str):
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    return ProfileData.from_file(files[-1]) if files else None
+
+
+def device_timeline(logdir: str) -> dict | None:
+    """Of the newest trace in `logdir`: kernel events, device busy time (union of kernel intervals) and span
+    (first start .. last end), in ms; busy < span means the device waited (e.g. on host launches)."""
+    prof = _newest_profile(logdir)
+    if prof is None:
+        return None
+    iv = sorted((ev.start_ns, ev.end_ns) for plane in _device_planes(prof) for line in _stream_lines(plane)
+                for ev in line.events)
+    if not iv:
+        return None
+    busy, cur_s, cur_e = 0, iv[0][0], iv[0][1]
+    for s_, e_ in iv[1:]:
+        if s_ > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s_, e_
+        else:
+            cur_e = max(cur_e, e_)
+    busy += cur_e - cur_s
+    return dict(events=len(iv), busy_ms=busy / 1e6, span_ms=(iv[-1][1] - iv[0][0]) / 1e6)
+
+
 def kernel_table(fn: Callable, iters: int = 3, logdir: str | None = None) -> List[dict]:
     """Sum device event time by kernel name over `iters` traced calls of `fn` (after one untraced call)."""
     import jax
-    from jax.profiler import ProfileData
 
     jax.block_until_ready(fn())
     logdir = logdir or tempfile.mkdtemp(prefix="wmjax_prof_")
     with jax.profiler.trace(logdir):
         for _ in range(iters):
             jax.block_until_ready(fn())
-    files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    if not files:
+    prof = _newest_profile(logdir)
+    if prof is None:
         return []
-    prof = ProfileData.from_file(files[-1])
     tot = collections.Counter()
     cnt = collections.Counter()
     for plane in _device_planes(prof):
-        lines = list(plane.lines)
-        # XLA GPU planes carry one line per CUDA stream plus derived lines ("XLA Ops", "XLA Modules", ...);
-        # kernels live on the stream lines (if none is named so, take every line but the derived ones).
-        streams = [ln for ln in lines if ln.name.startswith("Stream")]
-        if not streams:
-            streams = [ln for ln in lines if not ln.name.startswith(("XLA", "Launch", "Steps", "TensorFlow"))]
-        for line in streams:
+        for line in _stream_lines(plane):
             for ev in line.events:
                 tot[ev.name] += ev.duration_ns
                 cnt[ev.name] += 1

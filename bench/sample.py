@@ -121,19 +121,8 @@ def bench_main(args, results):
             log(f"[wmjax] {args.preset} decode={dec} bs={bs} prompt={args.prompt_len} new={args.new}: {tps:,.0f} "
                 f"tok/s ({1e3 * best / args.new:.3f} ms/step incl. prefill; first call {first:.1f}s)")
             if dec in args.kernels:
-                import tempfile
-                from bench.kernel_profile import kernel_table, print_kernel_table
-                from wmjax.sampling import generate
-                logdir = tempfile.mkdtemp(prefix="wmjax_sample_prof_")
-                rows = kernel_table(lambda: generate(model, params, prompts, max_new_tokens=args.new, stop_tokens=[],
-                                                     cache="full", decode=dec).tokens, iters=1, logdir=logdir)
-                tl = _timeline(logdir)
-                print_kernel_table(rows, top=args.profile_top, title=f"generate decode={dec} bs={bs}")
-                n_ev = sum(r["count"] for r in rows)
-                steps = args.new - 1
-                log(f"[profile] decode={dec} bs={bs}: device kernel sum {sum(r['total_ms'] for r in rows):.2f} ms, "
-                    f"{n_ev:.0f} events = {n_ev / steps:.1f} per decode step "
-                    f"({n_ev / steps / cfg.num_hidden_layers:.1f} per layer); timeline {tl}")
+                rows, n_ev, tl = _profile_generate(model, params, prompts, args.new, dec, args.profile_top,
+                                                   f"generate decode={dec} bs={bs}", cfg.num_hidden_layers)
                 row["profile"] = dict(events=n_ev, timeline=tl, kernels=[dict(r, name=r["name"][:200])
                                                                           for r in rows[:60]])
             per_decode.setdefault(dec, {})[bs] = row
@@ -191,45 +180,31 @@ def bench_main(args, results):
         log(f"[speedup] bs={bs}: wmjax / transformers = {results['wmjax'][bs]['tok_s'] / tps:,.0f}x")
 
 
-def _timeline(logdir):
-    """Device busy time (union of kernel intervals) vs span (first start .. last end) of the newest trace."""
-    import glob
-    from jax.profiler import ProfileData
-    files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    if not files:
-        return None
-    prof = ProfileData.from_file(files[-1])
-    iv = []
-    for plane in prof.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if line.name.startswith("Stream"):
-                iv += [(ev.start_ns, ev.end_ns) for ev in line.events]
-    if not iv:
-        return None
-    iv.sort()
-    busy, cur_s, cur_e = 0, iv[0][0], iv[0][1]
-    for s_, e_ in iv[1:]:
-        if s_ > cur_e:
-            busy += cur_e - cur_s
-            cur_s, cur_e = s_, e_
-        else:
-            cur_e = max(cur_e, e_)
-    busy += cur_e - cur_s
-    return dict(events=len(iv), busy_ms=busy / 1e6, span_ms=(iv[-1][1] - iv[0][0]) / 1e6)
+def _profile_generate(model, params, prompts, new, decode, top, title, n_layers):
+    """Kernel table (printed) and device timeline of one `generate` call under jax.profiler; returns
+    (rows, events per call, timeline)."""
+    import tempfile
+    from bench.kernel_profile import device_timeline, kernel_table, print_kernel_table
+    from wmjax.sampling import generate
+    logdir = tempfile.mkdtemp(prefix="wmjax_sample_prof_")
+    rows = kernel_table(lambda: generate(model, params, prompts, max_new_tokens=new, stop_tokens=[], cache="full",
+                                         decode=decode).tokens, iters=1, logdir=logdir)
+    tl = device_timeline(logdir)
+    print_kernel_table(rows, top=top, title=title)
+    n_ev = sum(r["count"] for r in rows)
+    steps = new - 1
+    log(f"[profile] {title}: device kernel sum {sum(r['total_ms'] for r in rows):.2f} ms, {n_ev:.0f} events = "
+        f"{n_ev / steps:.1f} per decode step ({n_ev / steps / n_layers:.1f} per layer); timeline {tl}")
+    return rows, n_ev, tl
 
 
 def bench_profile(args, results):
     """Kernel table of one whole `generate` call per batch size (jax.profiler), device busy time vs span, and
     the compiled HLO (saved next to --json) to map fusions to ops."""
-    import tempfile
     import jax
     import jax.numpy as jnp
-    from bench.kernel_profile import kernel_table, print_kernel_table
     from wmjax.config import DogeConfig
     from wmjax.models.doge import DogeForCausalLM, init_params
-    from wmjax.sampling import generate
     cfg = DogeConfig.preset(args.preset)
     if args.tiny:
         cfg = cfg.replace(hidden_size=64, intermediate_size=64, num_hidden_layers=2, vocab_size=512)
@@ -241,22 +216,14 @@ def bench_profile(args, results):
     for bs in args.batch_sizes:
         prompts = rng.integers(0, cfg.vocab_size, (bs, args.prompt_len)).tolist()
         out, first, best = time_generate(model, params, prompts, args.new, args.repeats, cache="full")
-        logdir = tempfile.mkdtemp(prefix="wmjax_sample_prof_")
-        fn = lambda: generate(model, params, prompts, max_new_tokens=args.new, stop_tokens=[], cache="full").tokens
-        rows = kernel_table(fn, iters=1, logdir=logdir)
-        tl = _timeline(logdir)
-        steps = args.new - 1
-        print_kernel_table(rows, top=args.profile_top, title=f"generate bs={bs} ({steps} decode steps + prefill)")
+        rows, n_ev, tl = _profile_generate(model, params, prompts, args.new, "auto", args.profile_top,
+                                           f"generate bs={bs}", cfg.num_hidden_layers)
         dev_ms = sum(r["total_ms"] for r in rows)
-        n_ev = sum(r["count"] for r in rows)
-        log(f"[profile] bs={bs}: wall {1e3 * best:.2f} ms ({1e3 * best / args.new:.3f} ms/token), device kernel sum "
-            f"{dev_ms:.2f} ms, {n_ev:.0f} events = {n_ev / steps:.1f} per decode step "
-            f"({n_ev / steps / cfg.num_hidden_layers:.1f} per layer); timeline {tl}")
+        log(f"[profile] bs={bs}: wall {1e3 * best:.2f} ms ({1e3 * best / args.new:.3f} ms/token)")
         prof[bs] = dict(wall_ms=1e3 * best, device_ms=dev_ms, events=n_ev, timeline=tl,
                         kernels=[dict(r, name=r["name"][:200]) for r in rows[:80]])
         if args.json and bs == args.batch_sizes[0]:
-            from wmjax.sampling import _generate_jit  # noqa: F401  (compiled text of the whole generate)
-            import wmjax.sampling as S
+            import wmjax.sampling as S  # the compiled text of the whole generate
             ids, mask = S.pad_prompts(prompts)
             kw = dict(model=model, max_new_tokens=args.new, cache_kind="full", cache_length=args.prompt_len + args.new,
                       sampling=S.SamplingParams(), return_logprobs=False, callback=None,

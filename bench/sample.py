@@ -344,7 +344,13 @@ def main(argv=None):
                         "compared with transformers")
     p.add_argument("--kernels", type=lambda s: s.split(","), default=[],
                    help="decode paths to also profile (kernel table of one generate call, after timing)")
+    p.add_argument("--traceback-after", type=float, default=0,
+                   help="dump every thread's Python stack every N seconds (finds where a stalled call waits: "
+                        "XLA compile or the device)")
     args = p.parse_args(argv)
+    if args.traceback_after > 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.traceback_after, repeat=True)
     if args.tiny:
         args.new, args.prompt_len, args.hf_new, args.repeats = 16, 8, 8, 1
         args.long_lengths = [128, 512]

@@ -21,9 +21,14 @@ def _close(got, want, tol, msg=""):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("variant", ["plain", "norm_bias", "swiglu", "residual", "logits_f32"])
-def test_decode_linear_matches_reference(dtype, variant):
+@pytest.mark.parametrize("k,block_ks", [
+    (96, (32, 64)),   # 3 fori_loop steps of 32; block_k 64 does not divide 96 -> falls back to 32
+    (1536, (256,)),   # Doge-160M's ffn width: 6 fori_loop steps of 256
+    (48, (32,)),      # block_k fallback 32 -> 16: 3 steps of 16
+])
+def test_decode_linear_matches_reference(dtype, variant, k, block_ks):
     rng = np.random.default_rng(0)
-    rows, k, n = 32, 96, 64
+    rows, n = 32, 64
     a = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, dtype)
     x, w = a(rows, k), a(n, k, scale=k ** -0.5)
     kw = {}
@@ -38,7 +43,7 @@ def test_decode_linear_matches_reference(dtype, variant):
     if variant == "logits_f32":
         kw.update(out_dtype=jnp.float32)
     want = decode_linear_reference(x, w, **kw)
-    for block_k in (32, 64):  # K=96 as 3 x 32, or 64 + 32
+    for block_k in block_ks:
         got = decode_linear(x, w, block_n=16, block_k=block_k, interpret=True, **kw)
         chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
         _close(got, want, TOL[dtype], f"{variant} block_k={block_k}")
@@ -52,6 +57,20 @@ def test_decode_linear_rejects_bad_shapes():
         decode_linear(jnp.zeros((8, 64)), jnp.zeros((32, 64)), interpret=True)
     with pytest.raises(ValueError, match="block_n=48 must be a power of two >= 16 dividing N=96"):
         decode_linear(x, jnp.zeros((96, 64)), block_n=48, interpret=True)
+    with pytest.raises(ValueError, match="block_k=48 must be a power of two >= 16"):
+        decode_linear(x, jnp.zeros((32, 64)), block_k=48, interpret=True)
+    with pytest.raises(ValueError, match="K=40 a multiple of 16"):
+        decode_linear(jnp.zeros((16, 40)), jnp.zeros((32, 40)), interpret=True)
+
+
+def test_decode_linear_block_k_fallback():
+    from pallas_kernels.decode.linear import _fit_block_k
+    assert _fit_block_k(1536, 256) == 256
+    assert _fit_block_k(768, 512) == 256      # 768 = 3 x 256
+    assert _fit_block_k(96, 64) == 32
+    assert _fit_block_k(48, 32) == 16
+    assert _fit_block_k(64, 256) == 64        # K below block_k: one chunk of all of K
+    assert _fit_block_k(80, 256) == 16
 
 
 def _attention_args(rng, dtype, b=3, rows=16, h=4, g=2, d=32, c=128, slot=70, dt_bias=True):

@@ -140,10 +140,11 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
 
         def linear(x, w, **kw):
             # blocks from `bench/sample.py --decode-kernels` on an H100 (docs/BENCHMARKS.md, Sampling): 16 output
-            # columns per program, 32 for the two-weight SwiGLU projection; K in chunks of 256; 4 warps
+            # columns per program, 32 for the two-weight SwiGLU projection; 4 warps. K in chunks of 256 through the
+            # kernel's fori_loop with 3 pipeline stages (the pipelined loop is not yet timed on the GPU)
             block_n = kw.pop("block_n", 32 if "up_weight" in kw else 16)
             return decode_linear(x, w, block_n=_block(w.shape[0], block_n), block_k=256, num_warps=4,
-                                 interpret=interpret, **kw)
+                                 num_stages=3, interpret=interpret, **kw)
 
         def attention(*args, **kw):
             return decode_layer_attention(*args, block_c=_CACHE_BLOCK, interpret=interpret, **kw)

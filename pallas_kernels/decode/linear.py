@@ -13,8 +13,14 @@ SwiGLU after it as kernels of their own. This kernel does the whole chain in one
 Layouts: x [rows, K] (rows a multiple of 16: tensor-core dots need M >= 16; the caller pads), weights stored
 [N, K] (the transpose of flax's [in, out] kernel, so each program reads contiguous rows of K), biases [N],
 norm_weight [K], residual [rows, N], residual_scale [N]. N a multiple of block_n (a power of two), K a multiple
-of 16. One program per block of block_n output columns, a static loop over K in power-of-two chunks of at most
-block_k (the RMSNorm's sum of squares first, in a pass of its own). Every `pallas_call` names the Triton backend.
+of 16. One program per block of block_n output columns. K is walked by a `lax.fori_loop` over K / block_k chunks
+of one size (block_k, or when it does not divide K the largest power of two >= 16 that does and is <= block_k,
+see `_fit_block_k`), each a `pl.ds(pl.multiple_of(j * block_k, block_k), block_k)` slice of the refs: the
+standard Triton matmul loop, which Triton's software pipeliner can turn into `num_stages` weight chunks in
+flight through shared memory (cp.async) instead of one chunk's load, wait and dot after another (the change to
+measure: predicted to remove the serial per-chunk memory latencies, not yet timed on a GPU). The RMSNorm's
+sum of squares over all of K comes first, in a fori_loop pass of its own; inside the main loop each normalized x
+chunk is recomputed from x, the rstd and the norm weight chunk. Every `pallas_call` names the Triton backend.
 The reference `decode_linear_reference` is the same computation in plain jnp and defines its meaning.
 """
 
@@ -41,16 +47,14 @@ def _rounded_silu_mul(gate, up, dtype):
     return (act.astype(_F32) * up.astype(_F32)).astype(dtype)
 
 
-def _chunks(k_total: int, block_k: int):
-    """[0, K) as power-of-two pieces of at most block_k, largest first (768 -> 512 + 256 for block_k 512)."""
-    out, k0 = [], 0
-    while k0 < k_total:
-        n = block_k
-        while n > k_total - k0:
-            n //= 2
-        out.append(pl.ds(k0, n))
-        k0 += n
-    return out
+def _fit_block_k(k_total: int, block_k: int) -> int:
+    """The K chunk size of the fori_loop: block_k if it divides K, else the largest power of two dividing K that
+    is <= block_k (K=96, block_k 64 -> 32; K=48, block_k 32 -> 16). Below 16 (no tensor-core dot) `_check`
+    raises; block_k is assumed a power of two (also checked there)."""
+    bk = block_k
+    while bk > 1 and k_total % bk:
+        bk //= 2
+    return bk
 
 
 def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has_residual):
@@ -64,27 +68,42 @@ def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has
     (o_ref,) = refs
     dtype = w_ref.dtype
     prec = lax.Precision.HIGHEST if dtype == _F32 else None
-    chunks = _chunks(k_total, block_k)
-    # loads next to their use, chunk by chunk: issuing every chunk's load first (the whole [block_n, K] slab in
-    # registers) measured 1.0-2.4x slower on an H100 (register spills; docs/BENCHMARKS.md, Sampling)
+    rows, block_n = x_ref.shape[0], w_ref.shape[0]
+    n_chunks = k_total // block_k
+
+    def chunk(j):
+        return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+
+    # One fixed-size chunk per fori_loop iteration. The static Python loop this replaces put each chunk's load next
+    # to its dot with num_stages=1, so (a warp issuing in order) chunk j+1's load waited for chunk j's data and
+    # dot: K / block_k memory latencies in series. Issuing every chunk's load first (the whole [block_n, K] slab in
+    # registers) measured 1.0-2.4x slower on an H100 (register spills; docs/BENCHMARKS.md, Sampling). The loop
+    # leaves the prefetching to Triton's pipeliner (num_stages chunks in flight through shared memory); that it
+    # removes the serial latencies is the prediction to measure on the GPU, not a measured result.
     if has_norm:
-        ss = None
-        for ck in chunks:
-            xk = x_ref[:, ck].astype(_F32)
-            part = jnp.sum(xk * xk, axis=1)
-            ss = part if ss is None else ss + part
+        def sum_squares(j, ss):
+            xk = x_ref[:, chunk(j)].astype(_F32)
+            return ss + jnp.sum(xk * xk, axis=1)
+
+        ss = lax.fori_loop(0, n_chunks, sum_squares, jnp.zeros((rows,), _F32))
         rstd = 1.0 / jnp.sqrt(ss / k_total + eps)                       # [rows]
-    acc = acc_up = None
-    for ck in chunks:
+
+    def step(j, accs):
+        ck = chunk(j)
         xk = x_ref[:, ck]
         if has_norm:
             xk = nw_ref[ck].astype(dtype)[None, :] * (xk.astype(_F32) * rstd[:, None]).astype(x_ref.dtype)
         xk = xk.astype(dtype)
-        part = lax.dot_general(xk, w_ref[:, ck], _NT, precision=prec, preferred_element_type=_F32)
-        acc = part if acc is None else acc + part
+        out = [accs[0] + lax.dot_general(xk, w_ref[:, ck], _NT, precision=prec, preferred_element_type=_F32)]
         if has_up:
-            part = lax.dot_general(xk, u_ref[:, ck], _NT, precision=prec, preferred_element_type=_F32)
-            acc_up = part if acc_up is None else acc_up + part
+            out.append(accs[1] + lax.dot_general(xk, u_ref[:, ck], _NT, precision=prec,
+                                                 preferred_element_type=_F32))
+        return tuple(out)
+
+    zeros = jnp.zeros((rows, block_n), _F32)
+    accs = lax.fori_loop(0, n_chunks, step, (zeros, zeros) if has_up else (zeros,))
+    acc = accs[0]
+    acc_up = accs[1] if has_up else None
     y = acc.astype(dtype)
     if has_bias:
         y = y + b_ref[...].astype(dtype)[None, :]
@@ -127,16 +146,19 @@ def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, r
         problems.append(f"block_n={block_n} must be a power of two >= 16 dividing N={n}")
     if block_k < 16 or block_k & (block_k - 1) or k % 16:
         problems.append(f"block_k={block_k} must be a power of two >= 16 and K={k} a multiple of 16")
+    elif _fit_block_k(k, block_k) < 16:
+        problems.append(f"K={k} has no power-of-two chunk >= 16 that divides it and is <= block_k={block_k}")
     if problems:
         raise ValueError("decode_linear: " + "; ".join(problems))
 
 
 def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1e-6, bias=None, up_bias=None,
                   residual=None, residual_scale=None, out_dtype=None, block_n: int = 16, block_k: int = 256,
-                  num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+                  num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
     """x [rows, K] -> [rows, N] in `out_dtype` (default: the weight's dtype = the compute dtype). See the module
     docstring for the optional RMSNorm prologue (norm_weight, eps), bias, SwiGLU (up_weight, up_bias) and
-    residual (residual, residual_scale) parts."""
+    residual (residual, residual_scale) parts. K is looped over in chunks of `_fit_block_k(K, block_k)` (block_k
+    when it divides K); num_stages is Triton's pipeline depth for that loop (chunks in flight)."""
     _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale)
     rows, k = x.shape
     n = weight.shape[0]
@@ -155,7 +177,7 @@ def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1
     if residual is not None:
         operands += [residual, residual_scale]
         specs += [pl.BlockSpec((rows, block_n), lambda i: (0, i)), col]
-    kern = functools.partial(_linear_kernel, k_total=k, block_k=block_k, eps=float(eps),
+    kern = functools.partial(_linear_kernel, k_total=k, block_k=_fit_block_k(k, block_k), eps=float(eps),
                              has_norm=norm_weight is not None, has_bias=bias is not None,
                              has_up=up_weight is not None, has_residual=residual is not None)
     return pl.pallas_call(

@@ -72,6 +72,7 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
     from train.optim import make_optimizer
     from train.trainer import build_grad_fn, make_loss_fn, make_train_step, opt_state_shardings
     from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes
+    from wmjax.random_init import fast_random_compile
 
     mesh = shd.make_mesh(*mesh_shape, devices=devices)
     model = DogeForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=bool(remat))
@@ -88,7 +89,8 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
             p = init_params(cfg, r)
             return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32), "rng": r}
 
-        state = jax.jit(init_state, out_shardings=ssh)(jax.random.PRNGKey(0))
+        with fast_random_compile():
+            state = jax.jit(init_state, out_shardings=ssh)(jax.random.PRNGKey(0))
         loss_fn = make_loss_fn(model, cfg, 0.0, use_segments=False, loss_impl=loss_impl, chunk_tokens=chunk_tokens)
         grad_fn, spmd = build_grad_fn(loss_fn, 1, mesh, psh, cfg, spmd)
         step_fn = jax.jit(make_train_step(grad_fn, tx, sched, cfg, 0.0),

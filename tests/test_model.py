@@ -203,6 +203,9 @@ def test_fused_dense_equals_separate_dense():
     chex.assert_trees_all_close(jax.grad(lambda p, x: loss(Fused(), p, x), argnums=(0, 1))(params, x),
                                 jax.grad(lambda p, x: loss(Separate(), p, x), argnums=(0, 1))(params, x),
                                 rtol=1e-5, atol=1e-6)
+    # the backward never concatenates the cotangents (one concatenate: the forward's kernels)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p, x: loss(Fused(), p, x), argnums=(0, 1)))(params, x))
+    assert jaxpr.count("concatenate") == 1, jaxpr.count("concatenate")
 
 
 def test_scale_by_weight_sums_weight_gradient_in_f32():
@@ -226,3 +229,19 @@ def test_scale_by_weight_sums_weight_gradient_in_f32():
     got = jax.vjp(lambda w, x: scale_by_weight(w, x, jnp.float32), w, x32)[1](g32)
     want = jax.vjp(lambda w, x: w * x, w, x32)[1](g32)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_random_compile_lowers_threefry_to_the_gpu_kernel():
+    """init_params' random draws under `fast_random_compile`: lowered for CUDA (abstractly, on CPU), threefry is
+    one FFI kernel call instead of the unrolled rounds; on CPU the values are unchanged (the option only touches
+    the GPU lowering)."""
+    from wmjax.random_init import fast_random_compile
+    f = jax.jit(lambda k: jax.random.normal(k, (256, 64)))
+    key = jax.random.PRNGKey(0)
+    plain = f.trace(key).lower(lowering_platforms=("cuda",)).as_text()
+    with fast_random_compile():
+        fast = f.trace(key).lower(lowering_platforms=("cuda",)).as_text()
+        on_cpu = jax.jit(lambda k: jax.random.normal(k, (256, 64)))(key)
+    assert "threefry2x32_ffi" in fast and "threefry2x32_ffi" not in plain
+    assert fast.count("stablehlo.xor") < plain.count("stablehlo.xor")
+    chex.assert_trees_all_equal(on_cpu, f(key))

@@ -541,6 +541,7 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
                           f"{tok.vocab_size} pieces")
 
     from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes
+    from wmjax.random_init import fast_random_compile
 
     compute_dtype = resolve_dtype(tc.compute_dtype)
     param_dtype = resolve_dtype(tc.param_dtype)
@@ -604,7 +605,8 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
             log0(f"[run] resumed from step {start_step} ({cfg.checkpoint_dir}); data position "
                  f"{data_it.samples_seen} samples")
         else:
-            state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
+            with fast_random_compile():  # threefry as one GPU kernel (wmjax.random_init)
+                state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
             data_it.samples_seen = 0
 
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params_shapes))

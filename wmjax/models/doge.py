@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wmjax.random_init import fast_random_compile
 from wmjax.config import DogeConfig
 from wmjax.layers.attention import DynamicMaskAttention
 from wmjax.layers.mlp import MLP
@@ -219,7 +220,8 @@ def init_params(config: DogeConfig, rng, param_dtype=jnp.float32):
             model[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
         return dict(params, model=model)
 
-    params = jax.jit(init)(rng)
+    with fast_random_compile():  # threefry as one GPU kernel: XLA:GPU compiled the unrolled one for > 45 s
+        params = jax.jit(init)(rng)
     if config.pad_token_id is not None:
         emb = params["model"]["embed_tokens"]["embedding"]
         params["model"]["embed_tokens"]["embedding"] = emb.at[config.pad_token_id].set(0)

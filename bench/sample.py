@@ -300,10 +300,11 @@ def bench_decode_kernels(args, results):
             measure(bs, kname, "reference (XLA)", want, ins, ref)
             blocks = [64, 128] if kname == "lm_head" else [16, 32]
             for bn in blocks:
-                for bk, warps in [(256, 4), (128, 2)]:
-                    f = jax.jit(lambda *x, kw=kw, bn=bn, bk=bk, warps=warps: decode_linear(
-                        *x, block_n=bn, block_k=bk, num_warps=warps, **kw))
-                    measure(bs, kname, f"pallas block_n={bn} block_k={bk} warps={warps}", f, ins, ref)
+                for bk, warps, stages in [(256, 4, 1), (256, 4, 3), (128, 4, 4), (256, 8, 3)]:
+                    f = jax.jit(lambda *x, kw=kw, bn=bn, bk=bk, warps=warps, stages=stages: decode_linear(
+                        *x, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, **kw))
+                    measure(bs, kname, f"pallas block_n={bn} block_k={bk} warps={warps} stages={stages}", f, ins,
+                            ref)
         pos = jnp.asarray(rng.integers(args.prompt_len, c - 1, size=bs))
         cos, sin = rope_cos_sin(pos[:, None], d, cfg.rope_theta, dtype=bf)
         valid = jnp.asarray(rng.random((bs, c)) < 0.9, jnp.int32).at[:, c // 2:].set(0)
@@ -315,10 +316,11 @@ def bench_decode_kernels(args, results):
         ins = ins[:8] + ins[9:]
         ref = want(*ins)
         measure(bs, "attention", "reference (XLA)", want, ins, ref)
-        for bc, warps, stages in [(64, 4, 2), (128, 4, 2), (64, 2, 2), (32, 4, 2)]:
-            f = jax.jit(lambda *x, bc=bc, warps=warps, stages=stages: decode_layer_attention(
-                *x[:8], None, *x[8:], block_c=bc, num_warps=warps, num_stages=stages, **kw))
-            measure(bs, "attention", f"pallas block_c={bc} warps={warps} stages={stages}", f, ins, ref)
+        for form, bc, warps, stages in [("vector", 64, 4, 2), ("tile", 64, 4, 2), ("tile", 128, 4, 2),
+                                        ("tile", 64, 4, 3), ("tile", 64, 8, 2), ("tile", 32, 4, 2)]:
+            f = jax.jit(lambda *x, form=form, bc=bc, warps=warps, stages=stages: decode_layer_attention(
+                *x[:8], None, *x[8:], block_c=bc, num_warps=warps, num_stages=stages, formulation=form, **kw))
+            measure(bs, "attention", f"pallas {form} block_c={bc} warps={warps} stages={stages}", f, ins, ref)
     results["decode_kernels"] = rows_out
 
 

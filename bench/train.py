@@ -62,7 +62,7 @@ def model_config(tiny: bool):
 
 
 def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd="auto", loss_impl="auto",
-                chunk_tokens=8192, profile=0, tag=""):
+                chunk_tokens=8192, profile=0, tag="", compiler_options=None):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -106,7 +106,7 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
         print(f"[wmjax] b{batch} loss={loss_fn.impl} spmd={spmd}: lowering + compiling", flush=True)
         lowered = step_fn.lower(state, batches[0])
         print(f"[wmjax] lowered in {time.perf_counter() - t0:.1f}s", flush=True)
-        step_fn = lowered.compile()  # AOT: the profile needs the optimized HLO text
+        step_fn = lowered.compile(compiler_options=compiler_options or None)  # AOT: the profile needs the HLO text
         print(f"[wmjax] compiled at {time.perf_counter() - t0:.1f}s", flush=True)
         state, m = step_fn(state, batches[0])
         jax.block_until_ready(m)
@@ -349,6 +349,10 @@ def main():
     ap.add_argument("--loss-chunk-tokens", default="8192", help="fused loss: tokens per chunk (comma list to sweep)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile N steps per wmjax config (bench/kernel_profile.py kernel table + categories)")
+    ap.add_argument("--xla-options", default="",
+                    help="XLA option sets for the wmjax step, ';'-separated, each 'name=value name=value' passed to "
+                         "the step's compile (jax compiler_options) in this process; an empty set = the defaults, "
+                         "e.g. ';xla_gpu_enable_command_buffer='")
     ap.add_argument("--tag", default="", help="label printed with the results (e.g. the XLA_FLAGS variant)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train.json"))
@@ -384,11 +388,12 @@ def main():
         for b in [int(x) for x in args.batch.split(",")]:
             for loss in args.loss.split(","):
                 chunks = args.loss_chunk_tokens.split(",") if loss != "logits" else args.loss_chunk_tokens.split(",")[:1]
-                for ct in chunks:
+                for ct, opts in [(c, o) for c in chunks for o in args.xla_options.split(";")]:
+                    copts = dict(kv.split("=", 1) for kv in opts.split())
                     try:
                         record(bench_wmjax(cfg, b, args.seq, args.steps, args.warmup, remat, (1, 1, 1), devs[:1],
                                            loss_impl=loss, chunk_tokens=int(ct), profile=args.profile,
-                                           tag=args.tag))
+                                           tag=(args.tag + " " + opts).strip(), compiler_options=copts))
                     except Exception as e:
                         traceback.print_exc()
                         print(f"wmjax b={b} remat={remat} loss={loss} failed: {type(e).__name__}: {str(e)[:300]}",

@@ -20,7 +20,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export PYTHONPATH=".anchors/py:.:${PYTHONPATH:-}"
 OUT=${OUT:-./bench_out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"train sample sample_flags sample_fused"}
+STEPS=${STEPS:-"train sample sample_kernels sample_fused"}
 
 step() {  # step NAME TIMEOUT_S CMD...
   local name=$1 limit=$2
@@ -38,7 +38,7 @@ for s in $STEPS; do
         --tune-sparse 2x8192,1x32768=cur+s0+g1+p1+p2+o1
       step dmattn_table 150 python3 bench/dmattn.py --skip hf,fdm ;;
     sample)
-      step sample 150 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode fused_xla,model \
+      step sample 160 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode fused_xla,model \
         --json "$OUT/sample.json" ;;
     sample_flags)  # the model path with XLA flags: CUDA-graph command buffers incl. the while loop; cuBLAS gemms
       XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
@@ -48,12 +48,13 @@ for s in $STEPS; do
         step sample_cublas 80 python3 bench/sample.py --no-long --no-hf --repeats 2 --decode model \
         --json "$OUT/sample_cublas.json" ;;
     sample_fused)
-      step sample_fused 110 python3 bench/sample.py --no-long --no-hf --repeats 2 --decode fused \
-        --traceback-after 45 --json "$OUT/sample_fused.json" ;;
+      step sample_fused 100 python3 bench/sample.py --no-long --no-hf --repeats 2 --decode fused \
+        --traceback-after 40 --json "$OUT/sample_fused.json" ;;
     sample_kernels)
-      step sample_kernels 120 python3 bench/sample.py --decode-kernels --batch-sizes 1 --json "$OUT/sample_kernels.json" ;;
+      step sample_kernels 80 python3 bench/sample.py --decode-kernels --batch-sizes 1 --json "$OUT/sample_kernels.json" ;;
     train)
-      step train 210 python3 bench/train.py --batch 16 --hf-batch 4 --steps 8 --warmup 1 --profile 2 \
+      step train 230 python3 bench/train.py --batch 16 --hf-batch 4 --steps 8 --warmup 1 --profile 2 \
+        --xla-options ";xla_gpu_enable_command_buffer=" \
         --traceback-after 120 --json "$OUT/train.json" ;;
     *) echo "unknown step $s (train, sample, sample_fused, sample_kernels, dmattn)"; exit 2 ;;
   esac

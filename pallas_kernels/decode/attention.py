@@ -12,9 +12,30 @@ One query token per row. Per (row, kv head g) one program does, for the Doge lay
     cache[slot] <- (k_g, v_g, bias_g)
 
 rope(x) = x * cos + rotate_half(x) * sin, worked on the two halves of head_dim so there is no concatenate; each
-elementwise step is rounded to the compute dtype as the model's jnp code is. Scores and p @ V use exact f32
-products of the (compute-dtype) inputs with f32 sums, like the model's HIGHEST-precision einsums; the softmax is
-the online (flash-decoding) form over blocks of `block_c` slots, started from the new token.
+elementwise step is rounded to the compute dtype as the model's jnp code is. Scores use exact f32 products of the
+(compute-dtype) inputs with f32 sums, like the model's HIGHEST-precision einsums; the softmax is the online
+(flash-decoding) form over blocks of `block_c` slots, started from the new token.
+
+Two formulations of the same math (`formulation=`):
+- "tile" (default): the group's R = H/G query heads are one 2-D tile of TR = max(16, next_pow2(R)) rows per half
+  of head_dim ([TR, D/2], read by a masked load from qkv viewed as [rows, H + 2G, D]; rows >= R are zeros, stay
+  finite through norm and rope, and are never stored). q RMSNorm is one row reduction over the tile, dt_proj one
+  f32 sum over all kv heads' values as one [G D] vector (zero-padded to a power of two by masked loads), the new
+  token's scores one row reduction; per cache block the scores are two tensor-core dots qa Ka^T + qb Kb^T
+  ([TR, D/2] x [BC, D/2]^T -> [TR, BC], f32 accumulation: exact products for bf16, precision HIGHEST for f32)
+  and p @ V is, for a 16-bit compute dtype, two tensor-core dots p_hi @ V + p_lo @ V with p_hi = p and
+  p_lo = p - p_hi rounded to that dtype: for bf16 p is kept to ~16 of its 24 bits (relative error ~2^-17 per
+  weight, against the reference's exact f32 products), and for f32 one HIGHEST-precision dot. m, l are [TR] and the accumulators
+  [TR, D/2] loop carries; the attention output is written by masked [TR, D/2] stores into att viewed as
+  [rows, H, D]. Needs head_dim >= 32 on the GPU (Triton's dots need D/2 >= 16; interpret mode takes >= 8).
+  Lowered for Triton at Doge-160M shapes (bf16) that is 5 reductions before the cache loop and 2 reductions plus
+  6 dots per block, against 15 and 12 reductions (no dots) for "vector" (counted in the Triton IR of the
+  abstract-H100 lowering on CPU).
+- "vector": the earlier body, each query head separately as 1-D vectors (jnp.sum per dot product), kept for one
+  GPU comparison. On an H100 (Doge-160M, cache 384, bf16) it measured ~16-19 us per call whatever block_c,
+  i.e. a ~14 us fixed part while the bytes need < 1 us; the hypothesis is that Triton turns every 1-D reduction
+  into a cross-warp shared-memory reduction with barriers, serialised one after another. "tile" is the change
+  to be measured against it (not yet timed on a GPU); the prediction is that the fixed part drops to a few us.
 
 Layouts: qkv [rows, (H + 2G) D] (the fused projection's output: q heads, k heads, v heads; only the first
 `batch` rows are read); cos, sin [batch, D]; valid [batch, C] int32 (1 = slot holds a token visible to this
@@ -38,6 +59,7 @@ from jax.experimental.pallas import triton as pltr
 __all__ = ["decode_layer_attention", "decode_layer_attention_reference"]
 
 _F32 = jnp.float32
+FORMULATIONS = ("tile", "vector")
 
 
 def _softplus(x):
@@ -45,7 +67,7 @@ def _softplus(x):
     return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def _kernel(slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest, heads_per_group,
+def _kernel_vector(slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest, heads_per_group,
             kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias):
     if has_dt_bias:
         dtb_ref, a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
@@ -150,9 +172,138 @@ def _kernel(slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_
         att_ref[pl.ds(base + half, half)] = (acc_b / l).astype(dtype)
 
 
-def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c):
+def _next_pow2(n):
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernel_tile(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest,
+                 heads_per_group, kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias,
+                 tile_rows, dt_len):
+    """The "tile" formulation: the group's R query heads as one [tile_rows, D/2] tile per half of head_dim
+    (rows >= R are zeros, never written), scores and p @ V as tensor-core dots; same math as `_kernel_vector`."""
+    if has_dt_bias:
+        dtb_ref, a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
+    else:
+        dtb_ref = None
+        a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
+    g = pl.program_id(1)
+    d, half, r_n, tr = head_dim, head_dim // 2, heads_per_group, tile_rows
+    dtype = att_ref.dtype
+    cdt = k_out.dtype
+    rnd = lambda x: x.astype(dtype)
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    h_all = r_n * kv_heads
+    k_base = h_all * d + g * d
+    v_base = (h_all + kv_heads) * d
+    gd = kv_heads * d
+    # dots: bf16/f16 tensor-core products are exact in f32 (f32 accumulation); f32 inputs need HIGHEST (IEEE, not
+    # TF32) for the same exact-product contract
+    prec = lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.dtype(_F32) else lax.Precision.DEFAULT
+    dot = lambda a, b, dims: lax.dot_general(a, b, (dims, ((), ())), precision=prec, preferred_element_type=_F32)
+    real = lax.broadcasted_iota(jnp.int32, (tr, half), 0) < r_n                  # [TR, D/2]: rows that are heads
+
+    # every load first (q heads g R .. g R + R - 1 of this row as [TR, D/2] tiles; masked rows load zeros)
+    cos_a, cos_b, sin_a, sin_b = cos_ref[lo], cos_ref[hi], sin_ref[lo], sin_ref[hi]
+    q_rows = pl.ds(g * r_n, tr)
+    q_raw = (pltr.load(q3_ref.at[q_rows, lo], mask=real, other=0),
+             pltr.load(q3_ref.at[q_rows, hi], mask=real, other=0))
+    k_raw = (qkv_ref[pl.ds(k_base, half)], qkv_ref[pl.ds(k_base + half, half)])
+    va, vb = qkv_ref[pl.ds(v_base + g * d, half)], qkv_ref[pl.ds(v_base + g * d + half, half)]
+    if dt_len == gd:
+        v_all, w_dt = qkv_ref[pl.ds(v_base, gd)], wdt_ref[...]
+    else:   # G D not a power of two: one zero-padded vector of dt_len (masked loads at clamped offsets, so
+        # nothing past G D is read; a static pl.ds past the block's end is rejected at trace time)
+        lane = lax.broadcasted_iota(jnp.int32, (dt_len,), 0)
+        in_gd, at = lane < gd, jnp.minimum(lane, gd - 1)
+        v_all = pltr.load(qkv_ref.at[v_base + at], mask=in_gd, other=0)
+        w_dt = pltr.load(wdt_ref.at[at], mask=in_gd, other=0)
+    qn_w = (qn_ref[lo], qn_ref[hi]) if qk_norm else None
+    kn_w = (kn_ref[lo], kn_ref[hi]) if qk_norm else None
+    dt_b = dtb_ref[...] if has_dt_bias else None
+    a_g = a_ref[...]
+    slot = slot_ref[0]
+    cos_a, cos_b = cos_a.astype(_F32), cos_b.astype(_F32)
+    sin_a, sin_b = sin_a.astype(_F32), sin_b.astype(_F32)
+
+    def norm_rope(raw, w, axis):
+        # raw: the two halves, [D/2] (one head) or [TR, D/2] (a tile of heads, one reduction over axis 1)
+        a, b = raw
+        ex = (lambda t: t[None, :]) if axis else (lambda t: t)
+        if qk_norm:
+            a32, b32 = a.astype(_F32), b.astype(_F32)
+            ss = jnp.sum(a32 * a32 + b32 * b32, axis=axis, keepdims=bool(axis))
+            rstd = 1.0 / jnp.sqrt(ss / d + eps)
+            a = ex(w[0].astype(dtype)) * (a32 * rstd).astype(a.dtype)
+            b = ex(w[1].astype(dtype)) * (b32 * rstd).astype(b.dtype)
+        a32, b32 = rnd(a).astype(_F32), rnd(b).astype(_F32)
+        ra = rnd(rnd(a32 * ex(cos_a)).astype(_F32) + rnd(-b32 * ex(sin_a)).astype(_F32))
+        rb = rnd(rnd(b32 * ex(cos_b)).astype(_F32) + rnd(a32 * ex(sin_b)).astype(_F32))
+        return ra, rb
+
+    # the new key (normed, rotated) and value, in the cache dtype as stored
+    ka, kb = norm_rope(k_raw, kn_w, None)
+    ka, kb = ka.astype(cdt), kb.astype(cdt)
+    va, vb = va.astype(cdt), vb.astype(cdt)
+    # dt_proj over all kv heads' values -> this head's key bias: one f32 sum of the G D exact products
+    dt = rnd(jnp.sum(v_all.astype(dtype).astype(_F32) * w_dt.astype(dtype).astype(_F32)))
+    if has_dt_bias:
+        dt = rnd(dt.astype(_F32) + dt_b.astype(dtype).astype(_F32))                 # [1]
+    bias_new = jnp.exp(a_g.astype(_F32) * _softplus(dt.astype(_F32)))                 # [1]
+
+    # cache writes (this program owns row i, kv head g; the slot is not read as valid this step)
+    k_out[pl.ds(slot, 1), lo] = ka[None, :]
+    k_out[pl.ds(slot, 1), hi] = kb[None, :]
+    v_out[pl.ds(slot, 1), lo] = va[None, :]
+    v_out[pl.ds(slot, 1), hi] = vb[None, :]
+    b_out[pl.ds(slot, 1)] = bias_new
+
+    # q tiles: zero rows stay finite through the norm (rstd = 1/sqrt(eps)) and rope, so padding scores are the
+    # biases alone: no NaN/inf in any row
+    qa, qb = norm_rope(q_raw, qn_w, 1)                                                # [TR, D/2] in dtype
+    kna, knb = ka.astype(dtype).astype(_F32), kb.astype(dtype).astype(_F32)
+    s_new = jnp.sum(qa.astype(_F32) * kna[None, :] + qb.astype(_F32) * knb[None, :], axis=1)
+    m0 = s_new * scale + jnp.sum(bias_new)                                            # [TR]
+    acc0 = (jnp.broadcast_to(va.astype(dtype).astype(_F32)[None, :], (tr, half)),
+            jnp.broadcast_to(vb.astype(dtype).astype(_F32)[None, :], (tr, half)))
+    neg = jnp.finfo(_F32).min
+    split = jnp.dtype(dtype) != jnp.dtype(_F32)
+
+    def pv(p, vc):
+        # p [TR, BC] f32 @ V [BC, D/2]. f32: one IEEE dot. 16-bit V: p = p_hi + p_lo, both in the compute dtype,
+        # two tensor-core dots with exact products and f32 sums: p is kept to ~16 of its 24 bits (relative error
+        # ~2^-17 per p for bf16), against the reference's exact f32 products
+        if not split:
+            return dot(p, vc, ((1,), (0,)))
+        p_hi = p.astype(dtype)
+        p_lo = (p - p_hi.astype(_F32)).astype(dtype)
+        return dot(p_hi, vc, ((1,), (0,))) + dot(p_lo, vc, ((1,), (0,)))
+
+    def body(j, carry):
+        m, l, acc_a, acc_b = carry
+        cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
+        kc_a, kc_b = k_ref[cols, lo].astype(dtype), k_ref[cols, hi].astype(dtype)      # [BC, D/2]
+        vc_a, vc_b = v_ref[cols, lo].astype(dtype), v_ref[cols, hi].astype(dtype)
+        add = jnp.where(valid_ref[cols] != 0, b_ref[cols], neg)                        # [BC]
+        s = dot(qa, kc_a, ((1,), (1,))) + dot(qb, kc_b, ((1,), (1,)))                  # [TR, BC] f32
+        s = s * scale + add[None, :]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        return (m_new, l * alpha + jnp.sum(p, axis=1), acc_a * alpha[:, None] + pv(p, vc_a),
+                acc_b * alpha[:, None] + pv(p, vc_b))
+
+    _, l, acc_a, acc_b = lax.fori_loop(0, n_blocks, body, (m0, jnp.ones((tr,), _F32)) + acc0)
+    # only the R real heads' rows are stored (masked rows are never written)
+    pltr.store(att_ref.at[q_rows, lo], (acc_a / l[:, None]).astype(dtype), mask=real)
+    pltr.store(att_ref.at[q_rows, hi], (acc_b / l[:, None]).astype(dtype), mask=real)
+
+
+def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, formulation,
+           interpret):
     b, g, c, d = key_cache.shape
     problems = []
+    if formulation not in FORMULATIONS:
+        problems.append(f"formulation={formulation!r}; expected one of {FORMULATIONS}")
     if qkv.shape[1] != (num_heads + 2 * g) * d or qkv.shape[0] < b:
         problems.append(f"qkv {qkv.shape} is not [rows >= {b}, (H={num_heads} + 2 G={g}) D={d}]")
     if num_heads % g:
@@ -164,8 +315,10 @@ def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_hea
                         f"[{d}], [{g}, {g * d}], [{g}]")
     if bias_cache.shape != (b, g, c):
         problems.append(f"bias cache {bias_cache.shape} != {(b, g, c)}")
-    if d < 8 or d & (d - 1):
-        problems.append(f"head_dim {d} must be a power of two >= 8")
+    # tile on the GPU: Triton's dots need D/2 >= 16 (interpret mode, e.g. the tiny CPU test models, takes D >= 8)
+    min_d = 32 if formulation == "tile" and not interpret else 8
+    if d < min_d or d & (d - 1):
+        problems.append(f"head_dim {d} must be a power of two >= {min_d}")
     if block_c < 16 or block_c & (block_c - 1) or c % block_c:
         problems.append(f"cache length {c} must be a multiple of block_c={block_c} (a power of two >= 16)")
     if problems:
@@ -174,42 +327,57 @@ def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_hea
 
 def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A, key_cache,
                            value_cache, bias_cache, *, num_heads: int, eps: float, scale: float, qk_norm=True,
-                           block_c: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+                           block_c: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool = False,
+                           formulation: str = "tile"):
     """Returns (att [rows, H D] in cos.dtype, key_cache, value_cache, bias_cache) with slot `slot` (int32 [1])
-    of every (row, kv head) written. See the module docstring for layouts."""
-    _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c)
+    of every (row, kv head) written. formulation: "tile" (default) or "vector" (the earlier per-head 1-D body,
+    kept for a GPU comparison); same math, see the module docstring for both and for the layouts."""
+    _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, formulation,
+           interpret)
     b, g, c, d = key_cache.shape
     rows, width = qkv.shape
     has_dt_bias = dt_bias is not None
-    kern = functools.partial(_kernel, heads_per_group=num_heads // g, kv_heads=g, head_dim=d, eps=float(eps),
-                             scale=float(scale), block_c=block_c, n_blocks=c // block_c, qk_norm=bool(qk_norm),
-                             has_dt_bias=has_dt_bias)
+    tile = formulation == "tile"
+    common = dict(heads_per_group=num_heads // g, kv_heads=g, head_dim=d, eps=float(eps), scale=float(scale),
+                  block_c=block_c, n_blocks=c // block_c, qk_norm=bool(qk_norm), has_dt_bias=has_dt_bias)
+    if tile:
+        kern = functools.partial(_kernel_tile, tile_rows=max(16, _next_pow2(num_heads // g)),
+                                 dt_len=_next_pow2(g * d), **common)
+    else:
+        kern = functools.partial(_kernel_vector, **common)
     row = lambda n: pl.BlockSpec((None, n), lambda i, j: (i, 0))
+    heads = lambda n: pl.BlockSpec((None, n, d), lambda i, j: (i, 0, 0))   # [rows, heads, D] view, row i
     full = lambda n: pl.BlockSpec((n,), lambda i, j: (0,))
     head1 = pl.BlockSpec((1,), lambda i, j: (j,))
     cache_spec = pl.BlockSpec((None, None, c, d), lambda i, j: (i, j, 0, 0))
     bias_spec = pl.BlockSpec((None, None, c), lambda i, j: (i, j, 0))
-    specs = [full(1), row(width), row(d), row(d), row(c), full(d), full(d),
-             pl.BlockSpec((None, g * d), lambda i, j: (j, 0))]
-    operands = [jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), qkv, cos, sin, valid.astype(jnp.int32),
-                q_norm, k_norm, dt_weight]
+    specs = [full(1), row(width)]
+    operands = [jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), qkv]
+    if tile:   # the same buffer as [rows, H + 2G, D] (a bitcast in XLA) for the q-head tiles
+        specs.append(heads(num_heads + 2 * g)), operands.append(qkv.reshape(rows, num_heads + 2 * g, d))
+    specs += [row(d), row(d), row(c), full(d), full(d), pl.BlockSpec((None, g * d), lambda i, j: (j, 0))]
+    operands += [cos, sin, valid.astype(jnp.int32), q_norm, k_norm, dt_weight]
     if has_dt_bias:
         specs.append(head1), operands.append(dt_bias)
     specs += [head1, cache_spec, cache_spec, bias_spec]
     operands += [A, key_cache, value_cache, bias_cache]
     n_in = len(operands)
-    return pl.pallas_call(
+    # tile: att written as [rows, H, D] (masked [TR, D/2] tile stores), reshaped back (a bitcast)
+    att_shape = (rows, num_heads, d) if tile else (rows, num_heads * d)
+    att_spec = heads(num_heads) if tile else row(num_heads * d)
+    att, kc, vc, bc = pl.pallas_call(
         kern,
-        out_shape=(jax.ShapeDtypeStruct((rows, num_heads * d), cos.dtype),
+        out_shape=(jax.ShapeDtypeStruct(att_shape, cos.dtype),
                    jax.ShapeDtypeStruct(key_cache.shape, key_cache.dtype),
                    jax.ShapeDtypeStruct(value_cache.shape, value_cache.dtype),
                    jax.ShapeDtypeStruct(bias_cache.shape, bias_cache.dtype)),
         grid=(b, g), in_specs=specs,
-        out_specs=(row(num_heads * d), cache_spec, cache_spec, bias_spec),
+        out_specs=(att_spec, cache_spec, cache_spec, bias_spec),
         input_output_aliases={n_in - 3: 1, n_in - 2: 2, n_in - 1: 3},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="wmjax_decode_layer_attention",
     )(*operands)
+    return att.reshape(rows, num_heads * d), kc, vc, bc
 
 
 def decode_layer_attention_reference(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A,

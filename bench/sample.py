@@ -111,30 +111,36 @@ def bench_main(args, results):
     rng = np.random.default_rng(0)
     wm = {}
     per_decode = {}
+    # variants: every decode path under every XLA option set (';'-separated sets of 'name=value' pairs)
+    variants = []
+    for dec in args.decode:
+        for opts in args.xla_options.split(";"):
+            copts = dict(kv.split("=", 1) for kv in opts.split())
+            variants.append((dec + (f" [{opts.strip()}]" if copts else ""), dec, copts))
     for bs in args.batch_sizes:
         prompts = rng.integers(0, cfg.vocab_size, (bs, args.prompt_len)).tolist()
-        for dec in args.decode:
+        for vi, (label, dec, copts) in enumerate(variants):
             out, first, best = time_generate(model, params, prompts, args.new, args.repeats, cache="full",
-                                             decode=dec)
+                                             decode=dec, compiler_options=copts or None)
             tps = bs * args.new / best
             row = dict(tok_s=tps, seconds=best, first_call_s=first, ms_per_step=1e3 * best / args.new)
-            log(f"[wmjax] {args.preset} decode={dec} bs={bs} prompt={args.prompt_len} new={args.new}: {tps:,.0f} "
+            log(f"[wmjax] {args.preset} decode={label} bs={bs} prompt={args.prompt_len} new={args.new}: {tps:,.0f} "
                 f"tok/s ({1e3 * best / args.new:.3f} ms/step incl. prefill; first call {first:.1f}s)")
             if dec in args.kernels:
                 rows, n_ev, tl = _profile_generate(model, params, prompts, args.new, dec, args.profile_top,
                                                    f"generate decode={dec} bs={bs}", cfg.num_hidden_layers)
                 row["profile"] = dict(events=n_ev, timeline=tl, kernels=[dict(r, name=r["name"][:200])
                                                                           for r in rows[:60]])
-            per_decode.setdefault(dec, {})[bs] = row
-            if dec == args.decode[-1]:
+            per_decode.setdefault(label, {})[bs] = row
+            if vi == 0:
+                first_tokens = np.asarray(out.tokens)
+            if vi == len(variants) - 1:
                 wm[bs] = dict(row, tokens=np.asarray(out.tokens), prompts=prompts)
-            else:
-                prev = np.asarray(out.tokens)
-            if len(args.decode) > 1 and dec == args.decode[-1]:
-                same = float(np.mean(np.cumprod(prev == wm[bs]["tokens"], axis=1).sum(1)))
-                log(f"[wmjax] bs={bs}: greedy tokens of decode={args.decode[0]} and decode={dec} agree on the first "
-                    f"{same:.1f} of {args.new} tokens on average")
-                row["greedy_prefix_agreement_with_" + args.decode[0]] = same
+            if vi > 0:
+                same = float(np.mean(np.cumprod(first_tokens == np.asarray(out.tokens), axis=1).sum(1)))
+                log(f"[wmjax] bs={bs}: greedy tokens of decode={variants[0][0]} and decode={label} agree on the "
+                    f"first {same:.1f} of {args.new} tokens on average")
+                row["greedy_prefix_agreement_with_" + variants[0][0]] = same
     results["wmjax"] = {bs: {k: v for k, v in d.items() if k not in ("tokens", "prompts")} for bs, d in wm.items()}
     results["wmjax_by_decode"] = per_decode
     if args.no_hf:
@@ -346,6 +352,9 @@ def main(argv=None):
                         "compared with transformers")
     p.add_argument("--kernels", type=lambda s: s.split(","), default=[],
                    help="decode paths to also profile (kernel table of one generate call, after timing)")
+    p.add_argument("--xla-options", default="",
+                   help="XLA option sets, ';'-separated, each 'name=value name=value' (generate's compiler_options); "
+                        "every --decode path runs under every set in this process; an empty set = the defaults")
     p.add_argument("--traceback-after", type=float, default=0,
                    help="dump every thread's Python stack every N seconds (finds where a stalled call waits: "
                         "XLA compile or the device)")

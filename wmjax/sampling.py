@@ -186,9 +186,17 @@ def decode_step(model, params, cache, tokens, positions):
     return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "cache_kind", "cache_length", "sampling",
-                                             "return_logprobs", "callback", "cache_dtype", "pad_id", "decode"))
-def _generate_jit(params, input_ids, attention_mask, stop_ids, key, *, model, max_new_tokens, cache_kind,
+_STATIC = ("model", "max_new_tokens", "cache_kind", "cache_length", "sampling", "return_logprobs", "callback",
+           "cache_dtype", "pad_id", "decode")
+
+
+@functools.lru_cache(maxsize=None)
+def _generate_with_options(options: tuple):
+    """`_generate_jit` compiled with XLA options (sorted (name, value) pairs; jax.jit's compiler_options)."""
+    return jax.jit(_generate_impl, static_argnames=_STATIC, compiler_options=dict(options) if options else None)
+
+
+def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, max_new_tokens, cache_kind,
                   cache_length, sampling, return_logprobs, callback, cache_dtype, pad_id, decode="model"):
     cfg = model.config
     b, s = input_ids.shape
@@ -249,13 +257,17 @@ def _generate_jit(params, input_ids, attention_mask, stop_ids, key, *, model, ma
     return toks, lengths, (lps if return_logprobs else None), steps
 
 
+_generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC)
+
+
 def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max_new_tokens: int,
              attention_mask=None, padding_side: str = "left", temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              stop_tokens: Optional[Union[Sequence[int], Sequence[Sequence[int]]]] = None, rng=None,
              cache: str = "auto", max_cache_length: Optional[int] = None, cache_dtype=None,
              return_logprobs: bool = False, callback: Optional[Callable] = None, pad_id: Optional[int] = None,
-             pad_to_multiple_of: int = 1, decode: str = "auto") -> GenerateOutput:
+             pad_to_multiple_of: int = 1, decode: str = "auto",
+             compiler_options: Optional[dict] = None) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row; see the module docstring.
 
     model: a DogeForCausalLM (its dtype is the compute dtype); params: its params.
@@ -263,6 +275,8 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     prompt that does not fit with max_new_tokens is an error.
     decode: "model", "fused" / "fused_xla" (wmjax.fused_decode; an error where `fused_decode_supported` says it does
     not apply) or "auto" (= "model" for now; see the module docstring).
+    compiler_options: XLA options for this call's compile (jax.jit's `compiler_options`, e.g.
+    {"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,WHILE"}); None = XLA's defaults.
     """
     cfg = model.config
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
@@ -335,7 +349,9 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
         raise ValueError(f"generate: decode={decode!r} needs a dense Doge with a full cache no longer than "
                          "keep_window_size, no sliding window and bias heads = kv heads (fused_decode_supported)")
     decode = "model" if decode == "auto" else decode  # auto: the model path (measured faster on H100 so far)
-    toks, lengths, lps, steps = _generate_jit(
+    run = _generate_jit if not compiler_options else _generate_with_options(
+        tuple(sorted((str(k), str(v)) for k, v in compiler_options.items())))
+    toks, lengths, lps, steps = run(
         params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stop), rng, model=model,
         max_new_tokens=int(max_new_tokens), cache_kind=kind, cache_length=int(length), sampling=sp,
         return_logprobs=bool(return_logprobs), callback=callback, cache_dtype=cache_dtype, pad_id=pad_id,

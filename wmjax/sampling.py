@@ -26,8 +26,9 @@ Decode path (`decode=`): "model" runs every decode step through the Flax model (
 `wmjax.fused_decode.fused_decode_step`, a decode-specialized step for dense Doge with a full cache that fits
 keep_window_size (five `pallas_kernels.decode` kernels per layer on GPU: projections with the norm / residual /
 SwiGLU fused in, and the layer's attention with q/k norm, RoPE, key bias and the cache write fused in);
-"fused_xla" is the same step through the kernels' jnp references (XLA). "auto" (default) is "model" (see
-docs/BENCHMARKS.md, Sampling, for the measured paths).
+"fused_xla" is the same step through the kernels' jnp references (XLA). "auto" (default) is "fused" on GPU where
+`fused_decode_supported` says it applies (H100, Doge-160M: 1,375 vs 882 tok/s at bs=1, 19,862 vs 14,610 at bs=16,
+one process; docs/BENCHMARKS.md, Sampling), else "model".
 
 Streaming: `callback(step, tokens [b] np.int32, active [b] np.bool)` is called on the host once per generated
 token position (through `jax.debug.callback`; `active` is False for rows already stopped before this step).
@@ -274,7 +275,7 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     max_cache_length: for cache="full", the cache size (default: padded prompt length + max_new_tokens); a
     prompt that does not fit with max_new_tokens is an error.
     decode: "model", "fused" / "fused_xla" (wmjax.fused_decode; an error where `fused_decode_supported` says it does
-    not apply) or "auto" (= "model" for now; see the module docstring).
+    not apply) or "auto" ("fused" on GPU where it applies, else "model"; see the module docstring).
     compiler_options: XLA options for this call's compile (jax.jit's `compiler_options`, e.g.
     {"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,WHILE"}); None = XLA's defaults.
     """
@@ -348,7 +349,8 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     if decode in ("fused", "fused_xla") and not fused_ok:
         raise ValueError(f"generate: decode={decode!r} needs a dense Doge with a full cache no longer than "
                          "keep_window_size, no sliding window and bias heads = kv heads (fused_decode_supported)")
-    decode = "model" if decode == "auto" else decode  # auto: the model path (measured faster on H100 so far)
+    if decode == "auto":  # the fused kernels on GPU (measured faster at bs 1 and 16 on an H100), else the model
+        decode = "fused" if fused_ok and jax.default_backend() == "gpu" else "model"
     run = _generate_jit if not compiler_options else _generate_with_options(
         tuple(sorted((str(k), str(v)) for k, v in compiler_options.items())))
     toks, lengths, lps, steps = run(

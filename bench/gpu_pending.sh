@@ -3,24 +3,24 @@
 # more of device time; three engineers' separate calls spent this session's budget). Each step has its own
 # timeout so one hang does not eat the others; logs and JSON land in $OUT (the device tool brings them back).
 #
-#   device run, carry [".anchors"]:   bash bench/gpu_pending.sh            (~9 min; timeout_s 590)
+#   device run, carry [".anchors"]:   bash bench/gpu_pending.sh            (~10 min; timeout_s 598)
 #   one step only:                     STEPS="dmattn" bash bench/gpu_pending.sh
 #
 # Steps (see docs/BENCHMARKS.md, each section's "next GPU call"):
-#   train   issue 6: b16 step with the fused loss and HF (b4) in one process, profiled (which of the session-3
-#           changes gave what; the init compile with the vmapped layer init)
-#   sample  issue 5: generate on the default (model) path and transformers generate, bs 1 and 16, one process
-#   sample_fused  the experimental fused decode path alone, bs 1 then bs 16 (bs 16 stalled twice in session 3:
-#           its own step, so a stall costs only this step's limit)
-#   sample_kernels  the fused path's decode kernels alone (bs 1; block / warp variants vs the XLA reference)
-#   dmattn  issue 4 follow-ups (sparse-path variants, then the full table with tokamax)
+#   train     issue 6: b32 training step with HF (b4) in one process (session 4: 292k tok/s = 6.09x HF)
+#   train_profile  b16 with HF, profiled, with and without XLA's command buffers
+#   scaling   issue 6 on nvidia-h200-x2: DP / FSDP (shard_map and GSPMD) against one GPU
+#   sample    issue 5: generate on the model and fused paths (each also with the decode loop as a CUDA graph) and
+#             transformers generate, bs 1 and 16, one process
+#   sample_kernels  the fused path's decode kernels alone (bs 1; block / warp / stage variants vs the XLA reference)
+#   dmattn    issue 4 follow-ups (sparse-path variants, then the full table with tokamax)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export PYTHONPATH=".anchors/py:.:${PYTHONPATH:-}"
 OUT=${OUT:-./bench_out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"train sample sample_kernels sample_fused"}
+STEPS=${STEPS:-"sample_kernels sample train"}
 
 step() {  # step NAME TIMEOUT_S CMD...
   local name=$1 limit=$2
@@ -38,24 +38,19 @@ for s in $STEPS; do
         --tune-sparse 2x8192,1x32768=cur+s0+g1+p1+p2+o1
       step dmattn_table 150 python3 bench/dmattn.py --skip hf,fdm ;;
     sample)
-      step sample 160 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode fused_xla,model \
-        --json "$OUT/sample.json" ;;
-    sample_flags)  # the model path with XLA flags: CUDA-graph command buffers incl. the while loop; cuBLAS gemms
-      XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
-        step sample_cmdbuf 80 python3 bench/sample.py --no-long --no-hf --repeats 2 --decode model \
-        --json "$OUT/sample_cmdbuf.json"
-      XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
-        step sample_cublas 80 python3 bench/sample.py --no-long --no-hf --repeats 2 --decode model \
-        --json "$OUT/sample_cublas.json" ;;
-    sample_fused)
-      step sample_fused 100 python3 bench/sample.py --no-long --no-hf --repeats 2 --decode fused \
-        --traceback-after 40 --json "$OUT/sample_fused.json" ;;
+      step sample 330 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode model,fused \
+        --xla-options ";xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+        --traceback-after 120 --json "$OUT/sample.json" ;;
     sample_kernels)
       step sample_kernels 80 python3 bench/sample.py --decode-kernels --batch-sizes 1 --json "$OUT/sample_kernels.json" ;;
     train)
-      step train 230 python3 bench/train.py --batch 16 --hf-batch 4 --steps 8 --warmup 1 --profile 2 \
-        --xla-options ";xla_gpu_enable_command_buffer=" \
-        --traceback-after 120 --json "$OUT/train.json" ;;
-    *) echo "unknown step $s (train, sample, sample_fused, sample_kernels, dmattn)"; exit 2 ;;
+      step train 170 python3 bench/train.py --batch 32 --hf-batch 4 --steps 8 --warmup 1 --json "$OUT/train.json" ;;
+    train_profile)
+      step train_profile 230 python3 bench/train.py --batch 16 --hf-batch 4 --steps 8 --warmup 1 --profile 2 \
+        --xla-options ";xla_gpu_enable_command_buffer=" --traceback-after 120 --json "$OUT/train_profile.json" ;;
+    scaling)
+      step scaling 500 python3 bench/train.py --batch 16 --hf-batch '' --steps 8 --warmup 1 --scaling \
+        --spmd auto,gspmd --json "$OUT/scaling.json" ;;
+    *) echo "unknown step $s (train, train_profile, scaling, sample, sample_kernels, dmattn)"; exit 2 ;;
   esac
 done

@@ -322,11 +322,10 @@ def bench_decode_kernels(args, results):
         ins = ins[:8] + ins[9:]
         ref = want(*ins)
         measure(bs, "attention", "reference (XLA)", want, ins, ref)
-        for form, bc, warps, stages in [("vector", 64, 4, 2), ("tile", 64, 4, 2), ("tile", 128, 4, 2),
-                                        ("tile", 64, 4, 3), ("tile", 64, 8, 2), ("tile", 32, 4, 2)]:
-            f = jax.jit(lambda *x, form=form, bc=bc, warps=warps, stages=stages: decode_layer_attention(
-                *x[:8], None, *x[8:], block_c=bc, num_warps=warps, num_stages=stages, formulation=form, **kw))
-            measure(bs, "attention", f"pallas {form} block_c={bc} warps={warps} stages={stages}", f, ins, ref)
+        for bc, warps, stages in [(128, 4, 2), (128, 4, 3), (64, 4, 2), (64, 4, 3), (128, 8, 2)]:
+            f = jax.jit(lambda *x, bc=bc, warps=warps, stages=stages: decode_layer_attention(
+                *x[:8], None, *x[8:], block_c=bc, num_warps=warps, num_stages=stages, **kw))
+            measure(bs, "attention", f"pallas block_c={bc} warps={warps} stages={stages}", f, ins, ref)
     results["decode_kernels"] = rows_out
 
 

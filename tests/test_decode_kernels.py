@@ -87,17 +87,16 @@ def _attention_args(rng, dtype, b=3, rows=16, h=4, g=2, d=32, c=128, slot=70, dt
             jnp.asarray(rng.normal(size=(b, g, c)), jnp.float32)), dict(num_heads=h, eps=1e-6, scale=d ** -0.5)
 
 
-# attention: f32 to 1e-5 (only the summation order differs: tile-formulation dots vs XLA's einsums); bf16 to 1e-2
+# attention: f32 to 1e-5 (only the summation order differs: the kernel's tile dots vs XLA's einsums); bf16 to 1e-2
 # (each output is one bf16 rounding, 2^-8 = 3.9e-3 relative, of an f32 result whose order of summation differs; the
-# tile formulation's p @ V with p split into two bf16 parts adds ~2^-17 relative; a normed key can land one bf16
+# kernel's p @ V with p split into two bf16 parts adds ~2^-17 relative; a normed key can land one bf16
 # ulp away where the kernel's 1/sqrt and the reference's reciprocal(sqrt) differ in the last f32 bit)
 ATT_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
-def _check_attention(args, kw, dtype, qk_norm, formulation, slot=70):
+def _check_attention(args, kw, dtype, qk_norm, slot=70):
     want = decode_layer_attention_reference(*args, qk_norm=qk_norm, **kw)
-    got = decode_layer_attention(*args, qk_norm=qk_norm, block_c=32, interpret=True, formulation=formulation,
-                                 **kw)
+    got = decode_layer_attention(*args, qk_norm=qk_norm, block_c=32, interpret=True, **kw)
     b = args[-1].shape[0]
     tol = ATT_TOL[dtype]
     chex.assert_trees_all_equal_shapes_and_dtypes(got[0], want[0])
@@ -111,24 +110,22 @@ def _check_attention(args, kw, dtype, qk_norm, formulation, slot=70):
                                       np.delete(np.asarray(before, np.float32), slot, axis=2))
 
 
-@pytest.mark.parametrize("formulation", ["tile", "vector"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("dt_bias,qk_norm", [(True, True), (False, False)])
-def test_decode_layer_attention_matches_reference(dtype, dt_bias, qk_norm, formulation):
+def test_decode_layer_attention_matches_reference(dtype, dt_bias, qk_norm):
     args, kw = _attention_args(np.random.default_rng(1), dtype, dt_bias=dt_bias)
-    _check_attention(args, kw, dtype, qk_norm, formulation)
+    _check_attention(args, kw, dtype, qk_norm)
 
 
-@pytest.mark.parametrize("formulation", ["tile", "vector"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("h,g", [
     (2, 2),   # R = 1 (H = G): one real row of the 16-row q tile
     (8, 2),   # R = 4
     (6, 3),   # Doge-160M's R = 2 with G = 3: G D = 96 is not a power of two (zero-padded dt vector)
 ])
-def test_decode_layer_attention_group_sizes(dtype, h, g, formulation):
+def test_decode_layer_attention_group_sizes(dtype, h, g):
     args, kw = _attention_args(np.random.default_rng(3), dtype, h=h, g=g)
-    _check_attention(args, kw, dtype, True, formulation)
+    _check_attention(args, kw, dtype, True)
 
 
 def test_decode_layer_attention_rejects_bad_shapes():
@@ -137,20 +134,17 @@ def test_decode_layer_attention_rejects_bad_shapes():
         decode_layer_attention(*args, block_c=48, interpret=True, **kw)
     with pytest.raises(ValueError, match="not a multiple of kv heads"):
         decode_layer_attention(*args, interpret=True, **dict(kw, num_heads=3))
-    with pytest.raises(ValueError, match=r"formulation='tiles'; expected one of \('tile', 'vector'\)"):
-        decode_layer_attention(*args, interpret=True, formulation="tiles", **kw)
-    # the tile formulation's Triton dots need D/2 >= 16 (checked before lowering; interpret mode takes head_dim 16,
+    # the kernel's Triton dots need D/2 >= 16 (checked before lowering; interpret mode takes head_dim 16,
     # see test_decode_layer_attention_small_head_dim)
     args16, kw16 = _attention_args(np.random.default_rng(2), jnp.float32, d=16)
     with pytest.raises(ValueError, match="head_dim 16 must be a power of two >= 32"):
         decode_layer_attention(*args16, **kw16)
 
 
-@pytest.mark.parametrize("formulation", ["tile", "vector"])
-def test_decode_layer_attention_small_head_dim(formulation):
-    """head_dim 16 (the size of tests/test_sampling.py's tiny models): interpret mode runs the tile body too."""
+def test_decode_layer_attention_small_head_dim():
+    """head_dim 16 (the size of tests/test_sampling.py's tiny models): interpret mode runs the kernel body."""
     args, kw = _attention_args(np.random.default_rng(4), jnp.float32, d=16)
-    _check_attention(args, kw, jnp.float32, True, formulation)
+    _check_attention(args, kw, jnp.float32, True)
 
 
 def test_decode_kernels_lower_for_h100():
@@ -173,11 +167,11 @@ def test_decode_kernels_lower_for_h100():
     att_shapes = (s((rows, (h + 2 * g) * d), bf), s((b, d), bf), s((b, d), bf), s((b, c), jnp.int32),
                   s((), jnp.int32), s((d,), f32), s((d,), f32), s((g, g * d), bf), s((g,), f32),
                   s((b, g, c, d), bf), s((b, g, c, d), bf), s((b, g, c), f32))
-    # attention: both formulations (the tile one's masked 2-D loads/stores, dots and row reductions must lower)
-    att = [(att_shapes, lambda *x, f=f: decode_layer_attention(*x[:8], None, *x[8:], num_heads=h, eps=1e-6,
-                                                               scale=d ** -0.5, formulation=f))
-           for f in ("tile", "vector")]
-    # and the tile formulation in f32 with a dt bias (HIGHEST-precision dots, one unsplit p @ V dot)
+    # attention (the masked 2-D loads/stores, dots and row reductions must lower), block_c 128 (the default) and 64
+    att = [(att_shapes, lambda *x, bc=bc: decode_layer_attention(*x[:8], None, *x[8:], num_heads=h, eps=1e-6,
+                                                                 scale=d ** -0.5, block_c=bc))
+           for bc in (128, 64)]
+    # and in f32 with a dt bias (HIGHEST-precision dots, one unsplit p @ V dot)
     att_f32 = tuple(s(x.shape, f32) if x.dtype == bf else x for x in att_shapes)
     att.append((att_f32[:8] + (s((g,), f32),) + att_f32[8:],
                 lambda *x: decode_layer_attention(*x, num_heads=h, eps=1e-6, scale=d ** -0.5)))

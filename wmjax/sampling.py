@@ -350,7 +350,8 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
         raise ValueError(f"generate: decode={decode!r} needs a dense Doge with a full cache no longer than "
                          "keep_window_size, no sliding window and bias heads = kv heads (fused_decode_supported)")
     if decode == "auto":  # the fused kernels on GPU (measured faster at bs 1 and 16 on an H100), else the model
-        decode = "fused" if fused_ok and jax.default_backend() == "gpu" else "model"
+        # (the GPU attention kernel's tensor-core dots need head_dim >= 32)
+        decode = "fused" if fused_ok and jax.default_backend() == "gpu" and cfg.head_dim >= 32 else "model"
     run = _generate_jit if not compiler_options else _generate_with_options(
         tuple(sorted((str(k), str(v)) for k, v in compiler_options.items())))
     toks, lengths, lps, steps = run(

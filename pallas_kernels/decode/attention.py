@@ -16,26 +16,22 @@ elementwise step is rounded to the compute dtype as the model's jnp code is. Sco
 (compute-dtype) inputs with f32 sums, like the model's HIGHEST-precision einsums; the softmax is the online
 (flash-decoding) form over blocks of `block_c` slots, started from the new token.
 
-Two formulations of the same math (`formulation=`):
-- "tile" (default): the group's R = H/G query heads are one 2-D tile of TR = max(16, next_pow2(R)) rows per half
-  of head_dim ([TR, D/2], read by a masked load from qkv viewed as [rows, H + 2G, D]; rows >= R are zeros, stay
-  finite through norm and rope, and are never stored). q RMSNorm is one row reduction over the tile, dt_proj one
-  f32 sum over all kv heads' values as one [G D] vector (zero-padded to a power of two by masked loads), the new
-  token's scores one row reduction; per cache block the scores are two tensor-core dots qa Ka^T + qb Kb^T
-  ([TR, D/2] x [BC, D/2]^T -> [TR, BC], f32 accumulation: exact products for bf16, precision HIGHEST for f32)
-  and p @ V is, for a 16-bit compute dtype, two tensor-core dots p_hi @ V + p_lo @ V with p_hi = p and
-  p_lo = p - p_hi rounded to that dtype: for bf16 p is kept to ~16 of its 24 bits (relative error ~2^-17 per
-  weight, against the reference's exact f32 products), and for f32 one HIGHEST-precision dot. m, l are [TR] and the accumulators
-  [TR, D/2] loop carries; the attention output is written by masked [TR, D/2] stores into att viewed as
-  [rows, H, D]. Needs head_dim >= 32 on the GPU (Triton's dots need D/2 >= 16; interpret mode takes >= 8).
-  Lowered for Triton at Doge-160M shapes (bf16) that is 5 reductions before the cache loop and 2 reductions plus
-  6 dots per block, against 15 and 12 reductions (no dots) for "vector" (counted in the Triton IR of the
-  abstract-H100 lowering on CPU).
-- "vector": the earlier body, each query head separately as 1-D vectors (jnp.sum per dot product), kept for one
-  GPU comparison. On an H100 (Doge-160M, cache 384, bf16) it measured ~16-19 us per call whatever block_c,
-  i.e. a ~14 us fixed part while the bytes need < 1 us; the hypothesis is that Triton turns every 1-D reduction
-  into a cross-warp shared-memory reduction with barriers, serialised one after another. "tile" is the change
-  to be measured against it (not yet timed on a GPU); the prediction is that the fixed part drops to a few us.
+The group's R = H/G query heads are one 2-D tile of TR = max(16, next_pow2(R)) rows per half of head_dim
+([TR, D/2], read by a masked load from qkv viewed as [rows, H + 2G, D]; rows >= R are zeros, stay finite through
+norm and rope, and are never stored). q RMSNorm is one row reduction over the tile, dt_proj one f32 sum over all kv
+heads' values as one [G D] vector (zero-padded to a power of two by masked loads), the new token's scores one row
+reduction; per cache block the scores are two tensor-core dots qa Ka^T + qb Kb^T ([TR, D/2] x [BC, D/2]^T ->
+[TR, BC], f32 accumulation: exact products for bf16, precision HIGHEST for f32) and p @ V is, for a 16-bit compute
+dtype, two tensor-core dots p_hi @ V + p_lo @ V with p_hi = p and p_lo = p - p_hi rounded to that dtype: for bf16
+p is kept to ~16 of its 24 bits (relative error ~2^-17 per weight, against the reference's exact f32 products),
+and for f32 one HIGHEST-precision dot. m, l are [TR] and the accumulators [TR, D/2] loop carries; the attention
+output is written by masked [TR, D/2] stores into att viewed as [rows, H, D]. Needs head_dim >= 32 on the GPU
+(Triton's dots need D/2 >= 16; interpret mode takes >= 8).
+
+Measured on an H100 (Doge-160M, cache 384, bs 1, bf16, the call alone with XLA's 3 copies of the un-donated caches;
+docs/BENCHMARKS.md, Sampling): 12.6 us at block_c 64 and 10.7 at block_c 128, against 17.1 for the earlier body
+that worked on each query head as 1-D vectors (15 reductions before the cache loop and 12 per block, against 5 and
+2 + 6 tensor-core dots here, in the Triton IR); that body is gone.
 
 Layouts: qkv [rows, (H + 2G) D] (the fused projection's output: q heads, k heads, v heads; only the first
 `batch` rows are read); cos, sin [batch, D]; valid [batch, C] int32 (1 = slot holds a token visible to this
@@ -59,7 +55,6 @@ from jax.experimental.pallas import triton as pltr
 __all__ = ["decode_layer_attention", "decode_layer_attention_reference"]
 
 _F32 = jnp.float32
-FORMULATIONS = ("tile", "vector")
 
 
 def _softplus(x):
@@ -67,120 +62,15 @@ def _softplus(x):
     return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def _kernel_vector(slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest, heads_per_group,
-            kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias):
-    if has_dt_bias:
-        dtb_ref, a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
-    else:
-        dtb_ref = None
-        a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
-    g = pl.program_id(1)
-    d, half, r_n = head_dim, head_dim // 2, heads_per_group
-    dtype = att_ref.dtype
-    cdt = k_out.dtype
-    rnd = lambda x: x.astype(dtype)
-    lo, hi = pl.ds(0, half), pl.ds(half, half)
-    h_all = r_n * kv_heads
-    k_base = h_all * d + g * d
-    v_base = (h_all + kv_heads) * d
-    # every load of the prologue first, in one burst, then the arithmetic (measured on an H100 at bs 1, the call
-    # alone: 16.9 us against 18.3 with each load next to its use; the kernel is still latency-bound, see
-    # docs/BENCHMARKS.md, Sampling)
-    cos_a, cos_b, sin_a, sin_b = cos_ref[lo], cos_ref[hi], sin_ref[lo], sin_ref[hi]
-    k_raw = (qkv_ref[pl.ds(k_base, half)], qkv_ref[pl.ds(k_base + half, half)])
-    q_raw = [(qkv_ref[pl.ds((g * r_n + r) * d, half)], qkv_ref[pl.ds((g * r_n + r) * d + half, half)])
-             for r in range(r_n)]
-    v_all = [qkv_ref[pl.ds(v_base + j * d, d)] for j in range(kv_heads)]
-    w_dt = [wdt_ref[pl.ds(j * d, d)] for j in range(kv_heads)]
-    va, vb = qkv_ref[pl.ds(v_base + g * d, half)], qkv_ref[pl.ds(v_base + g * d + half, half)]
-    qn_w = (qn_ref[lo], qn_ref[hi]) if qk_norm else None
-    kn_w = (kn_ref[lo], kn_ref[hi]) if qk_norm else None
-    dt_b = dtb_ref[...] if has_dt_bias else None
-    a_g = a_ref[...]
-    slot = slot_ref[0]
-    cos_a, cos_b = cos_a.astype(_F32), cos_b.astype(_F32)
-    sin_a, sin_b = sin_a.astype(_F32), sin_b.astype(_F32)
-
-    def norm_rope(raw, w):
-        a, b = raw
-        if qk_norm:
-            a32, b32 = a.astype(_F32), b.astype(_F32)
-            rstd = 1.0 / jnp.sqrt((jnp.sum(a32 * a32) + jnp.sum(b32 * b32)) / d + eps)
-            a = w[0].astype(dtype) * (a32 * rstd).astype(a.dtype)
-            b = w[1].astype(dtype) * (b32 * rstd).astype(b.dtype)
-        a32, b32 = rnd(a).astype(_F32), rnd(b).astype(_F32)
-        ra = rnd(rnd(a32 * cos_a).astype(_F32) + rnd(-b32 * sin_a).astype(_F32))
-        rb = rnd(rnd(b32 * cos_b).astype(_F32) + rnd(a32 * sin_b).astype(_F32))
-        return ra, rb
-
-    # the new key (normed, rotated) and value, in the cache dtype as stored
-    ka, kb = norm_rope(k_raw, kn_w)
-    ka, kb = ka.astype(cdt), kb.astype(cdt)
-    va, vb = va.astype(cdt), vb.astype(cdt)
-    # dt_proj over all kv heads' values -> this head's key bias
-    dt = None
-    for j in range(kv_heads):
-        part = jnp.sum(v_all[j].astype(dtype).astype(_F32) * w_dt[j].astype(dtype).astype(_F32))
-        dt = part if dt is None else dt + part
-    dt = rnd(dt)
-    if has_dt_bias:
-        dt = rnd(dt.astype(_F32) + dt_b.astype(dtype).astype(_F32))                 # [1]
-    bias_new = jnp.exp(a_g.astype(_F32) * _softplus(dt.astype(_F32)))                 # [1]
-
-    # cache writes (this program owns row i, kv head g; the slot is not read as valid this step)
-    k_out[pl.ds(slot, 1), lo] = ka[None, :]
-    k_out[pl.ds(slot, 1), hi] = kb[None, :]
-    v_out[pl.ds(slot, 1), lo] = va[None, :]
-    v_out[pl.ds(slot, 1), hi] = vb[None, :]
-    b_out[pl.ds(slot, 1)] = bias_new
-
-    kna, knb = ka.astype(dtype).astype(_F32), kb.astype(dtype).astype(_F32)
-    vna, vnb = va.astype(dtype).astype(_F32), vb.astype(dtype).astype(_F32)
-    qs, carry = [], []
-    for r in range(r_n):
-        qa, qb = norm_rope(q_raw[r], qn_w)
-        qa, qb = qa.astype(_F32), qb.astype(_F32)
-        qs.append((qa, qb))
-        s_new = (jnp.sum(qa * kna) + jnp.sum(qb * knb)) * scale + jnp.sum(bias_new)
-        carry += [s_new, jnp.float32(1.0), vna, vnb]            # m, l, acc_a, acc_b
-    neg = jnp.finfo(_F32).min
-
-    def body(j, carry):
-        cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
-        kc_a = k_ref[cols, lo].astype(dtype).astype(_F32)                 # [BC, D/2]
-        kc_b = k_ref[cols, hi].astype(dtype).astype(_F32)
-        vc_a = v_ref[cols, lo].astype(dtype).astype(_F32)
-        vc_b = v_ref[cols, hi].astype(dtype).astype(_F32)
-        add = jnp.where(valid_ref[cols] != 0, b_ref[cols], neg)          # [BC]
-        out = []
-        for r in range(r_n):
-            m, l, acc_a, acc_b = carry[4 * r:4 * r + 4]
-            qa, qb = qs[r]
-            s = (jnp.sum(kc_a * qa[None, :], axis=1) + jnp.sum(kc_b * qb[None, :], axis=1)) * scale + add
-            m_new = jnp.maximum(m, jnp.max(s))
-            alpha = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new)                                       # [BC]
-            out += [m_new, l * alpha + jnp.sum(p), acc_a * alpha + jnp.sum(p[:, None] * vc_a, axis=0),
-                    acc_b * alpha + jnp.sum(p[:, None] * vc_b, axis=0)]
-        return tuple(out)
-
-    carry = lax.fori_loop(0, n_blocks, body, tuple(carry))
-    for r in range(r_n):
-        _, l, acc_a, acc_b = carry[4 * r:4 * r + 4]
-        base = (g * r_n + r) * d
-        att_ref[pl.ds(base, half)] = (acc_a / l).astype(dtype)
-        att_ref[pl.ds(base + half, half)] = (acc_b / l).astype(dtype)
-
-
 def _next_pow2(n):
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _kernel_tile(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest,
+def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest,
                  heads_per_group, kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias,
                  tile_rows, dt_len):
-    """The "tile" formulation: the group's R query heads as one [tile_rows, D/2] tile per half of head_dim
-    (rows >= R are zeros, never written), scores and p @ V as tensor-core dots; same math as `_kernel_vector`."""
+    """The group's R query heads as one [tile_rows, D/2] tile per half of head_dim
+    (rows >= R are zeros, never written), scores and p @ V as tensor-core dots; see the module docstring."""
     if has_dt_bias:
         dtb_ref, a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
     else:
@@ -298,12 +188,9 @@ def _kernel_tile(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref,
     pltr.store(att_ref.at[q_rows, hi], (acc_b / l[:, None]).astype(dtype), mask=real)
 
 
-def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, formulation,
-           interpret):
+def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret):
     b, g, c, d = key_cache.shape
     problems = []
-    if formulation not in FORMULATIONS:
-        problems.append(f"formulation={formulation!r}; expected one of {FORMULATIONS}")
     if qkv.shape[1] != (num_heads + 2 * g) * d or qkv.shape[0] < b:
         problems.append(f"qkv {qkv.shape} is not [rows >= {b}, (H={num_heads} + 2 G={g}) D={d}]")
     if num_heads % g:
@@ -315,8 +202,8 @@ def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_hea
                         f"[{d}], [{g}, {g * d}], [{g}]")
     if bias_cache.shape != (b, g, c):
         problems.append(f"bias cache {bias_cache.shape} != {(b, g, c)}")
-    # tile on the GPU: Triton's dots need D/2 >= 16 (interpret mode, e.g. the tiny CPU test models, takes D >= 8)
-    min_d = 32 if formulation == "tile" and not interpret else 8
+    # on the GPU Triton's dots need D/2 >= 16 (interpret mode, e.g. the tiny CPU test models, takes D >= 8)
+    min_d = 8 if interpret else 32
     if d < min_d or d & (d - 1):
         problems.append(f"head_dim {d} must be a power of two >= {min_d}")
     if block_c < 16 or block_c & (block_c - 1) or c % block_c:
@@ -327,34 +214,26 @@ def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_hea
 
 def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A, key_cache,
                            value_cache, bias_cache, *, num_heads: int, eps: float, scale: float, qk_norm=True,
-                           block_c: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool = False,
-                           formulation: str = "tile"):
+                           block_c: int = 128, num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """Returns (att [rows, H D] in cos.dtype, key_cache, value_cache, bias_cache) with slot `slot` (int32 [1])
-    of every (row, kv head) written. formulation: "tile" (default) or "vector" (the earlier per-head 1-D body,
-    kept for a GPU comparison); same math, see the module docstring for both and for the layouts."""
-    _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, formulation,
-           interpret)
+    of every (row, kv head) written. See the module docstring for the layouts."""
+    _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret)
     b, g, c, d = key_cache.shape
     rows, width = qkv.shape
     has_dt_bias = dt_bias is not None
-    tile = formulation == "tile"
-    common = dict(heads_per_group=num_heads // g, kv_heads=g, head_dim=d, eps=float(eps), scale=float(scale),
-                  block_c=block_c, n_blocks=c // block_c, qk_norm=bool(qk_norm), has_dt_bias=has_dt_bias)
-    if tile:
-        kern = functools.partial(_kernel_tile, tile_rows=max(16, _next_pow2(num_heads // g)),
-                                 dt_len=_next_pow2(g * d), **common)
-    else:
-        kern = functools.partial(_kernel_vector, **common)
+    kern = functools.partial(_kernel, heads_per_group=num_heads // g, kv_heads=g, head_dim=d, eps=float(eps),
+                             scale=float(scale), block_c=block_c, n_blocks=c // block_c, qk_norm=bool(qk_norm),
+                             has_dt_bias=has_dt_bias, tile_rows=max(16, _next_pow2(num_heads // g)),
+                             dt_len=_next_pow2(g * d))
     row = lambda n: pl.BlockSpec((None, n), lambda i, j: (i, 0))
     heads = lambda n: pl.BlockSpec((None, n, d), lambda i, j: (i, 0, 0))   # [rows, heads, D] view, row i
     full = lambda n: pl.BlockSpec((n,), lambda i, j: (0,))
     head1 = pl.BlockSpec((1,), lambda i, j: (j,))
     cache_spec = pl.BlockSpec((None, None, c, d), lambda i, j: (i, j, 0, 0))
     bias_spec = pl.BlockSpec((None, None, c), lambda i, j: (i, j, 0))
-    specs = [full(1), row(width)]
-    operands = [jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), qkv]
-    if tile:   # the same buffer as [rows, H + 2G, D] (a bitcast in XLA) for the q-head tiles
-        specs.append(heads(num_heads + 2 * g)), operands.append(qkv.reshape(rows, num_heads + 2 * g, d))
+    # qkv also as [rows, H + 2G, D] (the same buffer: a bitcast in XLA) for the q-head tiles
+    specs = [full(1), row(width), heads(num_heads + 2 * g)]
+    operands = [jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), qkv, qkv.reshape(rows, num_heads + 2 * g, d)]
     specs += [row(d), row(d), row(c), full(d), full(d), pl.BlockSpec((None, g * d), lambda i, j: (j, 0))]
     operands += [cos, sin, valid.astype(jnp.int32), q_norm, k_norm, dt_weight]
     if has_dt_bias:
@@ -362,9 +241,8 @@ def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight
     specs += [head1, cache_spec, cache_spec, bias_spec]
     operands += [A, key_cache, value_cache, bias_cache]
     n_in = len(operands)
-    # tile: att written as [rows, H, D] (masked [TR, D/2] tile stores), reshaped back (a bitcast)
-    att_shape = (rows, num_heads, d) if tile else (rows, num_heads * d)
-    att_spec = heads(num_heads) if tile else row(num_heads * d)
+    # att written as [rows, H, D] (masked [TR, D/2] tile stores), reshaped back (a bitcast)
+    att_shape, att_spec = (rows, num_heads, d), heads(num_heads)
     att, kc, vc, bc = pl.pallas_call(
         kern,
         out_shape=(jax.ShapeDtypeStruct(att_shape, cos.dtype),

@@ -363,6 +363,21 @@ def test_generate_fused_decode_equals_model_decode():
         np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5, err_msg=decode)
 
 
+def test_generate_compiler_options():
+    """XLA options per call: the same tokens as XLA's defaults (the option only changes how the GPU launches the
+    loop), an unknown option is refused by name, and decode="auto" on CPU is the model path."""
+    cfg, params, model = _setup(**FUSED)
+    prompts = _distinct_rows(np.random.default_rng(7), [5, 9], cfg.vocab_size)
+    kw = dict(max_new_tokens=6, stop_tokens=[], cache="full")
+    a = generate(model, params, prompts, **kw)
+    b = generate(model, params, prompts, compiler_options={"xla_gpu_enable_command_buffer": "FUSION,WHILE"}, **kw)
+    c = generate(model, params, prompts, decode="model", **kw)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        generate(model, params, prompts, compiler_options={"xla_no_such_option": "1"}, **kw)
+
+
 def test_fused_decode_applies_only_where_exact():
     from wmjax.fused_decode import fused_decode_supported
     cfg = DogeConfig(**dict(TINY, **FUSED))

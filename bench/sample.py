@@ -311,6 +311,14 @@ def bench_decode_kernels(args, results):
                         *x, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, **kw))
                     measure(bs, kname, f"pallas block_n={bn} block_k={bk} warps={warps} stages={stages}", f, ins,
                             ref)
+            if bs == 1:
+                # the gemv form (real_rows=1: row 0 only, no tensor-core dot, block_n below 16 -> more programs);
+                # measure's max_abs_diff compares the first bs rows = the one row it defines
+                for bn in (4, 8):
+                    f = jax.jit(lambda *x, kw=kw, bn=bn: decode_linear(
+                        *x, block_n=bn, block_k=256, num_warps=4, num_stages=3, real_rows=1, **kw))
+                    measure(bs, kname, f"pallas gemv real_rows=1 block_n={bn} block_k=256 warps=4 stages=3", f, ins,
+                            ref)
         pos = jnp.asarray(rng.integers(args.prompt_len, c - 1, size=bs))
         cos, sin = rope_cos_sin(pos[:, None], d, cfg.rope_theta, dtype=bf)
         valid = jnp.asarray(rng.random((bs, c)) < 0.9, jnp.int32).at[:, c // 2:].set(0)

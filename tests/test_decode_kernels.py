@@ -2,6 +2,8 @@
 Triton lowering for an abstract H100 (interpret mode hides lowering errors). Tolerances: f32 1e-5 (the kernels
 sum in a different order than XLA), bf16 2e-2 relative (one bf16 rounding of a differently ordered sum)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -27,8 +29,15 @@ def _close(got, want, tol, msg=""):
     (48, (32,)),      # block_k fallback 32 -> 16: 3 steps of 16
 ])
 def test_decode_linear_matches_reference(dtype, variant, k, block_ks):
-    rng = np.random.default_rng(0)
-    rows, n = 32, 64
+    x, w, kw = _linear_args(np.random.default_rng(0), dtype, variant, 32, k)
+    want = decode_linear_reference(x, w, **kw)
+    for block_k in block_ks:
+        got = decode_linear(x, w, block_n=16, block_k=block_k, interpret=True, **kw)
+        chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+        _close(got, want, TOL[dtype], f"{variant} block_k={block_k}")
+
+
+def _linear_args(rng, dtype, variant, rows, k, n=64):
     a = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, dtype)
     x, w = a(rows, k), a(n, k, scale=k ** -0.5)
     kw = {}
@@ -42,11 +51,43 @@ def test_decode_linear_matches_reference(dtype, variant, k, block_ks):
         kw.update(residual=a(rows, n), residual_scale=jnp.asarray(rng.normal(size=n), jnp.float32))
     if variant == "logits_f32":
         kw.update(out_dtype=jnp.float32)
+    return x, w, kw
+
+
+# gemv form (real_rows=1): row 0 only, to TOL. f32 1e-5: the same f32 products as the reference's HIGHEST-precision
+# dot, summed in another order (a row reduction per chunk, then across chunks); observed <= 1.4e-6. bf16 2e-2
+# relative: the bf16 x bf16 products are exact in f32, so only the f32 sum's order differs, and each bf16 rounding
+# of it (the projection, then bias / SwiGLU / residual) can land one ulp away (<= 2^-7 = 7.8e-3 relative); the norm's
+# sum of squares in another order can flip one element of the normed x by an ulp; SwiGLU multiplies two such values,
+# so up to ~2 ulps (~1.6e-2). Observed at K=1536: <= 8e-3 of 1 + |want| (SwiGLU), 4e-3 for the others.
+GEMV_TOL = TOL
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "norm_bias", "swiglu", "residual", "logits_f32"])
+@pytest.mark.parametrize("rows,k,block_k", [
+    (16, 1536, 256),   # Doge-160M's ffn width: 6 fori_loop steps of 256, rows padded as the fused step does
+    (1, 96, 64),       # one row (the gemv form needs no padding); block_k 64 falls back to 32: 3 steps
+])
+@pytest.mark.parametrize("block_n", [4, 8])
+def test_decode_linear_gemv_matches_reference_row0(dtype, variant, rows, k, block_k, block_n):
+    x, w, kw = _linear_args(np.random.default_rng(5), dtype, variant, rows, k)
     want = decode_linear_reference(x, w, **kw)
-    for block_k in block_ks:
-        got = decode_linear(x, w, block_n=16, block_k=block_k, interpret=True, **kw)
-        chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
-        _close(got, want, TOL[dtype], f"{variant} block_k={block_k}")
+    got = decode_linear(x, w, block_n=block_n, block_k=block_k, real_rows=1, interpret=True, **kw)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)   # [rows, N] in the same dtype; only row 0 is defined
+    _close(got[0], want[0], GEMV_TOL[dtype], f"{variant} block_n={block_n}")
+
+
+def test_decode_linear_gemv_reads_only_row0():
+    """Rows 1.. of x and of the residual do not change row 0 (NaN there stays out of it)."""
+    rng = np.random.default_rng(6)
+    x, w, kw = _linear_args(rng, jnp.float32, "residual", 16, 64)
+    kw["norm_weight"] = jnp.ones((64,), jnp.float32)
+    want = decode_linear_reference(x, w, **kw)[0]
+    x = x.at[1:].set(jnp.nan)
+    kw["residual"] = kw["residual"].at[1:].set(jnp.nan)
+    got = decode_linear(x, w, block_n=1, block_k=16, real_rows=1, interpret=True, **kw)
+    _close(got[0], want, 1e-5)
 
 
 def test_decode_linear_rejects_bad_shapes():
@@ -61,6 +102,21 @@ def test_decode_linear_rejects_bad_shapes():
         decode_linear(x, jnp.zeros((32, 64)), block_k=48, interpret=True)
     with pytest.raises(ValueError, match="K=40 a multiple of 16"):
         decode_linear(jnp.zeros((16, 40)), jnp.zeros((32, 40)), interpret=True)
+    # the dot form keeps block_n >= 16; the gemv form takes any power of two >= 1 dividing N
+    with pytest.raises(ValueError, match="block_n=8 must be a power of two >= 16 dividing N=32"):
+        decode_linear(x, jnp.zeros((32, 64)), block_n=8, interpret=True)
+    with pytest.raises(ValueError, match=r"block_n=6 must be a power of two >= 1 dividing N=96 \(gemv form"):
+        decode_linear(x, jnp.zeros((96, 64)), block_n=6, real_rows=1, interpret=True)
+    with pytest.raises(ValueError, match=r"block_n=64 must be a power of two >= 1 dividing N=32 \(gemv form"):
+        decode_linear(x, jnp.zeros((32, 64)), block_n=64, real_rows=1, interpret=True)
+    with pytest.raises(ValueError, match="block_k=48 must be a power of two >= 16"):
+        decode_linear(x, jnp.zeros((32, 64)), block_n=4, block_k=48, real_rows=1, interpret=True)
+    for bad in (0, 2, 16, True, 1.0):
+        with pytest.raises(ValueError, match="must be None .every row. or 1"):
+            decode_linear(x, jnp.zeros((32, 64)), real_rows=bad, interpret=True)
+    # gemv form: rows need not be a multiple of 16
+    assert decode_linear(jnp.zeros((3, 64)), jnp.zeros((32, 64)), block_n=4, real_rows=1,
+                         interpret=True).shape == (3, 32)
 
 
 def test_decode_linear_block_k_fallback():
@@ -163,6 +219,19 @@ def test_decode_kernels_lower_for_h100():
          lambda x, w, r, rs: decode_linear(x, w, residual=r, residual_scale=rs)),
         ((s((rows, hid), bf), s((32768, hid), bf), s((hid,), f32)),
          lambda x, w, nw: decode_linear(x, w, norm_weight=nw, out_dtype=f32, block_n=64)),
+    ]
+    # the gemv form (real_rows=1: 1-D x row and output blocks, multiply + row reduction instead of a dot, block_n
+    # below 16): qkv with the norm, SwiGLU with the norm, down with the residual, o with bias + residual in f32
+    gemv = lambda **kw: functools.partial(decode_linear, real_rows=1, **kw)
+    lin += [
+        ((s((rows, hid), bf), s(((h + 2 * g) * d, hid), bf), s((hid,), f32)),
+         lambda x, w, nw: gemv(block_n=8)(x, w, norm_weight=nw)),
+        ((s((rows, hid), bf), s((ffn, hid), bf), s((ffn, hid), bf), s((hid,), f32)),
+         lambda x, w, u, nw: gemv(block_n=8)(x, w, up_weight=u, norm_weight=nw)),
+        ((s((rows, ffn), bf), s((hid, ffn), bf), s((rows, hid), bf), s((hid,), f32)),
+         lambda x, w, r, rs: gemv(block_n=4)(x, w, residual=r, residual_scale=rs)),
+        ((s((1, h * d), f32), s((hid, h * d), f32), s((hid,), f32), s((1, hid), f32), s((hid,), f32)),
+         lambda x, w, b, r, rs: gemv(block_n=4)(x, w, bias=b, residual=r, residual_scale=rs)),
     ]
     att_shapes = (s((rows, (h + 2 * g) * d), bf), s((b, d), bf), s((b, d), bf), s((b, c), jnp.int32),
                   s((), jnp.int32), s((d,), f32), s((d,), f32), s((g, g * d), bf), s((g,), f32),

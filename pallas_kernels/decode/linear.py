@@ -10,8 +10,8 @@ SwiGLU after it as kernels of their own. This kernel does the whole chain in one
     out = silu(y) * (xn @ U^T (+ up_bias))    (optional SwiGLU epilogue: W = gate, U = up)
     out = residual_scale * residual + y       (optional residual epilogue, Doge's learnable residual scale)
 
-Layouts: x [rows, K] (rows a multiple of 16: tensor-core dots need M >= 16; the caller pads), weights stored
-[N, K] (the transpose of flax's [in, out] kernel, so each program reads contiguous rows of K), biases [N],
+Layouts: x [rows, K] (dot form: rows a multiple of 16, tensor-core dots need M >= 16; the caller pads), weights
+stored [N, K] (the transpose of flax's [in, out] kernel, so each program reads contiguous rows of K), biases [N],
 norm_weight [K], residual [rows, N], residual_scale [N]. N a multiple of block_n (a power of two), K a multiple
 of 16. One program per block of block_n output columns. K is walked by a `lax.fori_loop` over K / block_k chunks
 of one size (block_k, or when it does not divide K the largest power of two >= 16 that does and is <= block_k,
@@ -23,6 +23,20 @@ Doge-160M, the call alone, 3 stages against 1: qkv 4.36 vs 4.60 us, o 2.86 vs 3.
 sum of squares over all of K comes first, in a fori_loop pass of its own; inside the main loop each normalized x
 chunk is recomputed from x, the rstd and the norm weight chunk. Every `pallas_call` names the Triton backend.
 The reference `decode_linear_reference` is the same computation in plain jnp and defines its meaning.
+
+The gemv form (`real_rows=1`; the default `real_rows=None` is the dot form above, unchanged) is for batch 1, where
+the caller pads x to 16 rows: 15/16 of each dot is wasted, and block_n >= 16 caps the grid at N / 16 programs
+(Doge-160M's o and down projections, N=768: 48 programs for an H100's 132 SMs, too few weight bytes in flight;
+the dot form above at bs 1, the call alone: qkv 4.4 us, o 2.9, gate/up 5.1, down 4.2 for 2.4, 1.2, 4.7 (both) and
+2.4 MB of bf16 weights that the H100's ~3.35 TB/s moves in ~0.35-1.4 us). It reads only x row 0 (x [K] in the kernel)
+and computes only output row 0: per K chunk, sum(w_chunk.f32 * x_chunk.f32[None, :], axis=1) into an f32 [block_n]
+accumulator, i.e. the dot's exact f32 products (bf16 inputs) summed in another order, then the same prologue and
+epilogue rounding steps. No tensor-core dot, so block_n may be any power of two >= 1 dividing N (4 or 8: 4-8x the
+programs) and rows any count >= 1. Output rows 1.. are not written (undefined) and residual rows 1.. are not read:
+only a caller that reads row 0 alone may use it (wmjax.fused_decode at batch 1 would be one: it returns logits[:b],
+every projection keeps rows apart and the attention reads only the first b rows of qkv; it still calls the dot
+form). Unmeasured on a GPU so far: it lowers for an abstract H100 (tests/test_decode_kernels.py) and
+`bench/sample.py --decode-kernels` times it at bs 1 next to the dot form; whether it is faster is open.
 """
 
 from __future__ import annotations
@@ -103,27 +117,87 @@ def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has
 
     zeros = jnp.zeros((rows, block_n), _F32)
     accs = lax.fori_loop(0, n_chunks, step, (zeros, zeros) if has_up else (zeros,))
-    acc = accs[0]
-    acc_up = accs[1] if has_up else None
-    y = acc.astype(dtype)
-    if has_bias:
-        y = y + b_ref[...].astype(dtype)[None, :]
-    if has_up:
-        up = acc_up.astype(dtype)
-        if has_bias:
-            up = up + ub_ref[...].astype(dtype)[None, :]
+    col = lambda ref: lambda: ref[...].astype(dtype)[None, :]         # loads [block_n] as a [1, block_n] row
+    o_ref[...] = _epilogue(accs, dtype, col(b_ref) if has_bias else None, col(ub_ref) if has_bias and has_up else None,
+                           (lambda: r_ref[...]) if has_residual else None, col(rs_ref) if has_residual else None
+                           ).astype(o_ref.dtype)
+
+
+def _epilogue(accs, dtype, bias, up_bias, residual, residual_scale):
+    """The f32 accumulator(s) -> the compute dtype, + bias, SwiGLU, residual: the reference's rounding steps. bias,
+    up_bias, residual, residual_scale: None or a function that loads it (called where the value is first needed,
+    the order of the kernel's loads); bias, up_bias and residual_scale load in the compute dtype, shaped to
+    broadcast against the accumulator."""
+    y = accs[0].astype(dtype)
+    if bias is not None:
+        y = y + bias()
+    if len(accs) > 1:
+        up = accs[1].astype(dtype)
+        if up_bias is not None:
+            up = up + up_bias()
         y = _rounded_silu_mul(y, up, dtype)
-    if has_residual:
-        res = r_ref[...]
-        scaled = (rs_ref[...].astype(dtype)[None, :].astype(_F32) * res.astype(_F32)).astype(dtype)
+    if residual is not None:
+        res = residual()
+        scaled = (residual_scale().astype(_F32) * res.astype(_F32)).astype(dtype)
         y = (scaled.astype(_F32) + y.astype(_F32)).astype(dtype)
-    o_ref[...] = y.astype(o_ref.dtype)
+    return y
 
 
-def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale):
+def _gemv_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has_residual):
+    """The real_rows=1 form: x row 0 only, no tensor-core dot. x_ref [K] (row 0; the row dimension is squeezed out
+    by its BlockSpec), w_ref / u_ref [block_n, K], residual / output [block_n] (row 0's block)."""
+    refs = list(refs)
+    x_ref, w_ref = refs.pop(0), refs.pop(0)
+    u_ref = refs.pop(0) if has_up else None
+    nw_ref = refs.pop(0) if has_norm else None
+    b_ref = refs.pop(0) if has_bias else None
+    ub_ref = refs.pop(0) if has_bias and has_up else None
+    r_ref, rs_ref = (refs.pop(0), refs.pop(0)) if has_residual else (None, None)
+    (o_ref,) = refs
+    dtype = w_ref.dtype
+    block_n = w_ref.shape[0]
+    n_chunks = k_total // block_k
+
+    def chunk(j):
+        return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+
+    if has_norm:
+        def sum_squares(j, ss):
+            xk = x_ref[chunk(j)].astype(_F32)
+            return ss + jnp.sum(xk * xk)
+
+        ss = lax.fori_loop(0, n_chunks, sum_squares, jnp.zeros((), _F32))
+        rstd = 1.0 / jnp.sqrt(ss / k_total + eps)                       # scalar
+
+    def step(j, accs):
+        ck = chunk(j)
+        xk = x_ref[ck]
+        if has_norm:
+            xk = nw_ref[ck].astype(dtype) * (xk.astype(_F32) * rstd).astype(x_ref.dtype)
+        # x rounded to the compute dtype as the dot form does, then the f32 products of the dot (exact for bf16
+        # inputs) summed over the chunk: a multiply and a row reduction instead of a tensor-core dot, so no M >= 16
+        xk = xk.astype(dtype).astype(_F32)[None, :]
+        out = [accs[0] + jnp.sum(w_ref[:, ck].astype(_F32) * xk, axis=1)]
+        if has_up:
+            out.append(accs[1] + jnp.sum(u_ref[:, ck].astype(_F32) * xk, axis=1))
+        return tuple(out)
+
+    zeros = jnp.zeros((block_n,), _F32)
+    accs = lax.fori_loop(0, n_chunks, step, (zeros, zeros) if has_up else (zeros,))
+    col = lambda ref: lambda: ref[...].astype(dtype)
+    o_ref[...] = _epilogue(accs, dtype, col(b_ref) if has_bias else None, col(ub_ref) if has_bias and has_up else None,
+                           (lambda: r_ref[...]) if has_residual else None, col(rs_ref) if has_residual else None
+                           ).astype(o_ref.dtype)
+
+
+def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale,
+           real_rows=None):
     rows, k = x.shape
     n, k2 = weight.shape
     problems = []
+    if real_rows is not None and (type(real_rows) is not int or real_rows != 1):
+        problems.append(f"real_rows={real_rows!r} must be None (every row) or 1 (row 0 only, the gemv form)")
+        real_rows = None  # check the rest by the dot form's rules
     if k2 != k:
         problems.append(f"weight {weight.shape} is not [N, K={k}]")
     if up_weight is not None and up_weight.shape != weight.shape:
@@ -141,10 +215,17 @@ def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, r
         problems.append("up_bias without up_weight")
     if (bias is None) != (up_bias is None) and up_weight is not None:
         problems.append("bias and up_bias go together in the SwiGLU form")
-    if rows % 16:
-        problems.append(f"rows {rows} must be a multiple of 16 (the caller pads)")
-    if block_n < 16 or block_n & (block_n - 1) or n % block_n:
-        problems.append(f"block_n={block_n} must be a power of two >= 16 dividing N={n}")
+    if real_rows is None:
+        if rows % 16:
+            problems.append(f"rows {rows} must be a multiple of 16 (the caller pads)")
+        if block_n < 16 or block_n & (block_n - 1) or n % block_n:
+            problems.append(f"block_n={block_n} must be a power of two >= 16 dividing N={n}")
+    else:
+        if rows < 1:
+            problems.append(f"rows {rows}: the gemv form (real_rows=1) needs row 0")
+        if block_n < 1 or block_n & (block_n - 1) or n % block_n:
+            problems.append(f"block_n={block_n} must be a power of two >= 1 dividing N={n} "
+                            "(gemv form, real_rows=1)")
     if block_k < 16 or block_k & (block_k - 1) or k % 16:
         problems.append(f"block_k={block_k} must be a power of two >= 16 and K={k} a multiple of 16")
     if problems:
@@ -153,16 +234,25 @@ def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, r
 
 def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1e-6, bias=None, up_bias=None,
                   residual=None, residual_scale=None, out_dtype=None, block_n: int = 16, block_k: int = 256,
-                  num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+                  num_warps: int = 4, num_stages: int = 3, real_rows: int | None = None, interpret: bool = False):
     """x [rows, K] -> [rows, N] in `out_dtype` (default: the weight's dtype = the compute dtype). See the module
     docstring for the optional RMSNorm prologue (norm_weight, eps), bias, SwiGLU (up_weight, up_bias) and
     residual (residual, residual_scale) parts. K is looped over in chunks of `_fit_block_k(K, block_k)` (block_k
-    when it divides K); num_stages is Triton's pipeline depth for that loop (chunks in flight)."""
-    _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale)
+    when it divides K); num_stages is Triton's pipeline depth for that loop (chunks in flight).
+
+    real_rows: None (default) = every row is computed, tensor-core dots (rows a multiple of 16, block_n a power of
+    two >= 16). 1 = the gemv form: only x row 0 is read and only output row 0 is computed and written; output rows
+    1.. are left unwritten (undefined: whatever the output buffer held; residual rows 1.. are not read). Any rows
+    >= 1; block_n any power of two >= 1 dividing N (more programs for a small N)."""
+    _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale, real_rows)
     rows, k = x.shape
     n = weight.shape[0]
     out_dtype = weight.dtype if out_dtype is None else out_dtype
-    operands, specs = [x, weight], [pl.BlockSpec((rows, k), lambda i: (0, 0)),
+    gemv = real_rows is not None
+    # the gemv form maps the row dimension of x, the residual and the output to row 0, squeezed out (None) of the
+    # kernel's blocks: its refs are x [K], residual / output [block_n]
+    row_block = None if gemv else rows
+    operands, specs = [x, weight], [pl.BlockSpec((row_block, k), lambda i: (0, 0)),
                                     pl.BlockSpec((block_n, k), lambda i: (i, 0))]
     col = pl.BlockSpec((block_n,), lambda i: (i,))
     if up_weight is not None:
@@ -175,15 +265,16 @@ def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1
             operands.append(up_bias), specs.append(col)
     if residual is not None:
         operands += [residual, residual_scale]
-        specs += [pl.BlockSpec((rows, block_n), lambda i: (0, i)), col]
-    kern = functools.partial(_linear_kernel, k_total=k, block_k=_fit_block_k(k, block_k), eps=float(eps),
+        specs += [pl.BlockSpec((row_block, block_n), lambda i: (0, i)), col]
+    kern = functools.partial(_gemv_kernel if gemv else _linear_kernel, k_total=k,
+                             block_k=_fit_block_k(k, block_k), eps=float(eps),
                              has_norm=norm_weight is not None, has_bias=bias is not None,
                              has_up=up_weight is not None, has_residual=residual is not None)
     return pl.pallas_call(
         kern, out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype), grid=(n // block_n,), in_specs=specs,
-        out_specs=pl.BlockSpec((rows, block_n), lambda i: (0, i)),
+        out_specs=pl.BlockSpec((row_block, block_n), lambda i: (0, i)),
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name="wmjax_decode_linear",
+        interpret=interpret, name="wmjax_decode_linear_gemv" if gemv else "wmjax_decode_linear",
     )(*operands)
 
 

@@ -39,7 +39,7 @@ __all__ = ["fused_decode_supported", "prepare_decode_params", "decode_state_from
 DECODE_IMPLS = ("pallas", "reference", "interpret")
 
 _ROWS = 16          # rows are padded to a multiple of this (tensor-core dots need M >= 16)
-_CACHE_BLOCK = 128  # cache slots per block of the attention kernel (H100, bs 1: 10.7 us vs 12.6 at 64); the cache is padded to a multiple of it
+_CACHE_BLOCK = 128  # attention kernel's cache block (H100 bs 1: 10.7 us vs 12.6 at 64); caches padded to a multiple
 _LOGITS_BLOCK = 64  # output columns per program of the LM head (vocab padded to a multiple of it)
 
 

@@ -310,6 +310,9 @@ def test_cli_streams_from_wmjax_checkpoint(tmp_path, capsys):
     new = np.asarray(ref.tokens[0, :int(ref.lengths[0])]).tolist()
     new = new[:-1] if new and new[-1] == 2 else new
     assert out.startswith("w5 w7 w9") and tk.decode(new) in out, (out, new)
+    assert main(["--checkpoint", str(tmp_path / "ck"), "--prompt", "w5 w7 w9", "--max-new-tokens", "5",
+                 "--decode", "model"]) == 0
+    assert capsys.readouterr().out == out  # the model path streams the same text (auto = model on CPU)
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path / "ck"), "--prompt", "w5", "--max-new-tokens", "0"])
 

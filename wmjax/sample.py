@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", choices=("auto", "full", "bounded"), default="auto")
+    p.add_argument("--decode", choices=("auto", "model", "fused", "fused_xla"), default="auto",
+                   help="decode step (wmjax.sampling.generate): auto = the fused Pallas kernels on GPU where they "
+                        "apply, else the Flax model's step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--no-stream", action="store_true", help="print the texts at the end only")
@@ -182,7 +185,7 @@ def main(argv=None) -> int:
         out = generate(model, params, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty, rng=jax.random.PRNGKey(args.seed),
-                       cache=args.cache, callback=stream if streaming else None)
+                       cache=args.cache, decode=args.decode, callback=stream if streaming else None)
         toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         jax.effects_barrier()
     except ValueError as e:

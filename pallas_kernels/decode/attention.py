@@ -66,9 +66,8 @@ def _next_pow2(n):
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest,
-                 heads_per_group, kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias,
-                 tile_rows, dt_len):
+def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest, heads_per_group,
+            kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias, tile_rows, dt_len):
     """The group's R query heads as one [tile_rows, D/2] tile per half of head_dim
     (rows >= R are zeros, never written), scores and p @ V as tensor-core dots; see the module docstring."""
     if has_dt_bias:

@@ -72,7 +72,10 @@ def _fit_block_k(k_total: int, block_k: int) -> int:
     return bk
 
 
-def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has_residual):
+def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has_residual, gemv):
+    """Both forms. Dot form: x [rows, K], residual / output [rows, block_n], tensor-core dots. gemv form
+    (real_rows=1): x [K], residual / output [block_n] (row 0; the row dimension is squeezed out by the BlockSpecs),
+    viewed here as one row [1, ...], and the product is a multiply and a row reduction instead of a dot."""
     refs = list(refs)
     x_ref, w_ref = refs.pop(0), refs.pop(0)
     u_ref = refs.pop(0) if has_up else None
@@ -83,11 +86,19 @@ def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has
     (o_ref,) = refs
     dtype = w_ref.dtype
     prec = lax.Precision.HIGHEST if dtype == _F32 else None
-    rows, block_n = x_ref.shape[0], w_ref.shape[0]
+    rows, block_n = (1 if gemv else x_ref.shape[0]), w_ref.shape[0]
     n_chunks = k_total // block_k
 
     def chunk(j):
         return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+
+    def load_x(ck):                                                    # [rows, chunk]
+        return x_ref[ck][None, :] if gemv else x_ref[:, ck]
+
+    def product(xk, wk):                                               # [rows, chunk] x [block_n, chunk]^T, f32
+        if gemv:  # the dot's f32 products (exact for bf16 inputs) summed over the chunk: no M >= 16 needed
+            return jnp.sum(wk.astype(_F32) * xk.astype(_F32), axis=1)[None, :]
+        return lax.dot_general(xk, wk, _NT, precision=prec, preferred_element_type=_F32)
 
     # One fixed-size chunk per fori_loop iteration. The static Python loop this replaces put each chunk's load next
     # to its dot with num_stages=1, so (a warp issuing in order) chunk j+1's load waited for chunk j's data and
@@ -97,7 +108,7 @@ def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has
     # less per call than the static loop on the H100 at bs 1 (module docstring).
     if has_norm:
         def sum_squares(j, ss):
-            xk = x_ref[:, chunk(j)].astype(_F32)
+            xk = load_x(chunk(j)).astype(_F32)
             return ss + jnp.sum(xk * xk, axis=1)
 
         ss = lax.fori_loop(0, n_chunks, sum_squares, jnp.zeros((rows,), _F32))
@@ -105,22 +116,24 @@ def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has
 
     def step(j, accs):
         ck = chunk(j)
-        xk = x_ref[:, ck]
+        xk = load_x(ck)
         if has_norm:
             xk = nw_ref[ck].astype(dtype)[None, :] * (xk.astype(_F32) * rstd[:, None]).astype(x_ref.dtype)
         xk = xk.astype(dtype)
-        out = [accs[0] + lax.dot_general(xk, w_ref[:, ck], _NT, precision=prec, preferred_element_type=_F32)]
+        out = [accs[0] + product(xk, w_ref[:, ck])]
         if has_up:
-            out.append(accs[1] + lax.dot_general(xk, u_ref[:, ck], _NT, precision=prec,
-                                                 preferred_element_type=_F32))
+            out.append(accs[1] + product(xk, u_ref[:, ck]))
         return tuple(out)
 
     zeros = jnp.zeros((rows, block_n), _F32)
     accs = lax.fori_loop(0, n_chunks, step, (zeros, zeros) if has_up else (zeros,))
     col = lambda ref: lambda: ref[...].astype(dtype)[None, :]         # loads [block_n] as a [1, block_n] row
-    o_ref[...] = _epilogue(accs, dtype, col(b_ref) if has_bias else None, col(ub_ref) if has_bias and has_up else None,
-                           (lambda: r_ref[...]) if has_residual else None, col(rs_ref) if has_residual else None
-                           ).astype(o_ref.dtype)
+    residual = None
+    if has_residual:
+        residual = (lambda: r_ref[...][None, :]) if gemv else (lambda: r_ref[...])
+    y = _epilogue(accs, dtype, col(b_ref) if has_bias else None, col(ub_ref) if has_bias and has_up else None,
+                  residual, col(rs_ref) if has_residual else None).astype(o_ref.dtype)
+    o_ref[...] = y[0] if gemv else y
 
 
 def _epilogue(accs, dtype, bias, up_bias, residual, residual_scale):
@@ -141,53 +154,6 @@ def _epilogue(accs, dtype, bias, up_bias, residual, residual_scale):
         scaled = (residual_scale().astype(_F32) * res.astype(_F32)).astype(dtype)
         y = (scaled.astype(_F32) + y.astype(_F32)).astype(dtype)
     return y
-
-
-def _gemv_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has_residual):
-    """The real_rows=1 form: x row 0 only, no tensor-core dot. x_ref [K] (row 0; the row dimension is squeezed out
-    by its BlockSpec), w_ref / u_ref [block_n, K], residual / output [block_n] (row 0's block)."""
-    refs = list(refs)
-    x_ref, w_ref = refs.pop(0), refs.pop(0)
-    u_ref = refs.pop(0) if has_up else None
-    nw_ref = refs.pop(0) if has_norm else None
-    b_ref = refs.pop(0) if has_bias else None
-    ub_ref = refs.pop(0) if has_bias and has_up else None
-    r_ref, rs_ref = (refs.pop(0), refs.pop(0)) if has_residual else (None, None)
-    (o_ref,) = refs
-    dtype = w_ref.dtype
-    block_n = w_ref.shape[0]
-    n_chunks = k_total // block_k
-
-    def chunk(j):
-        return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-
-    if has_norm:
-        def sum_squares(j, ss):
-            xk = x_ref[chunk(j)].astype(_F32)
-            return ss + jnp.sum(xk * xk)
-
-        ss = lax.fori_loop(0, n_chunks, sum_squares, jnp.zeros((), _F32))
-        rstd = 1.0 / jnp.sqrt(ss / k_total + eps)                       # scalar
-
-    def step(j, accs):
-        ck = chunk(j)
-        xk = x_ref[ck]
-        if has_norm:
-            xk = nw_ref[ck].astype(dtype) * (xk.astype(_F32) * rstd).astype(x_ref.dtype)
-        # x rounded to the compute dtype as the dot form does, then the f32 products of the dot (exact for bf16
-        # inputs) summed over the chunk: a multiply and a row reduction instead of a tensor-core dot, so no M >= 16
-        xk = xk.astype(dtype).astype(_F32)[None, :]
-        out = [accs[0] + jnp.sum(w_ref[:, ck].astype(_F32) * xk, axis=1)]
-        if has_up:
-            out.append(accs[1] + jnp.sum(u_ref[:, ck].astype(_F32) * xk, axis=1))
-        return tuple(out)
-
-    zeros = jnp.zeros((block_n,), _F32)
-    accs = lax.fori_loop(0, n_chunks, step, (zeros, zeros) if has_up else (zeros,))
-    col = lambda ref: lambda: ref[...].astype(dtype)
-    o_ref[...] = _epilogue(accs, dtype, col(b_ref) if has_bias else None, col(ub_ref) if has_bias and has_up else None,
-                           (lambda: r_ref[...]) if has_residual else None, col(rs_ref) if has_residual else None
-                           ).astype(o_ref.dtype)
 
 
 def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale,
@@ -266,10 +232,9 @@ def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1
     if residual is not None:
         operands += [residual, residual_scale]
         specs += [pl.BlockSpec((row_block, block_n), lambda i: (0, i)), col]
-    kern = functools.partial(_gemv_kernel if gemv else _linear_kernel, k_total=k,
-                             block_k=_fit_block_k(k, block_k), eps=float(eps),
+    kern = functools.partial(_linear_kernel, k_total=k, block_k=_fit_block_k(k, block_k), eps=float(eps),
                              has_norm=norm_weight is not None, has_bias=bias is not None,
-                             has_up=up_weight is not None, has_residual=residual is not None)
+                             has_up=up_weight is not None, has_residual=residual is not None, gemv=gemv)
     return pl.pallas_call(
         kern, out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype), grid=(n // block_n,), in_specs=specs,
         out_specs=pl.BlockSpec((row_block, block_n), lambda i: (0, i)),

@@ -192,8 +192,9 @@ _STATIC = ("model", "max_new_tokens", "cache_kind", "cache_length", "sampling", 
 
 
 @functools.lru_cache(maxsize=None)
-def _generate_with_options(options: tuple):
-    """`_generate_jit` compiled with XLA options (sorted (name, value) pairs; jax.jit's compiler_options)."""
+def _generate_with_options(options: tuple = ()):
+    """The jitted generate, compiled with XLA options (sorted (name, value) pairs, jax.jit's compiler_options;
+    () = XLA's defaults)."""
     return jax.jit(_generate_impl, static_argnames=_STATIC, compiler_options=dict(options) if options else None)
 
 
@@ -258,7 +259,7 @@ def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, m
     return toks, lengths, (lps if return_logprobs else None), steps
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC)
+_generate_jit = _generate_with_options()
 
 
 def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max_new_tokens: int,
@@ -352,8 +353,7 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     if decode == "auto":  # the fused kernels on GPU (measured faster at bs 1 and 16 on an H100), else the model
         # (the GPU attention kernel's tensor-core dots need head_dim >= 32)
         decode = "fused" if fused_ok and jax.default_backend() == "gpu" and cfg.head_dim >= 32 else "model"
-    run = _generate_jit if not compiler_options else _generate_with_options(
-        tuple(sorted((str(k), str(v)) for k, v in compiler_options.items())))
+    run = _generate_with_options(tuple(sorted((str(k), str(v)) for k, v in (compiler_options or {}).items())))
     toks, lengths, lps, steps = run(
         params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stop), rng, model=model,
         max_new_tokens=int(max_new_tokens), cache_kind=kind, cache_length=int(length), sampling=sp,

@@ -99,6 +99,7 @@ def bench_long(args, results):
 def bench_main(args, results):
     import jax
     import jax.numpy as jnp
+    from bench.xla_options import xla_option_sets
     from wmjax.config import DogeConfig
     from wmjax.models.doge import DogeForCausalLM, init_params
     cfg = DogeConfig.preset(args.preset)
@@ -114,9 +115,8 @@ def bench_main(args, results):
     # variants: every decode path under every XLA option set (';'-separated sets of 'name=value' pairs)
     variants = []
     for dec in args.decode:
-        for opts in args.xla_options.split(";"):
-            copts = dict(kv.split("=", 1) for kv in opts.split())
-            variants.append((dec + (f" [{opts.strip()}]" if copts else ""), dec, copts))
+        for opts, copts in xla_option_sets(args.xla_options):
+            variants.append((dec + (f" [{opts}]" if copts else ""), dec, copts))
     for bs in args.batch_sizes:
         prompts = rng.integers(0, cfg.vocab_size, (bs, args.prompt_len)).tolist()
         for vi, (label, dec, copts) in enumerate(variants):

@@ -365,6 +365,8 @@ def main():
 
     import jax
 
+    from bench.xla_options import xla_option_sets
+
     cfg = model_config(args.tiny)
     devs = jax.devices()
     print(f"jax {jax.__version__} on {devs[0].device_kind} x{len(devs)} ({jax.default_backend()})", flush=True)
@@ -388,12 +390,11 @@ def main():
         for b in [int(x) for x in args.batch.split(",")]:
             for loss in args.loss.split(","):
                 chunks = args.loss_chunk_tokens.split(",") if loss != "logits" else args.loss_chunk_tokens.split(",")[:1]
-                for ct, opts in [(c, o) for c in chunks for o in args.xla_options.split(";")]:
-                    copts = dict(kv.split("=", 1) for kv in opts.split())
+                for ct, (opts, copts) in [(c, o) for c in chunks for o in xla_option_sets(args.xla_options)]:
                     try:
                         record(bench_wmjax(cfg, b, args.seq, args.steps, args.warmup, remat, (1, 1, 1), devs[:1],
                                            loss_impl=loss, chunk_tokens=int(ct), profile=args.profile,
-                                           tag=(args.tag + " " + opts).strip(), compiler_options=copts))
+                                           tag=(args.tag + " " + opts).strip(), compiler_options=copts or None))
                     except Exception as e:
                         traceback.print_exc()
                         print(f"wmjax b={b} remat={remat} loss={loss} failed: {type(e).__name__}: {str(e)[:300]}",

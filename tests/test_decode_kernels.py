@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
-                                   decode_linear_reference)
+from pallas_kernels.decode import (combine_partials, decode_layer_attention, decode_layer_attention_reference,
+                                   decode_linear, decode_linear_reference)
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -90,6 +90,54 @@ def test_decode_linear_gemv_reads_only_row0():
     _close(got[0], want, 1e-5)
 
 
+def _partials(rng, splits, rows, k, empty_split=None):
+    """Split-attention partials: f32 outputs [S, rows, K] and their log-sum-exps, constant over each head's 16
+    columns (as the attention writes them); `empty_split` gets the lse of a split that saw no visible key."""
+    parts = jnp.asarray(rng.normal(size=(splits, rows, k)), jnp.float32)
+    lse = np.repeat(rng.normal(size=(splits, rows, k // 16)) * 2, 16, axis=2)
+    if empty_split is not None:
+        lse[empty_split] = np.finfo(np.float32).min
+    return parts, jnp.asarray(lse, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("form", ["dot", "gemv"])
+def test_decode_linear_combine_prologue_matches_reference(dtype, form):
+    """x given as split-attention partials (x_lse): the prologue combines them (combine_partials) before the
+    product; o projection's use (bias + residual epilogue). Tolerances as the plain forms' (the combine is f32
+    arithmetic in both, rounded once to the compute dtype)."""
+    rng = np.random.default_rng(7)
+    rows = 16 if form == "dot" else 1
+    _, w, kw = _linear_args(rng, dtype, "residual", rows, 96)
+    kw["bias"] = jnp.asarray(rng.normal(size=64), dtype)
+    for splits, empty in ((3, None), (2, 1)):
+        parts, lse = _partials(rng, splits, rows, 96, empty)
+        want = decode_linear_reference(parts, w, x_lse=lse, **kw)
+        np.testing.assert_array_equal(  # the reference is the plain projection of the combined x
+            np.asarray(want, np.float32),
+            np.asarray(decode_linear_reference(combine_partials(parts, lse, dtype), w, **kw), np.float32))
+        extra = dict(block_n=16) if form == "dot" else dict(block_n=4, real_rows=1)
+        got = decode_linear(parts, w, x_lse=lse, block_k=32, interpret=True, **extra, **kw)
+        chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+        _close(got[:1] if form == "gemv" else got, want[:1] if form == "gemv" else want, TOL[dtype],
+               f"splits={splits} empty={empty}")
+
+
+def test_combine_partials_is_the_softmax_over_all_keys():
+    """Two splits' (output, lse) from a softmax over their halves of the keys combine to the softmax over all."""
+    rng = np.random.default_rng(8)
+    s, v = rng.normal(size=(10,)) * 3, rng.normal(size=(10, 4))
+    want = (np.exp(s - s.max()) / np.exp(s - s.max()).sum()) @ v
+    parts, lses = [], []
+    for half in (slice(0, 6), slice(6, 10)):
+        e = np.exp(s[half] - s[half].max())
+        parts.append(e @ v[half] / e.sum())
+        lses.append(np.full(4, s[half].max() + np.log(e.sum())))
+    got = combine_partials(jnp.asarray(np.stack(parts), jnp.float32), jnp.asarray(np.stack(lses), jnp.float32),
+                           jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
 def test_decode_linear_rejects_bad_shapes():
     x = jnp.zeros((16, 64), jnp.float32)
     with pytest.raises(ValueError, match=r"weight \(32, 48\) is not \[N, K=64\]"):
@@ -114,6 +162,11 @@ def test_decode_linear_rejects_bad_shapes():
     for bad in (0, 2, 16, True, 1.0):
         with pytest.raises(ValueError, match="must be None .every row. or 1"):
             decode_linear(x, jnp.zeros((32, 64)), real_rows=bad, interpret=True)
+    # partials need x_lse of the same [S, rows, K] f32 shape; a 3-D x without it is refused
+    with pytest.raises(ValueError, match=r"x \(2, 16, 64\) is not \[rows, K\]"):
+        decode_linear(jnp.zeros((2, 16, 64)), jnp.zeros((32, 64)), interpret=True)
+    with pytest.raises(ValueError, match="x and x_lse must both be .S, rows, K. f32 partials"):
+        decode_linear(jnp.zeros((2, 16, 64)), jnp.zeros((32, 64)), x_lse=jnp.zeros((2, 16, 32)), interpret=True)
     # gemv form: rows need not be a multiple of 16
     assert decode_linear(jnp.zeros((3, 64)), jnp.zeros((32, 64)), block_n=4, real_rows=1,
                          interpret=True).shape == (3, 32)
@@ -184,12 +237,30 @@ def test_decode_layer_attention_group_sizes(dtype, h, g):
     _check_attention(args, kw, dtype, True)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("b,rows,num_splits", [(1, 1, 2), (1, 1, 4), (3, 16, 2)])
+def test_decode_layer_attention_splits_match_reference(dtype, b, rows, num_splits):
+    """The cache's 4 blocks (block_c 32) split over 2 or 4 programs per (row, kv head): the partials combined
+    (combine_partials) equal the unsplit reference (ATT_TOL); the last block holds no visible key (slot 70 on), so
+    with 4 splits one split is empty. The caches are written once (split 0), as unsplit."""
+    args, kw = _attention_args(np.random.default_rng(9), dtype, b=b, rows=rows)
+    want = decode_layer_attention_reference(*args, **kw)
+    (parts, lse), *caches = decode_layer_attention(*args, block_c=32, num_splits=num_splits, interpret=True, **kw)
+    chex.assert_shape((parts, lse), (num_splits, rows, want[0].shape[1]))
+    _close(combine_partials(parts[:, :b], lse[:, :b], dtype), want[0][:b], ATT_TOL[dtype], "att")
+    for name, g_, w_ in zip(("keys", "values", "biases"), caches, want[1:]):
+        chex.assert_trees_all_equal_shapes_and_dtypes(g_, w_)
+        _close(g_, w_, ATT_TOL[dtype], name)
+
+
 def test_decode_layer_attention_rejects_bad_shapes():
     args, kw = _attention_args(np.random.default_rng(2), jnp.float32)
     with pytest.raises(ValueError, match="block_c=48"):
         decode_layer_attention(*args, block_c=48, interpret=True, **kw)
     with pytest.raises(ValueError, match="not a multiple of kv heads"):
         decode_layer_attention(*args, interpret=True, **dict(kw, num_heads=3))
+    with pytest.raises(ValueError, match="num_splits=3 must be an int >= 1 dividing the 4 cache blocks"):
+        decode_layer_attention(*args, block_c=32, num_splits=3, interpret=True, **kw)
     # the kernel's Triton dots need D/2 >= 16 (checked before lowering; interpret mode takes head_dim 16,
     # see test_decode_layer_attention_small_head_dim)
     args16, kw16 = _attention_args(np.random.default_rng(2), jnp.float32, d=16)
@@ -244,6 +315,14 @@ def test_decode_kernels_lower_for_h100():
     att_f32 = tuple(s(x.shape, f32) if x.dtype == bf else x for x in att_shapes)
     att.append((att_f32[:8] + (s((g,), f32),) + att_f32[8:],
                 lambda *x: decode_layer_attention(*x, num_heads=h, eps=1e-6, scale=d ** -0.5)))
+    # batch 1 as the fused step runs it: the attention split over the 3 cache blocks, the o projection's gemv
+    # form combining the partials (x_lse)
+    att1 = (s((1, (h + 2 * g) * d), bf), s((1, d), bf), s((1, d), bf), s((1, c), jnp.int32)) + att_shapes[4:9] + (
+        s((1, g, c, d), bf), s((1, g, c, d), bf), s((1, g, c), f32))
+    att.append((att1, lambda *x: decode_layer_attention(*x[:8], None, *x[8:], num_heads=h, eps=1e-6,
+                                                        scale=d ** -0.5, num_splits=3)))
+    lin.append(((s((3, 1, h * d), f32), s((3, 1, h * d), f32), s((hid, h * d), bf), s((1, hid), bf), s((hid,), f32)),
+                lambda x, xl, w, r, rs: gemv(block_n=4)(x, w, x_lse=xl, residual=r, residual_scale=rs)))
     with jax.sharding.use_abstract_mesh(h100):
         for shapes, fn in lin + att:
             text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()

@@ -322,29 +322,37 @@ FUSED = dict(keep_window_size=64)  # the fused path needs a full cache no longer
 
 
 # (the reference attention inside generate is covered by test_generate_fused_decode_equals_model_decode)
-@pytest.mark.parametrize("variant,impl", [("dense", "interpret"), ("untied_biases_no_qk_norm", "reference")])
+@pytest.mark.parametrize("variant,impl", [("dense", "interpret"), ("untied_biases_no_qk_norm", "reference"),
+                                          ("dense_batch1", "interpret")])
 def test_fused_decode_step_equals_model_decode_step(variant, impl):
     """prefill, then step by step through the model's decode step and through fused_decode_step (concatenated
-    projections, layer-stacked cache, the decode attention kernel in Pallas interpret mode or its reference)."""
+    projections, layer-stacked cache, the decode attention kernel in Pallas interpret mode or its reference).
+    dense_batch1: one row, so the step runs the projections' gemv form and the attention split over the cache's
+    2 blocks (cache 200 slots, padded to 256), combined in the o projection."""
     from wmjax.fused_decode import (decode_state_from_cache, fused_decode_step, fused_decode_supported,
                                     prepare_decode_params)
     from wmjax.sampling import decode_step, pad_prompts, prefill
-    over = dict(FUSED) if variant == "dense" else dict(FUSED, tie_word_embeddings=False, attention_bias=True,
-                                                       mlp_bias=True, qk_norm=False)
+    over = (dict(FUSED) if variant == "dense" else dict(keep_window_size=256) if variant == "dense_batch1" else
+            dict(FUSED, tie_word_embeddings=False, attention_bias=True, mlp_bias=True, qk_norm=False))
     cfg, params, model = _setup(**over)
     rng = np.random.default_rng(5)
     if variant != "dense":  # biases are zero at init: draw every param
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype), params)
-    ids, mask = pad_prompts(_distinct_rows(rng, [5, 9, 3], cfg.vocab_size))
+    lengths = [9] if variant == "dense_batch1" else [5, 9, 3]
+    ids, mask = pad_prompts(_distinct_rows(rng, lengths, cfg.vocab_size))
     steps = 6
-    assert fused_decode_supported(cfg, "full", ids.shape[1] + steps)
-    cache = init_cache(cfg, 3, ids.shape[1] + steps, jnp.float32)
+    cache_length = 200 if variant == "dense_batch1" else ids.shape[1] + steps
+    assert fused_decode_supported(cfg, "full", cache_length)
+    cache = init_cache(cfg, len(lengths), cache_length, jnp.float32)
     logits, pos, cache, _ = jax.jit(lambda c: prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), c))(cache)
     fparams = prepare_decode_params(cfg, params, jnp.float32)
     model_step = jax.jit(lambda c, t, p: decode_step(model, params, c, t, p))
     fused_step = jax.jit(lambda s, t, p: fused_decode_step(cfg, jnp.float32, fparams, s, t, p, implementation=impl))
     state = decode_state_from_cache(cache)
     assert state["keys"][0].shape[2] % 64 == 0
+    if variant == "dense_batch1":
+        from wmjax.fused_decode import _attention_splits
+        assert _attention_splits(1, cfg.num_key_value_heads, state["keys"][0].shape[2] // 128) == 2
     tok = jnp.argmax(logits, -1).astype(jnp.int32)
     for t in range(steps):
         pos = pos + 1

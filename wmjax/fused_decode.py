@@ -14,7 +14,9 @@ dependent kernels, not by bytes; docs/BENCHMARKS.md, Sampling):
 and once per step the embedding gather, RoPE cos/sin, the visibility mask and the final norm + LM head (one more
 decode_linear). The weights are stored [out, in] (each kernel program reads contiguous rows), transposed and
 concatenated once per `generate` call inside the jit, before the decode loop (`prepare_decode_params`). Rows are
-padded to a multiple of 16 (tensor-core dots); only the real rows touch the cache.
+padded to a multiple of 16 (tensor-core dots); only the real rows touch the cache. At batch 1 there is one row:
+the projections run decode_linear's gemv form, and the attention splits the cache over programs with the split
+results combined in the o projection's prologue (`_attention_splits`).
 
 The cache is per layer: keys / values [b, G, C, D] (C rounded up to the attention kernel's block), key bias
 [b, G, C] f32, and one position / mask [b, C] shared by every layer (`decode_state_from_cache`).
@@ -41,6 +43,23 @@ DECODE_IMPLS = ("pallas", "reference", "interpret")
 _ROWS = 16          # rows are padded to a multiple of this (tensor-core dots need M >= 16)
 _CACHE_BLOCK = 128  # attention kernel's cache block (H100 bs 1: 10.7 us vs 12.6 at 64); caches padded to a multiple
 _LOGITS_BLOCK = 64  # output columns per program of the LM head (vocab padded to a multiple of it)
+# batch 1 (H100, Doge-160M, kernels alone, docs/BENCHMARKS.md, Sampling, session 5): the projections in decode_linear's
+# gemv form (row 0 only, no padding to 16 rows) with 4 output columns per program (qkv 3.69 us vs 4.38 for the dot
+# form, o 2.51 vs 2.78, gate/up 4.70 vs 5.17, down 3.90 vs 4.25) and 8 for the LM head (22.4 vs 23.5); the
+# attention's cache blocks split over programs (flash-decoding) until kv heads x splits reaches ~_ATTENTION_PROGRAMS
+# (at batch 1 one program per kv head walked the whole cache: 3 programs on 132 SMs), combined in the o projection
+_GEMV_BLOCK_N, _GEMV_LOGITS_BLOCK = 4, 8
+_ATTENTION_PROGRAMS = 64
+
+
+def _attention_splits(batch: int, kv_heads: int, n_blocks: int) -> int:
+    """Cache-block splits per (row, kv head) for the decode attention: 1 above batch 1 (batch x kv heads programs
+    already; the combine would read [splits, 16 padded rows, H D] partials in every o-projection program); at batch
+    1 the largest divisor of n_blocks <= ceil(_ATTENTION_PROGRAMS / kv_heads)."""
+    if batch != 1:
+        return 1
+    target = min(n_blocks, -(-_ATTENTION_PROGRAMS // kv_heads))
+    return max(s for s in range(1, target + 1) if n_blocks % s == 0)
 
 
 def fused_decode_supported(config, cache_kind: str, cache_length: int) -> bool:
@@ -138,18 +157,29 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
     else:
         interpret = implementation == "interpret"
 
+        gemv = tokens.shape[0] == 1
+
         def linear(x, w, **kw):
-            # blocks from `bench/sample.py --decode-kernels` on an H100 (docs/BENCHMARKS.md, Sampling): 16 output
-            # columns per program, 32 for the two-weight SwiGLU projection; 4 warps. K in chunks of 256 through the
-            # kernel's fori_loop with 3 pipeline stages (0.2-1.2 us less per call than 1 stage on the H100)
+            # blocks from `bench/sample.py --decode-kernels` on an H100 (docs/BENCHMARKS.md, Sampling): dot form 16
+            # output columns per program, 32 for the two-weight SwiGLU projection; gemv form (batch 1) 4, 8 for the
+            # LM head; 4 warps. K in chunks of 256 through the kernel's fori_loop with 3 pipeline stages (0.2-1.2 us
+            # less per call than 1 stage on the H100)
             block_n = kw.pop("block_n", 32 if "up_weight" in kw else 16)
-            return decode_linear(x, w, block_n=_block(w.shape[0], block_n), block_k=256, num_warps=4,
-                                 num_stages=3, interpret=interpret, **kw)
+            if gemv:
+                block_n = _GEMV_LOGITS_BLOCK if block_n == _LOGITS_BLOCK else _GEMV_BLOCK_N
+                kw["real_rows"] = 1
+            else:
+                block_n = _block(w.shape[0], block_n)
+            return decode_linear(x, w, block_n=block_n, block_k=256, num_warps=4, num_stages=3,
+                                 interpret=interpret, **kw)
 
         def attention(*args, **kw):
-            return decode_layer_attention(*args, block_c=_CACHE_BLOCK, interpret=interpret, **kw)
+            n_blocks = args[10].shape[2] // _CACHE_BLOCK
+            return decode_layer_attention(*args, block_c=_CACHE_BLOCK, num_stages=3, interpret=interpret,
+                                          num_splits=_attention_splits(tokens.shape[0], args[10].shape[1], n_blocks),
+                                          **kw)
     b = tokens.shape[0]
-    rows = -(-b // _ROWS) * _ROWS
+    rows = 1 if b == 1 else -(-b // _ROWS) * _ROWS
     d, eps = cfg.head_dim, cfg.rms_norm_eps
     x = jnp.take(fparams["embedding"], jnp.pad(tokens, (0, rows - b)), axis=0)                # [rows, hidden]
     cos, sin = rope_cos_sin(positions[:, None], d, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
@@ -165,7 +195,9 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
             qkv, cos, sin, valid, slot, lp["q_norm"], lp["k_norm"], lp["dt"], lp.get("dt_bias"), lp["A"],
             keys[li], values[li], biases[li], num_heads=cfg.num_attention_heads, eps=eps, scale=d ** -0.5,
             qk_norm=cfg.qk_norm)
-        x = linear(att, lp["o"], bias=lp.get("o_bias"), residual=x, residual_scale=lp["input_residual"])
+        att, att_lse = att if isinstance(att, tuple) else (att, None)     # split attention: (partials, lse)
+        x = linear(att, lp["o"], bias=lp.get("o_bias"), residual=x, residual_scale=lp["input_residual"],
+                   x_lse=att_lse)
         hid = linear(x, lp["gate"], up_weight=lp["up"], norm_weight=lp["post_norm"], eps=eps,
                      bias=lp.get("gate_bias"), up_bias=lp.get("up_bias"))
         x = linear(hid, lp["down"], bias=lp.get("down_bias"), residual=x, residual_scale=lp["post_residual"])

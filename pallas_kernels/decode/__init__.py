@@ -3,7 +3,7 @@ RMSNorm / bias / SwiGLU / residual fused in (`linear.py`), and one Doge layer's 
 projection to its output, with the cache written in place (`attention.py`)."""
 
 from pallas_kernels.decode.attention import decode_layer_attention, decode_layer_attention_reference
-from pallas_kernels.decode.linear import decode_linear, decode_linear_reference
+from pallas_kernels.decode.linear import combine_partials, decode_linear, decode_linear_reference
 
-__all__ = ["decode_layer_attention", "decode_layer_attention_reference", "decode_linear",
+__all__ = ["combine_partials", "decode_layer_attention", "decode_layer_attention_reference", "decode_linear",
            "decode_linear_reference"]

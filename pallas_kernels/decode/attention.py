@@ -67,17 +67,22 @@ def _next_pow2(n):
 
 
 def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest, heads_per_group,
-            kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias, tile_rows, dt_len):
+            kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias, tile_rows, dt_len, num_splits):
     """The group's R query heads as one [tile_rows, D/2] tile per half of head_dim
-    (rows >= R are zeros, never written), scores and p @ V as tensor-core dots; see the module docstring."""
-    if has_dt_bias:
-        dtb_ref, a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
+    (rows >= R are zeros, never written), scores and p @ V as tensor-core dots; see the module docstring.
+    Program (row, kv head, split): split s walks cache blocks s B .. s B + B - 1 (B = n_blocks / num_splits);
+    split 0 also takes the new token and writes the cache."""
+    rest = list(rest)
+    dtb_ref = rest.pop(0) if has_dt_bias else None
+    a_ref, k_ref, v_ref, b_ref = rest[:4]
+    if num_splits == 1:
+        att_ref, k_out, v_out, b_out = rest[4:]
     else:
-        dtb_ref = None
-        a_ref, k_ref, v_ref, b_ref, att_ref, k_out, v_out, b_out = rest
-    g = pl.program_id(1)
+        att_ref, lse_out, k_out, v_out, b_out = rest[4:]
+    g, split_id = pl.program_id(1), pl.program_id(2)
+    blocks_per_split = n_blocks // num_splits
     d, half, r_n, tr = head_dim, head_dim // 2, heads_per_group, tile_rows
-    dtype = att_ref.dtype
+    dtype = cos_ref.dtype
     cdt = k_out.dtype
     rnd = lambda x: x.astype(dtype)
     lo, hi = pl.ds(0, half), pl.ds(half, half)
@@ -139,12 +144,19 @@ def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_r
         dt = rnd(dt.astype(_F32) + dt_b.astype(dtype).astype(_F32))                 # [1]
     bias_new = jnp.exp(a_g.astype(_F32) * _softplus(dt.astype(_F32)))                 # [1]
 
-    # cache writes (this program owns row i, kv head g; the slot is not read as valid this step)
-    k_out[pl.ds(slot, 1), lo] = ka[None, :]
-    k_out[pl.ds(slot, 1), hi] = kb[None, :]
-    v_out[pl.ds(slot, 1), lo] = va[None, :]
-    v_out[pl.ds(slot, 1), hi] = vb[None, :]
-    b_out[pl.ds(slot, 1)] = bias_new
+    # cache writes (split 0 of row i, kv head g; the slot is not read as valid this step, so the other splits may
+    # read it before or after the write: its score is masked either way)
+    def write_cache():
+        k_out[pl.ds(slot, 1), lo] = ka[None, :]
+        k_out[pl.ds(slot, 1), hi] = kb[None, :]
+        v_out[pl.ds(slot, 1), lo] = va[None, :]
+        v_out[pl.ds(slot, 1), hi] = vb[None, :]
+        b_out[pl.ds(slot, 1)] = bias_new
+
+    if num_splits == 1:
+        write_cache()
+    else:
+        pl.when(split_id == 0)(write_cache)
 
     # q tiles: zero rows stay finite through the norm (rstd = 1/sqrt(eps)) and rope, so padding scores are the
     # biases alone: no NaN/inf in any row
@@ -155,13 +167,19 @@ def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_r
     acc0 = (jnp.broadcast_to(va.astype(dtype).astype(_F32)[None, :], (tr, half)),
             jnp.broadcast_to(vb.astype(dtype).astype(_F32)[None, :], (tr, half)))
     neg = jnp.finfo(_F32).min
-    split = jnp.dtype(dtype) != jnp.dtype(_F32)
+    l0 = jnp.ones((tr,), _F32)
+    if num_splits > 1:  # the new token is split 0's; the others start empty (m = finfo.min: weight 0 until a key)
+        first = split_id == 0
+        m0 = jnp.where(first, m0, neg)
+        l0 = jnp.where(first, l0, 0.0)
+        acc0 = tuple(jnp.where(first, a, 0.0) for a in acc0)
+    split_p = jnp.dtype(dtype) != jnp.dtype(_F32)  # p @ V as p_hi @ V + p_lo @ V
 
     def pv(p, vc):
         # p [TR, BC] f32 @ V [BC, D/2]. f32: one IEEE dot. 16-bit V: p = p_hi + p_lo, both in the compute dtype,
         # two tensor-core dots with exact products and f32 sums: p is kept to ~16 of its 24 bits (relative error
         # ~2^-17 per p for bf16), against the reference's exact f32 products
-        if not split:
+        if not split_p:
             return dot(p, vc, ((1,), (0,)))
         p_hi = p.astype(dtype)
         p_lo = (p - p_hi.astype(_F32)).astype(dtype)
@@ -169,7 +187,7 @@ def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_r
 
     def body(j, carry):
         m, l, acc_a, acc_b = carry
-        cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
+        cols = pl.ds(pl.multiple_of((split_id * blocks_per_split + j) * block_c, block_c), block_c)
         kc_a, kc_b = k_ref[cols, lo].astype(dtype), k_ref[cols, hi].astype(dtype)      # [BC, D/2]
         vc_a, vc_b = v_ref[cols, lo].astype(dtype), v_ref[cols, hi].astype(dtype)
         add = jnp.where(valid_ref[cols] != 0, b_ref[cols], neg)                        # [BC]
@@ -181,13 +199,20 @@ def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_r
         return (m_new, l * alpha + jnp.sum(p, axis=1), acc_a * alpha[:, None] + pv(p, vc_a),
                 acc_b * alpha[:, None] + pv(p, vc_b))
 
-    _, l, acc_a, acc_b = lax.fori_loop(0, n_blocks, body, (m0, jnp.ones((tr,), _F32)) + acc0)
-    # only the R real heads' rows are stored (masked rows are never written)
-    pltr.store(att_ref.at[q_rows, lo], (acc_a / l[:, None]).astype(dtype), mask=real)
-    pltr.store(att_ref.at[q_rows, hi], (acc_b / l[:, None]).astype(dtype), mask=real)
+    m, l, acc_a, acc_b = lax.fori_loop(0, blocks_per_split, body, (m0, l0) + acc0)
+    # only the R real heads' rows are stored (masked rows are never written); with splits the f32 partial output
+    # and its log-sum-exp (broadcast over head_dim) for `combine_partials`
+    out_a, out_b = acc_a / l[:, None], acc_b / l[:, None]
+    if num_splits > 1:
+        lse = jnp.broadcast_to((m + jnp.log(l))[:, None], (tr, half))
+        pltr.store(lse_out.at[q_rows, lo], lse, mask=real)
+        pltr.store(lse_out.at[q_rows, hi], lse, mask=real)
+    pltr.store(att_ref.at[q_rows, lo], out_a.astype(att_ref.dtype), mask=real)
+    pltr.store(att_ref.at[q_rows, hi], out_b.astype(att_ref.dtype), mask=real)
 
 
-def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret):
+def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret,
+           num_splits=1):
     b, g, c, d = key_cache.shape
     problems = []
     if qkv.shape[1] != (num_heads + 2 * g) * d or qkv.shape[0] < b:
@@ -207,54 +232,71 @@ def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_hea
         problems.append(f"head_dim {d} must be a power of two >= {min_d}")
     if block_c < 16 or block_c & (block_c - 1) or c % block_c:
         problems.append(f"cache length {c} must be a multiple of block_c={block_c} (a power of two >= 16)")
+    elif type(num_splits) is not int or num_splits < 1 or (c // block_c) % num_splits:
+        problems.append(f"num_splits={num_splits!r} must be an int >= 1 dividing the {c // block_c} cache blocks "
+                        f"(cache length {c} / block_c {block_c})")
     if problems:
         raise ValueError("decode_layer_attention: " + "; ".join(problems))
 
 
 def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A, key_cache,
                            value_cache, bias_cache, *, num_heads: int, eps: float, scale: float, qk_norm=True,
-                           block_c: int = 128, num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+                           block_c: int = 128, num_warps: int = 4, num_stages: int = 2, num_splits: int = 1,
+                           interpret: bool = False):
     """Returns (att [rows, H D] in cos.dtype, key_cache, value_cache, bias_cache) with slot `slot` (int32 [1])
-    of every (row, kv head) written. See the module docstring for the layouts."""
-    _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret)
+    of every (row, kv head) written. See the module docstring for the layouts.
+
+    num_splits > 1 (flash-decoding): the cache blocks are split over num_splits programs per (row, kv head), and
+    att is a pair (partials [S, rows, H D] f32, lse [S, rows, H D] f32) for `combine_partials` (done by the
+    consuming projection: `decode_linear(partials, ..., x_lse=lse)`); rows >= batch are not written."""
+    _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret, num_splits)
     b, g, c, d = key_cache.shape
     rows, width = qkv.shape
     has_dt_bias = dt_bias is not None
     kern = functools.partial(_kernel, heads_per_group=num_heads // g, kv_heads=g, head_dim=d, eps=float(eps),
                              scale=float(scale), block_c=block_c, n_blocks=c // block_c, qk_norm=bool(qk_norm),
                              has_dt_bias=has_dt_bias, tile_rows=max(16, _next_pow2(num_heads // g)),
-                             dt_len=_next_pow2(g * d))
-    row = lambda n: pl.BlockSpec((None, n), lambda i, j: (i, 0))
-    heads = lambda n: pl.BlockSpec((None, n, d), lambda i, j: (i, 0, 0))   # [rows, heads, D] view, row i
-    full = lambda n: pl.BlockSpec((n,), lambda i, j: (0,))
-    head1 = pl.BlockSpec((1,), lambda i, j: (j,))
-    cache_spec = pl.BlockSpec((None, None, c, d), lambda i, j: (i, j, 0, 0))
-    bias_spec = pl.BlockSpec((None, None, c), lambda i, j: (i, j, 0))
+                             dt_len=_next_pow2(g * d), num_splits=num_splits)
+    row = lambda n: pl.BlockSpec((None, n), lambda i, j, s: (i, 0))
+    heads = lambda n: pl.BlockSpec((None, n, d), lambda i, j, s: (i, 0, 0))   # [rows, heads, D] view, row i
+    full = lambda n: pl.BlockSpec((n,), lambda i, j, s: (0,))
+    head1 = pl.BlockSpec((1,), lambda i, j, s: (j,))
+    cache_spec = pl.BlockSpec((None, None, c, d), lambda i, j, s: (i, j, 0, 0))
+    bias_spec = pl.BlockSpec((None, None, c), lambda i, j, s: (i, j, 0))
     # qkv also as [rows, H + 2G, D] (the same buffer: a bitcast in XLA) for the q-head tiles
     specs = [full(1), row(width), heads(num_heads + 2 * g)]
     operands = [jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), qkv, qkv.reshape(rows, num_heads + 2 * g, d)]
-    specs += [row(d), row(d), row(c), full(d), full(d), pl.BlockSpec((None, g * d), lambda i, j: (j, 0))]
+    specs += [row(d), row(d), row(c), full(d), full(d), pl.BlockSpec((None, g * d), lambda i, j, s: (j, 0))]
     operands += [cos, sin, valid.astype(jnp.int32), q_norm, k_norm, dt_weight]
     if has_dt_bias:
         specs.append(head1), operands.append(dt_bias)
     specs += [head1, cache_spec, cache_spec, bias_spec]
     operands += [A, key_cache, value_cache, bias_cache]
     n_in = len(operands)
-    # att written as [rows, H, D] (masked [TR, D/2] tile stores), reshaped back (a bitcast)
-    att_shape, att_spec = (rows, num_heads, d), heads(num_heads)
-    att, kc, vc, bc = pl.pallas_call(
+    # att written as [rows, H, D] (masked [TR, D/2] tile stores), reshaped back (a bitcast); with splits the
+    # partials and their lse as [S, rows, H, D] f32
+    if num_splits == 1:
+        att_shapes = [jax.ShapeDtypeStruct((rows, num_heads, d), cos.dtype)]
+        att_specs = [heads(num_heads)]
+    else:
+        att_shapes = 2 * [jax.ShapeDtypeStruct((num_splits, rows, num_heads, d), _F32)]
+        att_specs = 2 * [pl.BlockSpec((None, None, num_heads, d), lambda i, j, s: (s, i, 0, 0))]
+    n_att = len(att_shapes)
+    *att, kc, vc, bc = pl.pallas_call(
         kern,
-        out_shape=(jax.ShapeDtypeStruct(att_shape, cos.dtype),
-                   jax.ShapeDtypeStruct(key_cache.shape, key_cache.dtype),
+        out_shape=(*att_shapes, jax.ShapeDtypeStruct(key_cache.shape, key_cache.dtype),
                    jax.ShapeDtypeStruct(value_cache.shape, value_cache.dtype),
                    jax.ShapeDtypeStruct(bias_cache.shape, bias_cache.dtype)),
-        grid=(b, g), in_specs=specs,
-        out_specs=(att_spec, cache_spec, cache_spec, bias_spec),
-        input_output_aliases={n_in - 3: 1, n_in - 2: 2, n_in - 1: 3},
+        grid=(b, g, num_splits), in_specs=specs,
+        out_specs=(*att_specs, cache_spec, cache_spec, bias_spec),
+        input_output_aliases={n_in - 3: n_att, n_in - 2: n_att + 1, n_in - 1: n_att + 2},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="wmjax_decode_layer_attention",
     )(*operands)
-    return att.reshape(rows, num_heads * d), kc, vc, bc
+    if num_splits == 1:
+        return att[0].reshape(rows, num_heads * d), kc, vc, bc
+    parts, lse = (a.reshape(num_splits, rows, num_heads * d) for a in att)
+    return (parts, lse), kc, vc, bc
 
 
 def decode_layer_attention_reference(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A,

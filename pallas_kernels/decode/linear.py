@@ -24,6 +24,12 @@ sum of squares over all of K comes first, in a fori_loop pass of its own; inside
 chunk is recomputed from x, the rstd and the norm weight chunk. Every `pallas_call` names the Triton backend.
 The reference `decode_linear_reference` is the same computation in plain jnp and defines its meaning.
 
+The combine prologue (`x_lse` given; for the split decode attention, `pallas_kernels.decode.attention` with
+num_splits > 1): x is then [S, rows, K] f32, the S splits' partial attention outputs, and x_lse [S, rows, K] their
+log-sum-exps; each x chunk is `combine_partials` of the S partial chunks (static loop over S), rounded to the
+compute dtype, before the product: the attention's last step runs in the projection that consumes it, so the
+split attention needs no kernel of its own for the combine.
+
 The gemv form (`real_rows=1`; the default `real_rows=None` is the dot form above, unchanged) is for batch 1, where
 the caller pads x to 16 rows: 15/16 of each dot is wasted, and block_n >= 16 caps the grid at N / 16 programs
 (Doge-160M's o and down projections, N=768: 48 programs for an H100's 132 SMs, too few weight bytes in flight;
@@ -49,10 +55,23 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-__all__ = ["decode_linear", "decode_linear_reference"]
+__all__ = ["decode_linear", "decode_linear_reference", "combine_partials"]
 
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
+
+
+def combine_partials(parts, lse, dtype):
+    """Split-softmax partial outputs -> the full output, rounded to `dtype` (flash-decoding's combine).
+
+    parts [S, ..., K] f32: each split's softmax-normalized output o_s = sum_c p_sc V_c / l_s over its share of the
+    keys; lse [S, ..., K] f32: its log-sum-exp m_s + log(l_s), broadcast over the head's dimensions. Returns
+    sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M), M = max_s lse_s: the softmax over all the splits' keys
+    (f32), rounded to `dtype` as the unsplit attention rounds its output. A split that saw no visible key has
+    lse ~ finfo(f32).min and weight 0."""
+    m = jnp.max(lse, axis=0)
+    w = jnp.exp(lse - m[None])
+    return (jnp.sum(w * parts, axis=0) / jnp.sum(w, axis=0)).astype(dtype)
 
 
 def _rounded_silu_mul(gate, up, dtype):
@@ -72,12 +91,15 @@ def _fit_block_k(k_total: int, block_k: int) -> int:
     return bk
 
 
-def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has_residual, gemv):
+def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has_residual, gemv, splits):
     """Both forms. Dot form: x [rows, K], residual / output [rows, block_n], tensor-core dots. gemv form
     (real_rows=1): x [K], residual / output [block_n] (row 0; the row dimension is squeezed out by the BlockSpecs),
-    viewed here as one row [1, ...], and the product is a multiply and a row reduction instead of a dot."""
+    viewed here as one row [1, ...], and the product is a multiply and a row reduction instead of a dot.
+    splits > 0: x_ref holds [S, rows, K] (gemv: [S, K]) f32 partials and the next ref their log-sum-exps."""
     refs = list(refs)
-    x_ref, w_ref = refs.pop(0), refs.pop(0)
+    x_ref = refs.pop(0)
+    lse_ref = refs.pop(0) if splits else None
+    w_ref = refs.pop(0)
     u_ref = refs.pop(0) if has_up else None
     nw_ref = refs.pop(0) if has_norm else None
     b_ref = refs.pop(0) if has_bias else None
@@ -86,14 +108,26 @@ def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has
     (o_ref,) = refs
     dtype = w_ref.dtype
     prec = lax.Precision.HIGHEST if dtype == _F32 else None
-    rows, block_n = (1 if gemv else x_ref.shape[0]), w_ref.shape[0]
+    rows, block_n = (1 if gemv else x_ref.shape[-2]), w_ref.shape[0]
     n_chunks = k_total // block_k
+    x_dtype = dtype if splits else x_ref.dtype                           # the (combined) x's dtype
 
     def chunk(j):
         return pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
 
+    def load_row(ref, ck, *lead):                                      # [rows, chunk]
+        return ref[(*lead, ck)][None, :] if gemv else ref[(*lead, slice(None), ck)]
+
     def load_x(ck):                                                    # [rows, chunk]
-        return x_ref[ck][None, :] if gemv else x_ref[:, ck]
+        if not splits:
+            return load_row(x_ref, ck)
+        # combine_partials on the chunk, unrolled over the S splits
+        lses = [load_row(lse_ref, ck, s) for s in range(splits)]
+        parts = [load_row(x_ref, ck, s) for s in range(splits)]
+        m = functools.reduce(jnp.maximum, lses)
+        ws = [jnp.exp(ls - m) for ls in lses]
+        num = functools.reduce(jnp.add, [w * o for w, o in zip(ws, parts)])
+        return (num / functools.reduce(jnp.add, ws)).astype(dtype)
 
     def product(xk, wk):                                               # [rows, chunk] x [block_n, chunk]^T, f32
         if gemv:  # the dot's f32 products (exact for bf16 inputs) summed over the chunk: no M >= 16 needed
@@ -118,7 +152,7 @@ def _linear_kernel(*refs, k_total, block_k, eps, has_norm, has_bias, has_up, has
         ck = chunk(j)
         xk = load_x(ck)
         if has_norm:
-            xk = nw_ref[ck].astype(dtype)[None, :] * (xk.astype(_F32) * rstd[:, None]).astype(x_ref.dtype)
+            xk = nw_ref[ck].astype(dtype)[None, :] * (xk.astype(_F32) * rstd[:, None]).astype(x_dtype)
         xk = xk.astype(dtype)
         out = [accs[0] + product(xk, w_ref[:, ck])]
         if has_up:
@@ -157,10 +191,17 @@ def _epilogue(accs, dtype, bias, up_bias, residual, residual_scale):
 
 
 def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale,
-           real_rows=None):
+           real_rows=None, x_lse=None):
+    problems = []
+    if x_lse is not None:
+        if x.ndim != 3 or x_lse.shape != x.shape or x.dtype != _F32 or x_lse.dtype != _F32:
+            raise ValueError(f"decode_linear: with x_lse, x and x_lse must both be [S, rows, K] f32 partials; got x "
+                             f"{x.shape} {x.dtype}, x_lse {x_lse.shape} {x_lse.dtype}")
+        x = x[0]
+    elif x.ndim != 2:
+        raise ValueError(f"decode_linear: x {x.shape} is not [rows, K] (partials [S, rows, K] need x_lse)")
     rows, k = x.shape
     n, k2 = weight.shape
-    problems = []
     if real_rows is not None and (type(real_rows) is not int or real_rows != 1):
         problems.append(f"real_rows={real_rows!r} must be None (every row) or 1 (row 0 only, the gemv form)")
         real_rows = None  # check the rest by the dot form's rules
@@ -200,7 +241,8 @@ def _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, r
 
 def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1e-6, bias=None, up_bias=None,
                   residual=None, residual_scale=None, out_dtype=None, block_n: int = 16, block_k: int = 256,
-                  num_warps: int = 4, num_stages: int = 3, real_rows: int | None = None, interpret: bool = False):
+                  num_warps: int = 4, num_stages: int = 3, real_rows: int | None = None, x_lse=None,
+                  interpret: bool = False):
     """x [rows, K] -> [rows, N] in `out_dtype` (default: the weight's dtype = the compute dtype). See the module
     docstring for the optional RMSNorm prologue (norm_weight, eps), bias, SwiGLU (up_weight, up_bias) and
     residual (residual, residual_scale) parts. K is looped over in chunks of `_fit_block_k(K, block_k)` (block_k
@@ -209,17 +251,26 @@ def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1
     real_rows: None (default) = every row is computed, tensor-core dots (rows a multiple of 16, block_n a power of
     two >= 16). 1 = the gemv form: only x row 0 is read and only output row 0 is computed and written; output rows
     1.. are left unwritten (undefined: whatever the output buffer held; residual rows 1.. are not read). Any rows
-    >= 1; block_n any power of two >= 1 dividing N (more programs for a small N)."""
-    _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale, real_rows)
-    rows, k = x.shape
+    >= 1; block_n any power of two >= 1 dividing N (more programs for a small N).
+
+    x_lse: None (x is [rows, K]) or [S, rows, K] f32, the log-sum-exps of the S partial outputs in x [S, rows, K]
+    f32 (split attention): x is first `combine_partials(x, x_lse, weight.dtype)` (module docstring)."""
+    _check(x, weight, block_n, block_k, up_weight, norm_weight, bias, up_bias, residual, residual_scale, real_rows,
+           x_lse)
+    splits = 0 if x_lse is None else x.shape[0]
+    rows, k = x.shape[-2:]
     n = weight.shape[0]
     out_dtype = weight.dtype if out_dtype is None else out_dtype
     gemv = real_rows is not None
     # the gemv form maps the row dimension of x, the residual and the output to row 0, squeezed out (None) of the
     # kernel's blocks: its refs are x [K], residual / output [block_n]
     row_block = None if gemv else rows
-    operands, specs = [x, weight], [pl.BlockSpec((row_block, k), lambda i: (0, 0)),
-                                    pl.BlockSpec((block_n, k), lambda i: (i, 0))]
+    if splits:
+        part_spec = pl.BlockSpec((splits, row_block, k), lambda i: (0, 0, 0))
+        operands, specs = [x, x_lse, weight], [part_spec, part_spec]
+    else:
+        operands, specs = [x, weight], [pl.BlockSpec((row_block, k), lambda i: (0, 0))]
+    specs.append(pl.BlockSpec((block_n, k), lambda i: (i, 0)))
     col = pl.BlockSpec((block_n,), lambda i: (i,))
     if up_weight is not None:
         operands.append(up_weight), specs.append(pl.BlockSpec((block_n, k), lambda i: (i, 0)))
@@ -234,7 +285,8 @@ def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1
         specs += [pl.BlockSpec((row_block, block_n), lambda i: (0, i)), col]
     kern = functools.partial(_linear_kernel, k_total=k, block_k=_fit_block_k(k, block_k), eps=float(eps),
                              has_norm=norm_weight is not None, has_bias=bias is not None,
-                             has_up=up_weight is not None, has_residual=residual is not None, gemv=gemv)
+                             has_up=up_weight is not None, has_residual=residual is not None, gemv=gemv,
+                             splits=splits)
     return pl.pallas_call(
         kern, out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype), grid=(n // block_n,), in_specs=specs,
         out_specs=pl.BlockSpec((row_block, block_n), lambda i: (0, i)),
@@ -244,10 +296,12 @@ def decode_linear(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1
 
 
 def decode_linear_reference(x, weight, *, up_weight=None, norm_weight=None, eps: float = 1e-6, bias=None,
-                            up_bias=None, residual=None, residual_scale=None, out_dtype=None):
+                            up_bias=None, residual=None, residual_scale=None, out_dtype=None, x_lse=None):
     """Plain-jnp `decode_linear` (same arguments and rounding steps; any rows)."""
     from wmjax.layers.norm import rms_norm
     dtype = weight.dtype
+    if x_lse is not None:
+        x = combine_partials(x, x_lse, dtype)
     out_dtype = dtype if out_dtype is None else out_dtype
     prec = lax.Precision.HIGHEST if dtype == _F32 else None
     xn = x if norm_weight is None else rms_norm(x, norm_weight, eps, dtype)

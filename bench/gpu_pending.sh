@@ -13,6 +13,7 @@
 #   sample    issue 5: generate on the model and fused paths (each also with the decode loop as a CUDA graph) and
 #             transformers generate, bs 1 and 16, one process
 #   sample_profile  issue 5: the fused path at bs 1 timed, then one generate call's kernel table (in-step times)
+#   sample_variants issue 5: the fused path at bs 1 under FusedDecodeOptions variants, each timed and profiled
 #   sample_kernels  the fused path's decode kernels alone (bs 1; block / warp / stage variants vs the XLA reference)
 #   dmattn    issue 4 follow-ups (sparse-path variants, then the full table with tokamax)
 set -uo pipefail
@@ -45,6 +46,10 @@ for s in $STEPS; do
     sample_profile)
       step sample_profile 150 python3 bench/sample.py --no-long --no-hf --batch-sizes 1 --repeats 2 --decode fused \
         --kernels fused --profile-top 40 --json "$OUT/sample_profile.json" ;;
+    sample_variants)
+      step sample_variants 400 python3 bench/sample.py --no-long --no-hf --batch-sizes 1 --repeats 2 --decode fused \
+        --fused-options "prefetch=0 gemv=0;prefetch=1 gemv=0;prefetch=0 gemv=1 gemv_warps=1;prefetch=1 gemv=1 gemv_warps=1;prefetch=1 gemv=1 gemv_warps=4;prefetch=1 gemv=1 gemv_warps=1 attention_splits=0" \
+        --kernels fused --profile-top 12 --json "$OUT/sample_variants.json" ;;
     sample_kernels)
       step sample_kernels 80 python3 bench/sample.py --decode-kernels --batch-sizes 1 --json "$OUT/sample_kernels.json" ;;
     train)
@@ -55,6 +60,6 @@ for s in $STEPS; do
     scaling)
       step scaling 500 python3 bench/train.py --batch 16 --hf-batch '' --steps 8 --warmup 1 --scaling \
         --spmd auto,gspmd --json "$OUT/scaling.json" ;;
-    *) echo "unknown step $s (train, train_profile, scaling, sample, sample_profile, sample_kernels, dmattn)"; exit 2 ;;
+    *) echo "unknown step $s (train, train_profile, scaling, sample, sample_profile, sample_variants, sample_kernels, dmattn)"; exit 2 ;;
   esac
 done

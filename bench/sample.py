@@ -112,23 +112,28 @@ def bench_main(args, results):
     rng = np.random.default_rng(0)
     wm = {}
     per_decode = {}
-    # variants: every decode path under every XLA option set (';'-separated sets of 'name=value' pairs)
+    from wmjax.fused_decode import FusedDecodeOptions
+    # variants: every decode path under every XLA option set (';'-separated sets of 'name=value' pairs), the fused
+    # paths also under every --fused-options set
     variants = []
+    fused_sets = [t.strip() for t in args.fused_options.split(";")]
     for dec in args.decode:
         for opts, copts in xla_option_sets(args.xla_options):
-            variants.append((dec + (f" [{opts}]" if copts else ""), dec, copts))
+            for fo in (fused_sets if dec in ("fused", "auto") else [""]):
+                label = dec + (f" [{opts}]" if copts else "") + (f" {{{fo}}}" if fo else "")
+                variants.append((label, dec, copts, FusedDecodeOptions.parse(fo) if fo else None))
     for bs in args.batch_sizes:
         prompts = rng.integers(0, cfg.vocab_size, (bs, args.prompt_len)).tolist()
-        for vi, (label, dec, copts) in enumerate(variants):
+        for vi, (label, dec, copts, fopts) in enumerate(variants):
             out, first, best = time_generate(model, params, prompts, args.new, args.repeats, cache="full",
-                                             decode=dec, compiler_options=copts or None)
+                                             decode=dec, compiler_options=copts or None, fused_options=fopts)
             tps = bs * args.new / best
             row = dict(tok_s=tps, seconds=best, first_call_s=first, ms_per_step=1e3 * best / args.new)
             log(f"[wmjax] {args.preset} decode={label} bs={bs} prompt={args.prompt_len} new={args.new}: {tps:,.0f} "
                 f"tok/s ({1e3 * best / args.new:.3f} ms/step incl. prefill; first call {first:.1f}s)")
             if dec in args.kernels:
                 rows, n_ev, tl = _profile_generate(model, params, prompts, args.new, dec, args.profile_top,
-                                                   f"generate decode={dec} bs={bs}", cfg.num_hidden_layers)
+                                                   f"generate decode={label} bs={bs}", cfg.num_hidden_layers, fopts)
                 row["profile"] = dict(events=n_ev, timeline=tl, kernels=[dict(r, name=r["name"][:200])
                                                                           for r in rows[:60]])
             per_decode.setdefault(label, {})[bs] = row
@@ -186,7 +191,7 @@ def bench_main(args, results):
         log(f"[speedup] bs={bs}: wmjax / transformers = {results['wmjax'][bs]['tok_s'] / tps:,.0f}x")
 
 
-def _profile_generate(model, params, prompts, new, decode, top, title, n_layers):
+def _profile_generate(model, params, prompts, new, decode, top, title, n_layers, fused_options=None):
     """Kernel table (printed) and device timeline of one `generate` call under jax.profiler; returns
     (rows, events per call, timeline)."""
     import tempfile
@@ -194,7 +199,7 @@ def _profile_generate(model, params, prompts, new, decode, top, title, n_layers)
     from wmjax.sampling import generate
     logdir = tempfile.mkdtemp(prefix="wmjax_sample_prof_")
     rows = kernel_table(lambda: generate(model, params, prompts, max_new_tokens=new, stop_tokens=[], cache="full",
-                                         decode=decode).tokens, iters=1, logdir=logdir)
+                                         decode=decode, fused_options=fused_options).tokens, iters=1, logdir=logdir)
     tl = device_timeline(logdir)
     print_kernel_table(rows, top=top, title=title)
     n_ev = sum(r["count"] for r in rows)
@@ -377,6 +382,9 @@ def main(argv=None):
     p.add_argument("--decode", type=lambda s: s.split(","), default=["auto"],
                    help="generate(decode=...) paths to time, comma-separated (model, fused, fused_xla, auto; e.g. model,fused_xla); the last one is "
                         "compared with transformers")
+    p.add_argument("--fused-options", default="",
+                   help="FusedDecodeOptions sets, ';'-separated, each 'name=value ...' (e.g. 'prefetch=0;prefetch=1 "
+                        "gemv_warps=4'); every fused / auto path runs under every set; an empty set = the defaults")
     p.add_argument("--kernels", type=lambda s: s.split(","), default=[],
                    help="decode paths to also profile (kernel table of one generate call, after timing)")
     p.add_argument("--xla-options", default="",

@@ -253,6 +253,22 @@ def test_decode_layer_attention_splits_match_reference(dtype, b, rows, num_split
         _close(g_, w_, ATT_TOL[dtype], name)
 
 
+def test_decode_layer_attention_prefetch_changes_nothing():
+    """Extra prefetch programs (weights read while the attention runs) leave every output bit-identical; the plan
+    gives each weight row blocks of ~24 KB or less and column chunks dividing K."""
+    from pallas_kernels.decode.attention import _prefetch_plan
+    args, kw = _attention_args(np.random.default_rng(10), jnp.bfloat16, b=1, rows=1)
+    rng = np.random.default_rng(11)
+    pre = (jnp.asarray(rng.normal(size=(64, 96)), jnp.bfloat16), jnp.asarray(rng.normal(size=(24, 1536)), jnp.float32))
+    assert _prefetch_plan(pre, 2) == ((2, 1, 64, 32), (3, 6, 4, 256))
+    for splits in (1, 2):
+        want = decode_layer_attention(*args, block_c=32, num_splits=splits, interpret=True, **kw)
+        got = decode_layer_attention(*args, block_c=32, num_splits=splits, prefetch=pre, interpret=True, **kw)
+        chex.assert_trees_all_equal(got, want)
+    with pytest.raises(ValueError, match="prefetch arrays must be 2-D"):
+        decode_layer_attention(*args, prefetch=(jnp.zeros(8),), interpret=True, **kw)
+
+
 def test_decode_layer_attention_rejects_bad_shapes():
     args, kw = _attention_args(np.random.default_rng(2), jnp.float32)
     with pytest.raises(ValueError, match="block_c=48"):
@@ -321,6 +337,10 @@ def test_decode_kernels_lower_for_h100():
         s((1, g, c, d), bf), s((1, g, c, d), bf), s((1, g, c), f32))
     att.append((att1, lambda *x: decode_layer_attention(*x[:8], None, *x[8:], num_heads=h, eps=1e-6,
                                                         scale=d ** -0.5, num_splits=3)))
+    # and prefetching a layer's o / gate / up / down and the next q/k/v weights (FusedDecodeOptions.prefetch)
+    pre = (s((hid, h * d), bf), s((ffn, hid), bf), s((ffn, hid), bf), s((hid, ffn), bf), s(((h + 2 * g) * d, hid), bf))
+    att.append((att1 + pre, lambda *x: decode_layer_attention(*x[:8], None, *x[8:12], num_heads=h, eps=1e-6,
+                                                              scale=d ** -0.5, prefetch=x[12:])))
     lin.append(((s((3, 1, h * d), f32), s((3, 1, h * d), f32), s((hid, h * d), bf), s((1, hid), bf), s((hid,), f32)),
                 lambda x, xl, w, r, rs: gemv(block_n=4)(x, w, x_lse=xl, residual=r, residual_scale=rs)))
     with jax.sharding.use_abstract_mesh(h100):

@@ -327,8 +327,9 @@ FUSED = dict(keep_window_size=64)  # the fused path needs a full cache no longer
 def test_fused_decode_step_equals_model_decode_step(variant, impl):
     """prefill, then step by step through the model's decode step and through fused_decode_step (concatenated
     projections, layer-stacked cache, the decode attention kernel in Pallas interpret mode or its reference).
-    dense_batch1: one row, so the step runs the projections' gemv form and the attention split over the cache's
-    2 blocks (cache 200 slots, padded to 256), combined in the o projection."""
+    dense_batch1: one row, under three FusedDecodeOptions: the defaults (gemv form on one row, 1 warp; the attention
+    kernel prefetching the next weights), the attention split over the cache's 2 blocks (cache 200 slots, padded to
+    256) and combined in the o projection, and neither (dot form on 16 padded rows, no prefetch)."""
     from wmjax.fused_decode import (decode_state_from_cache, fused_decode_step, fused_decode_supported,
                                     prepare_decode_params)
     from wmjax.sampling import decode_step, pad_prompts, prefill
@@ -347,19 +348,26 @@ def test_fused_decode_step_equals_model_decode_step(variant, impl):
     logits, pos, cache, _ = jax.jit(lambda c: prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), c))(cache)
     fparams = prepare_decode_params(cfg, params, jnp.float32)
     model_step = jax.jit(lambda c, t, p: decode_step(model, params, c, t, p))
-    fused_step = jax.jit(lambda s, t, p: fused_decode_step(cfg, jnp.float32, fparams, s, t, p, implementation=impl))
     state = decode_state_from_cache(cache)
     assert state["keys"][0].shape[2] % 64 == 0
+    options = [None]
     if variant == "dense_batch1":
-        from wmjax.fused_decode import _attention_splits
-        assert _attention_splits(1, cfg.num_key_value_heads, state["keys"][0].shape[2] // 128) == 2
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
-    for t in range(steps):
-        pos = pos + 1
-        want, cache = model_step(cache, tok, pos)
-        got, state = fused_step(state, tok, pos)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0, err_msg=f"step {t}")
-        tok = jnp.argmax(want, -1).astype(jnp.int32)
+        from wmjax.fused_decode import FusedDecodeOptions, _attention_splits
+        assert _attention_splits(1, cfg.num_key_value_heads, state["keys"][0].shape[2] // 128, 0) == 2
+        options = [FusedDecodeOptions(), FusedDecodeOptions(attention_splits=0, gemv_warps=4),
+                   FusedDecodeOptions(prefetch=False, gemv=False)]
+    tok0, pos0, cache0, state0 = jnp.argmax(logits, -1).astype(jnp.int32), pos, cache, state
+    for opts in options:
+        fused_step = jax.jit(lambda s, t, p, o=opts: fused_decode_step(cfg, jnp.float32, fparams, s, t, p,
+                                                                       implementation=impl, options=o))
+        tok, pos, cache, state = tok0, pos0, cache0, state0
+        for t in range(steps):
+            pos = pos + 1
+            want, cache = model_step(cache, tok, pos)
+            got, state = fused_step(state, tok, pos)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0,
+                                       err_msg=f"step {t} {opts}")
+            tok = jnp.argmax(want, -1).astype(jnp.int32)
 
 
 def test_generate_fused_decode_equals_model_decode():
@@ -387,6 +395,22 @@ def test_generate_compiler_options():
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
     with pytest.raises(Exception, match="xla_no_such_option"):
         generate(model, params, prompts, compiler_options={"xla_no_such_option": "1"}, **kw)
+
+
+def test_fused_decode_options_parse_and_validate():
+    from wmjax.fused_decode import FusedDecodeOptions
+    assert FusedDecodeOptions.parse("") == FusedDecodeOptions()
+    assert FusedDecodeOptions.parse("prefetch=0 gemv_warps=4 attention_splits=3") == FusedDecodeOptions(
+        prefetch=False, gemv_warps=4, attention_splits=3)
+    with pytest.raises(ValueError, match="'warps=4' is not name=value with name one of"):
+        FusedDecodeOptions.parse("warps=4")
+    with pytest.raises(ValueError, match="gemv_warps=3 must be 1, 2, 4 or 8"):
+        FusedDecodeOptions(gemv_warps=3)
+    with pytest.raises(ValueError, match="attention_splits=-1"):
+        FusedDecodeOptions(attention_splits=-1)
+    cfg, params, model = _setup(**FUSED)
+    with pytest.raises(ValueError, match="fused_options must be a wmjax.fused_decode.FusedDecodeOptions"):
+        generate(model, params, [[1, 2, 3]], max_new_tokens=2, fused_options={"prefetch": False})
 
 
 def test_fused_decode_applies_only_where_exact():

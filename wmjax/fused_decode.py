@@ -15,8 +15,9 @@ and once per step the embedding gather, RoPE cos/sin, the visibility mask and th
 decode_linear). The weights are stored [out, in] (each kernel program reads contiguous rows), transposed and
 concatenated once per `generate` call inside the jit, before the decode loop (`prepare_decode_params`). Rows are
 padded to a multiple of 16 (tensor-core dots); only the real rows touch the cache. At batch 1 there is one row:
-the projections run decode_linear's gemv form, and the attention splits the cache over programs with the split
-results combined in the o projection's prologue (`_attention_splits`).
+the projections run decode_linear's gemv form, and the attention may split the cache over programs with the split
+results combined in the o projection's prologue; the attention kernel also pulls the next projections' weights
+into L2 while it runs (`FusedDecodeOptions`).
 
 The cache is per layer: keys / values [b, G, C, D] (C rounded up to the attention kernel's block), key bias
 [b, G, C] f32, and one position / mask [b, C] shared by every layer (`decode_state_from_cache`).
@@ -30,35 +31,70 @@ tokens against it. implementation "pallas" runs the kernels, "interpret" the ker
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from wmjax.config import DogeConfig
 
 __all__ = ["fused_decode_supported", "prepare_decode_params", "decode_state_from_cache", "fused_decode_step",
-           "DECODE_IMPLS"]
+           "DECODE_IMPLS", "FusedDecodeOptions"]
 
 DECODE_IMPLS = ("pallas", "reference", "interpret")
 
 _ROWS = 16          # rows are padded to a multiple of this (tensor-core dots need M >= 16)
 _CACHE_BLOCK = 128  # attention kernel's cache block (H100 bs 1: 10.7 us vs 12.6 at 64); caches padded to a multiple
 _LOGITS_BLOCK = 64  # output columns per program of the LM head (vocab padded to a multiple of it)
-# batch 1 (H100, Doge-160M, kernels alone, docs/BENCHMARKS.md, Sampling, session 5): the projections in decode_linear's
-# gemv form (row 0 only, no padding to 16 rows) with 4 output columns per program (qkv 3.69 us vs 4.38 for the dot
-# form, o 2.51 vs 2.78, gate/up 4.70 vs 5.17, down 3.90 vs 4.25) and 8 for the LM head (22.4 vs 23.5); the
-# attention's cache blocks split over programs (flash-decoding) until kv heads x splits reaches ~_ATTENTION_PROGRAMS
-# (at batch 1 one program per kv head walked the whole cache: 3 programs on 132 SMs), combined in the o projection
-_GEMV_BLOCK_N, _GEMV_LOGITS_BLOCK = 4, 8
-_ATTENTION_PROGRAMS = 64
+_GEMV_BLOCK_N, _GEMV_LOGITS_BLOCK = 4, 8  # gemv form's output columns per program (projections, LM head)
+_ATTENTION_PROGRAMS = 64                  # attention_splits=0: split until kv heads x splits reaches ~this
 
 
-def _attention_splits(batch: int, kv_heads: int, n_blocks: int) -> int:
+@dataclasses.dataclass(frozen=True)
+class FusedDecodeOptions:
+    """Kernel choices of `fused_decode_step` (implementation "pallas" / "interpret"); every choice computes the same
+    math (tests/test_sampling.py). The defaults are the fastest measured on an H100 (docs/BENCHMARKS.md, Sampling).
+
+    prefetch: the attention kernel gets extra programs that read the layer's o / gate / up / down weights and the
+      next layer's q/k/v weights while the attention runs (at batch 1 it runs batch x kv heads programs on a
+      132-SM GPU), so the projections after it find their weights in L2 instead of HBM.
+    gemv: at batch 1, the projections in `decode_linear`'s gemv form on one row (else the dot form on 16 padded
+      rows); gemv_warps: its warps per program (4 output columns per program, 8 for the LM head).
+    attention_splits: at batch 1, cache-block splits per (row, kv head) of the attention (flash-decoding), combined
+      in the o projection's prologue; 1 = none, 0 = as many as reach ~64 programs (`_attention_splits`); the largest
+      divisor of the cache's block count <= the value is used. Above batch 1 the attention is not split."""
+    prefetch: bool = True
+    gemv: bool = True
+    gemv_warps: int = 1
+    attention_splits: int = 1
+
+    def __post_init__(self):
+        if self.gemv_warps not in (1, 2, 4, 8):
+            raise ValueError(f"FusedDecodeOptions: gemv_warps={self.gemv_warps!r} must be 1, 2, 4 or 8")
+        if type(self.attention_splits) is not int or self.attention_splits < 0:
+            raise ValueError(f"FusedDecodeOptions: attention_splits={self.attention_splits!r} must be an int >= 0")
+
+    @classmethod
+    def parse(cls, text: str) -> "FusedDecodeOptions":
+        """'prefetch=0 gemv=1 gemv_warps=4 attention_splits=3' (space-separated name=value; '' = the defaults)."""
+        kw = {}
+        for item in text.split():
+            name, sep, value = item.partition("=")
+            field = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+            if not sep or field is None:
+                raise ValueError(f"FusedDecodeOptions.parse: {item!r} is not name=value with name one of "
+                                 f"{[f.name for f in dataclasses.fields(cls)]}")
+            kw[name] = bool(int(value)) if field.type in ("bool", bool) else int(value)
+        return cls(**kw)
+
+
+def _attention_splits(batch: int, kv_heads: int, n_blocks: int, requested: int = 0) -> int:
     """Cache-block splits per (row, kv head) for the decode attention: 1 above batch 1 (batch x kv heads programs
     already; the combine would read [splits, 16 padded rows, H D] partials in every o-projection program); at batch
-    1 the largest divisor of n_blocks <= ceil(_ATTENTION_PROGRAMS / kv_heads)."""
+    1 the largest divisor of n_blocks <= requested (0: ceil(_ATTENTION_PROGRAMS / kv_heads))."""
     if batch != 1:
         return 1
-    target = min(n_blocks, -(-_ATTENTION_PROGRAMS // kv_heads))
+    target = min(n_blocks, requested or -(-_ATTENTION_PROGRAMS // kv_heads))
     return max(s for s in range(1, target + 1) if n_blocks % s == 0)
 
 
@@ -138,11 +174,12 @@ def decode_state_from_cache(cache, block: int = _CACHE_BLOCK):
                 length=cache["length"])
 
 
-def fused_decode_step(config, dtype, fparams, state, tokens, positions, implementation=None):
+def fused_decode_step(config, dtype, fparams, state, tokens, positions, implementation=None,
+                      options: FusedDecodeOptions | None = None):
     """One token per row (tokens [b]) at `positions` [b] through the whole model (see the module docstring);
     `fparams` from `prepare_decode_params`, `state` from `decode_state_from_cache`.
     Returns (logits [b, V] f32, new state). implementation: "pallas" | "reference" | "interpret" | None (pallas
-    on GPU, else reference)."""
+    on GPU, else reference). options: the kernels' choices (FusedDecodeOptions(); the reference ignores them)."""
     from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
                                        decode_linear_reference)
     from wmjax.layers.rope import rope_cos_sin
@@ -154,32 +191,34 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
                          "or None")
     if implementation == "reference":
         linear, attention = decode_linear_reference, decode_layer_attention_reference
+        gemv = False
     else:
         interpret = implementation == "interpret"
-
-        gemv = tokens.shape[0] == 1
+        opts = FusedDecodeOptions() if options is None else options
+        gemv = tokens.shape[0] == 1 and opts.gemv
 
         def linear(x, w, **kw):
             # blocks from `bench/sample.py --decode-kernels` on an H100 (docs/BENCHMARKS.md, Sampling): dot form 16
-            # output columns per program, 32 for the two-weight SwiGLU projection; gemv form (batch 1) 4, 8 for the
-            # LM head; 4 warps. K in chunks of 256 through the kernel's fori_loop with 3 pipeline stages (0.2-1.2 us
+            # output columns per program, 32 for the two-weight SwiGLU projection, 4 warps; gemv form (batch 1) 4, 8
+            # for the LM head. K in chunks of 256 through the kernel's fori_loop with 3 pipeline stages (0.2-1.2 us
             # less per call than 1 stage on the H100)
             block_n = kw.pop("block_n", 32 if "up_weight" in kw else 16)
+            warps = 4
             if gemv:
                 block_n = _GEMV_LOGITS_BLOCK if block_n == _LOGITS_BLOCK else _GEMV_BLOCK_N
-                kw["real_rows"] = 1
+                kw["real_rows"], warps = 1, opts.gemv_warps
             else:
                 block_n = _block(w.shape[0], block_n)
-            return decode_linear(x, w, block_n=block_n, block_k=256, num_warps=4, num_stages=3,
+            return decode_linear(x, w, block_n=block_n, block_k=256, num_warps=warps, num_stages=3,
                                  interpret=interpret, **kw)
 
-        def attention(*args, **kw):
+        def attention(*args, prefetch=(), **kw):
             n_blocks = args[10].shape[2] // _CACHE_BLOCK
+            splits = _attention_splits(tokens.shape[0], args[10].shape[1], n_blocks, opts.attention_splits)
             return decode_layer_attention(*args, block_c=_CACHE_BLOCK, num_stages=3, interpret=interpret,
-                                          num_splits=_attention_splits(tokens.shape[0], args[10].shape[1], n_blocks),
-                                          **kw)
+                                          num_splits=splits, prefetch=prefetch if opts.prefetch else (), **kw)
     b = tokens.shape[0]
-    rows = 1 if b == 1 else -(-b // _ROWS) * _ROWS
+    rows = 1 if gemv else -(-b // _ROWS) * _ROWS
     d, eps = cfg.head_dim, cfg.rms_norm_eps
     x = jnp.take(fparams["embedding"], jnp.pad(tokens, (0, rows - b)), axis=0)                # [rows, hidden]
     cos, sin = rope_cos_sin(positions[:, None], d, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
@@ -189,12 +228,16 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
     valid = (state["mask"] & (state["position"] <= positions[:, None])).astype(jnp.int32)
     slot = state["length"]
     keys, values, biases = list(state["keys"]), list(state["values"]), list(state["biases"])
-    for li, lp in enumerate(fparams["layers"]):
+    layers = fparams["layers"]
+    for li, lp in enumerate(layers):
         qkv = linear(x, lp["qkv"], norm_weight=lp["input_norm"], eps=eps, bias=lp.get("qkv_bias"))
+        # the weights read after this attention, pulled into L2 while it runs (FusedDecodeOptions.prefetch)
+        nxt = dict(prefetch=(lp["o"], lp["gate"], lp["up"], lp["down"])
+                   + ((layers[li + 1]["qkv"],) if li + 1 < len(layers) else ()))
         att, keys[li], values[li], biases[li] = attention(
             qkv, cos, sin, valid, slot, lp["q_norm"], lp["k_norm"], lp["dt"], lp.get("dt_bias"), lp["A"],
             keys[li], values[li], biases[li], num_heads=cfg.num_attention_heads, eps=eps, scale=d ** -0.5,
-            qk_norm=cfg.qk_norm)
+            qk_norm=cfg.qk_norm, **(nxt if implementation != "reference" else {}))
         att, att_lse = att if isinstance(att, tuple) else (att, None)     # split attention: (partials, lse)
         x = linear(att, lp["o"], bias=lp.get("o_bias"), residual=x, residual_scale=lp["input_residual"],
                    x_lse=att_lse)

@@ -188,7 +188,7 @@ def decode_step(model, params, cache, tokens, positions):
 
 
 _STATIC = ("model", "max_new_tokens", "cache_kind", "cache_length", "sampling", "return_logprobs", "callback",
-           "cache_dtype", "pad_id", "decode")
+           "cache_dtype", "pad_id", "decode", "fused_options")
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,7 +199,8 @@ def _generate_with_options(options: tuple = ()):
 
 
 def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, max_new_tokens, cache_kind,
-                  cache_length, sampling, return_logprobs, callback, cache_dtype, pad_id, decode="model"):
+                  cache_length, sampling, return_logprobs, callback, cache_dtype, pad_id, decode="model",
+                  fused_options=None):
     cfg = model.config
     b, s = input_ids.shape
     vocab = cfg.vocab_size
@@ -242,7 +243,8 @@ def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, m
         impl = "reference" if decode == "fused_xla" else None
         fparams = prepare_decode_params(cfg, params, model.dtype)
         cache = decode_state_from_cache(cache)
-        step = lambda cache, tok, pos: fused_decode_step(cfg, model.dtype, fparams, cache, tok, pos, impl)
+        step = lambda cache, tok, pos: fused_decode_step(cfg, model.dtype, fparams, cache, tok, pos, impl,
+                                                         fused_options)
     else:
         step = lambda cache, tok, pos: decode_step(model, params, cache, tok, pos)
 
@@ -269,7 +271,7 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
              cache: str = "auto", max_cache_length: Optional[int] = None, cache_dtype=None,
              return_logprobs: bool = False, callback: Optional[Callable] = None, pad_id: Optional[int] = None,
              pad_to_multiple_of: int = 1, decode: str = "auto",
-             compiler_options: Optional[dict] = None) -> GenerateOutput:
+             compiler_options: Optional[dict] = None, fused_options=None) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row; see the module docstring.
 
     model: a DogeForCausalLM (its dtype is the compute dtype); params: its params.
@@ -279,6 +281,7 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     not apply) or "auto" ("fused" on GPU where it applies, else "model"; see the module docstring).
     compiler_options: XLA options for this call's compile (jax.jit's `compiler_options`, e.g.
     {"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,WHILE"}); None = XLA's defaults.
+    fused_options: `wmjax.fused_decode.FusedDecodeOptions` for the fused path's kernels (None = its defaults).
     """
     cfg = model.config
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
@@ -353,10 +356,15 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     if decode == "auto":  # the fused kernels on GPU (measured faster at bs 1 and 16 on an H100), else the model
         # (the GPU attention kernel's tensor-core dots need head_dim >= 32)
         decode = "fused" if fused_ok and jax.default_backend() == "gpu" and cfg.head_dim >= 32 else "model"
+    if fused_options is not None:
+        from wmjax.fused_decode import FusedDecodeOptions
+        if not isinstance(fused_options, FusedDecodeOptions):
+            raise ValueError(f"generate: fused_options must be a wmjax.fused_decode.FusedDecodeOptions, got "
+                             f"{type(fused_options).__name__}")
     run = _generate_with_options(tuple(sorted((str(k), str(v)) for k, v in (compiler_options or {}).items())))
     toks, lengths, lps, steps = run(
         params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stop), rng, model=model,
         max_new_tokens=int(max_new_tokens), cache_kind=kind, cache_length=int(length), sampling=sp,
         return_logprobs=bool(return_logprobs), callback=callback, cache_dtype=cache_dtype, pad_id=pad_id,
-        decode=decode)
+        decode=decode, fused_options=fused_options)
     return GenerateOutput(toks, lengths, lps, steps)

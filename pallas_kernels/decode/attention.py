@@ -66,11 +66,46 @@ def _next_pow2(n):
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest, heads_per_group,
-            kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias, tile_rows, dt_len, num_splits):
+def _kernel(*refs, kv_heads, num_splits, n_attention, has_dt_bias, prefetch_plan, **static):
+    """One 1-D grid: programs 0 .. n_attention - 1 = (row, kv head, split) attention programs (row-major), then the
+    prefetch programs (`prefetch_plan`), which only load their share of the prefetch inputs."""
+    refs = list(refs)
+    n_pre = len(prefetch_plan)
+    n_in = 13 + has_dt_bias + n_pre
+    ins, outs = refs[:n_in], refs[n_in:]
+    pre_refs, ins = ins[len(ins) - n_pre:], ins[:len(ins) - n_pre]
+    touch_ref = outs.pop() if n_pre else None
+    pid = pl.program_id(0)
+    g, split_id = (pid // num_splits) % kv_heads, pid % num_splits
+
+    def attention():
+        _attention_program(*ins, *outs, g=g, split_id=split_id, kv_heads=kv_heads, num_splits=num_splits,
+                           has_dt_bias=has_dt_bias, **static)
+
+    if not n_pre:
+        attention()
+        return
+    pl.when(pid < n_attention)(attention)
+    q = pid - n_attention
+    for ref, (start, count, rows, col_chunk) in zip(pre_refs, prefetch_plan):
+        def prefetch(ref=ref, start=start, rows=rows, col_chunk=col_chunk):
+            # load rows [r0, r0 + rows) of the weight in column chunks; the f32 sum is stored so that the loads are
+            # not dead code (the value itself is unused)
+            r0 = pl.multiple_of((q - start) * rows, rows)
+            total = jnp.zeros((), _F32)
+            for c in range(ref.shape[1] // col_chunk):
+                total = total + jnp.sum(ref[pl.ds(r0, rows), pl.ds(c * col_chunk, col_chunk)].astype(_F32))
+            touch_ref[...] = jnp.full(touch_ref.shape, total, _F32)
+
+        pl.when((q >= start) & (q < start + count))(prefetch)
+
+
+def _attention_program(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest, g,
+                       split_id, heads_per_group, kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm,
+                       has_dt_bias, tile_rows, dt_len, num_splits):
     """The group's R query heads as one [tile_rows, D/2] tile per half of head_dim
     (rows >= R are zeros, never written), scores and p @ V as tensor-core dots; see the module docstring.
-    Program (row, kv head, split): split s walks cache blocks s B .. s B + B - 1 (B = n_blocks / num_splits);
+    Program (row, kv head g, split): split s walks cache blocks s B .. s B + B - 1 (B = n_blocks / num_splits);
     split 0 also takes the new token and writes the cache."""
     rest = list(rest)
     dtb_ref = rest.pop(0) if has_dt_bias else None
@@ -79,7 +114,6 @@ def _kernel(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_r
         att_ref, k_out, v_out, b_out = rest[4:]
     else:
         att_ref, lse_out, k_out, v_out, b_out = rest[4:]
-    g, split_id = pl.program_id(1), pl.program_id(2)
     blocks_per_split = n_blocks // num_splits
     d, half, r_n, tr = head_dim, head_dim // 2, heads_per_group, tile_rows
     dtype = cos_ref.dtype
@@ -239,40 +273,77 @@ def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_hea
         raise ValueError("decode_layer_attention: " + "; ".join(problems))
 
 
+def _prefetch_plan(prefetch, start, target_bytes=32768, col_chunk=256):
+    """Per prefetch array [N, K]: (first program, programs, rows per program, column chunk): rows a power of two
+    dividing N with rows x K x itemsize <= ~target_bytes (24 KB for Doge-160M's bf16 K=768 / 1536 weights), columns
+    loaded in chunks of the largest power of two <= col_chunk dividing K."""
+    plan = []
+    for w in prefetch:
+        n, k = w.shape
+        ck = col_chunk
+        while ck > 1 and k % ck:
+            ck //= 2
+        rows = 1
+        while rows * 2 * k * w.dtype.itemsize <= target_bytes and n % (rows * 2) == 0:
+            rows *= 2
+        plan.append((start, n // rows, rows, ck))
+        start += n // rows
+    return tuple(plan)
+
+
 def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A, key_cache,
                            value_cache, bias_cache, *, num_heads: int, eps: float, scale: float, qk_norm=True,
                            block_c: int = 128, num_warps: int = 4, num_stages: int = 2, num_splits: int = 1,
-                           interpret: bool = False):
+                           prefetch=(), interpret: bool = False):
     """Returns (att [rows, H D] in cos.dtype, key_cache, value_cache, bias_cache) with slot `slot` (int32 [1])
     of every (row, kv head) written. See the module docstring for the layouts.
 
     num_splits > 1 (flash-decoding): the cache blocks are split over num_splits programs per (row, kv head), and
     att is a pair (partials [S, rows, H D] f32, lse [S, rows, H D] f32) for `combine_partials` (done by the
-    consuming projection: `decode_linear(partials, ..., x_lse=lse)`); rows >= batch are not written."""
+    consuming projection: `decode_linear(partials, ..., x_lse=lse)`); rows >= batch are not written.
+
+    prefetch: 2-D arrays (the weights of the projections that run next) that extra programs of this kernel read,
+    ~24 KB each, while the attention programs run (batch x kv heads x splits programs: a few SMs at batch 1), so
+    that those weights are in L2 when their projections read them. Nothing is computed from them."""
     _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret, num_splits)
+    prefetch = tuple(prefetch)
+    for w in prefetch:
+        if w.ndim != 2:
+            raise ValueError(f"decode_layer_attention: prefetch arrays must be 2-D weights; got {w.shape}")
     b, g, c, d = key_cache.shape
     rows, width = qkv.shape
     has_dt_bias = dt_bias is not None
+    n_attention = b * g * num_splits
+    plan = _prefetch_plan(prefetch, n_attention)
+    n_programs = n_attention + sum(p[1] for p in plan)
     kern = functools.partial(_kernel, heads_per_group=num_heads // g, kv_heads=g, head_dim=d, eps=float(eps),
                              scale=float(scale), block_c=block_c, n_blocks=c // block_c, qk_norm=bool(qk_norm),
                              has_dt_bias=has_dt_bias, tile_rows=max(16, _next_pow2(num_heads // g)),
-                             dt_len=_next_pow2(g * d), num_splits=num_splits)
-    row = lambda n: pl.BlockSpec((None, n), lambda i, j, s: (i, 0))
-    heads = lambda n: pl.BlockSpec((None, n, d), lambda i, j, s: (i, 0, 0))   # [rows, heads, D] view, row i
-    full = lambda n: pl.BlockSpec((n,), lambda i, j, s: (0,))
-    head1 = pl.BlockSpec((1,), lambda i, j, s: (j,))
-    cache_spec = pl.BlockSpec((None, None, c, d), lambda i, j, s: (i, j, 0, 0))
-    bias_spec = pl.BlockSpec((None, None, c), lambda i, j, s: (i, j, 0))
+                             dt_len=_next_pow2(g * d), num_splits=num_splits, n_attention=n_attention,
+                             prefetch_plan=plan)
+    # one 1-D grid: program p < n_attention is (row i, kv head j, split s) row-major; the prefetch programs after
+    # them see row / head / split indices clamped into range (they touch none of those blocks)
+    i_ = lambda p: jnp.minimum(p // (g * num_splits), b - 1)
+    j_ = lambda p: (p // num_splits) % g
+    s_ = lambda p: p % num_splits
+    row = lambda n: pl.BlockSpec((None, n), lambda p: (i_(p), 0))
+    heads = lambda n: pl.BlockSpec((None, n, d), lambda p: (i_(p), 0, 0))   # [rows, heads, D] view, row i
+    full = lambda n: pl.BlockSpec((n,), lambda p: (0,))
+    head1 = pl.BlockSpec((1,), lambda p: (j_(p),))
+    cache_spec = pl.BlockSpec((None, None, c, d), lambda p: (i_(p), j_(p), 0, 0))
+    bias_spec = pl.BlockSpec((None, None, c), lambda p: (i_(p), j_(p), 0))
     # qkv also as [rows, H + 2G, D] (the same buffer: a bitcast in XLA) for the q-head tiles
     specs = [full(1), row(width), heads(num_heads + 2 * g)]
     operands = [jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), qkv, qkv.reshape(rows, num_heads + 2 * g, d)]
-    specs += [row(d), row(d), row(c), full(d), full(d), pl.BlockSpec((None, g * d), lambda i, j, s: (j, 0))]
+    specs += [row(d), row(d), row(c), full(d), full(d), pl.BlockSpec((None, g * d), lambda p: (j_(p), 0))]
     operands += [cos, sin, valid.astype(jnp.int32), q_norm, k_norm, dt_weight]
     if has_dt_bias:
         specs.append(head1), operands.append(dt_bias)
     specs += [head1, cache_spec, cache_spec, bias_spec]
     operands += [A, key_cache, value_cache, bias_cache]
-    n_in = len(operands)
+    n_cache_end = len(operands)
+    specs += [pl.BlockSpec(w.shape, lambda p: (0, 0)) for w in prefetch]
+    operands += list(prefetch)
     # att written as [rows, H, D] (masked [TR, D/2] tile stores), reshaped back (a bitcast); with splits the
     # partials and their lse as [S, rows, H, D] f32
     if num_splits == 1:
@@ -280,19 +351,22 @@ def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight
         att_specs = [heads(num_heads)]
     else:
         att_shapes = 2 * [jax.ShapeDtypeStruct((num_splits, rows, num_heads, d), _F32)]
-        att_specs = 2 * [pl.BlockSpec((None, None, num_heads, d), lambda i, j, s: (s, i, 0, 0))]
+        att_specs = 2 * [pl.BlockSpec((None, None, num_heads, d), lambda p: (s_(p), i_(p), 0, 0))]
     n_att = len(att_shapes)
-    *att, kc, vc, bc = pl.pallas_call(
-        kern,
-        out_shape=(*att_shapes, jax.ShapeDtypeStruct(key_cache.shape, key_cache.dtype),
-                   jax.ShapeDtypeStruct(value_cache.shape, value_cache.dtype),
-                   jax.ShapeDtypeStruct(bias_cache.shape, bias_cache.dtype)),
-        grid=(b, g, num_splits), in_specs=specs,
-        out_specs=(*att_specs, cache_spec, cache_spec, bias_spec),
-        input_output_aliases={n_in - 3: n_att, n_in - 2: n_att + 1, n_in - 1: n_att + 2},
+    out_shapes = [*att_shapes, jax.ShapeDtypeStruct(key_cache.shape, key_cache.dtype),
+                  jax.ShapeDtypeStruct(value_cache.shape, value_cache.dtype),
+                  jax.ShapeDtypeStruct(bias_cache.shape, bias_cache.dtype)]
+    out_specs = [*att_specs, cache_spec, cache_spec, bias_spec]
+    if prefetch:  # one f32 per program: the prefetch programs' sums (unused; keeps their loads alive)
+        out_shapes.append(jax.ShapeDtypeStruct((n_programs,), _F32))
+        out_specs.append(pl.BlockSpec((1,), lambda p: (p,)))
+    outs = pl.pallas_call(
+        kern, out_shape=tuple(out_shapes), grid=(n_programs,), in_specs=specs, out_specs=tuple(out_specs),
+        input_output_aliases={n_cache_end - 3: n_att, n_cache_end - 2: n_att + 1, n_cache_end - 1: n_att + 2},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="wmjax_decode_layer_attention",
     )(*operands)
+    att, (kc, vc, bc) = outs[:n_att], outs[n_att:n_att + 3]
     if num_splits == 1:
         return att[0].reshape(rows, num_heads * d), kc, vc, bc
     parts, lse = (a.reshape(num_splits, rows, num_heads * d) for a in att)

@@ -48,7 +48,7 @@ for s in $STEPS; do
         --kernels fused --profile-top 40 --json "$OUT/sample_profile.json" ;;
     sample_variants)
       step sample_variants 400 python3 bench/sample.py --no-long --no-hf --batch-sizes 1 --repeats 2 --decode fused \
-        --fused-options "prefetch=0 gemv=0;prefetch=1 gemv=0;prefetch=0 gemv=1 gemv_warps=1;prefetch=1 gemv=1 gemv_warps=1;prefetch=1 gemv=1 gemv_warps=4;prefetch=1 gemv=1 gemv_warps=1 attention_splits=0" \
+        --fused-options "${FUSED_SETS:-prefetch=0 gemv=1 gemv_warps=1;prefetch=1 gemv=1 gemv_warps=1;prefetch=1 gemv=0;prefetch=1 gemv=1 gemv_warps=1 attention_splits=0;prefetch=1 gemv=1 gemv_warps=2}" \
         --kernels fused --profile-top 12 --json "$OUT/sample_variants.json" ;;
     sample_kernels)
       step sample_kernels 80 python3 bench/sample.py --decode-kernels --batch-sizes 1 --json "$OUT/sample_kernels.json" ;;

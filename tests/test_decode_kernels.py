@@ -259,14 +259,19 @@ def test_decode_layer_attention_prefetch_changes_nothing():
     from pallas_kernels.decode.attention import _prefetch_plan
     args, kw = _attention_args(np.random.default_rng(10), jnp.bfloat16, b=1, rows=1)
     rng = np.random.default_rng(11)
-    pre = (jnp.asarray(rng.normal(size=(64, 96)), jnp.bfloat16), jnp.asarray(rng.normal(size=(24, 1536)), jnp.float32))
-    assert _prefetch_plan(pre, 2) == ((2, 1, 64, 32), (3, 6, 4, 256))
+    pre = (jnp.asarray(rng.normal(size=(64, 96)), jnp.bfloat16), jnp.asarray(rng.normal(size=(48, 1536)), jnp.float32))
+    # (first program, programs, tile rows, tile columns, tiles per program): 64 x 96 -> 3 tiles of 64 x 32 (one
+    # program); 48 x 1536 -> 18 tiles of 16 x 256 (6 programs)
+    assert _prefetch_plan(pre, 2) == ((2, 1, 64, 32, 3), (3, 6, 16, 256, 3))
+    assert _prefetch_plan((jnp.zeros((768, 768)), jnp.zeros((1536, 768))), 3) == (
+        (3, 12, 64, 256, 3), (15, 24, 64, 256, 3))
     for splits in (1, 2):
         want = decode_layer_attention(*args, block_c=32, num_splits=splits, interpret=True, **kw)
         got = decode_layer_attention(*args, block_c=32, num_splits=splits, prefetch=pre, interpret=True, **kw)
         chex.assert_trees_all_equal(got, want)
-    with pytest.raises(ValueError, match="prefetch arrays must be 2-D"):
-        decode_layer_attention(*args, prefetch=(jnp.zeros(8),), interpret=True, **kw)
+    for bad in (jnp.zeros(16), jnp.zeros((24, 32))):
+        with pytest.raises(ValueError, match="prefetch arrays must be 2-D weights with both sizes multiples of 16"):
+            decode_layer_attention(*args, prefetch=(bad,), interpret=True, **kw)
 
 
 def test_decode_layer_attention_rejects_bad_shapes():

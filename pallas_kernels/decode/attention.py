@@ -87,15 +87,25 @@ def _kernel(*refs, kv_heads, num_splits, n_attention, has_dt_bias, prefetch_plan
         return
     pl.when(pid < n_attention)(attention)
     q = pid - n_attention
-    for ref, (start, count, rows, col_chunk) in zip(pre_refs, prefetch_plan):
-        def prefetch(ref=ref, start=start, rows=rows, col_chunk=col_chunk):
-            # load rows [r0, r0 + rows) of the weight in column chunks; the f32 sum is stored so that the loads are
-            # not dead code (the value itself is unused)
-            r0 = pl.multiple_of((q - start) * rows, rows)
-            total = jnp.zeros((), _F32)
-            for c in range(ref.shape[1] // col_chunk):
-                total = total + jnp.sum(ref[pl.ds(r0, rows), pl.ds(c * col_chunk, col_chunk)].astype(_F32))
-            touch_ref[...] = jnp.full(touch_ref.shape, total, _F32)
+    for ref, (start, count, rows, col_chunk, per_program) in zip(pre_refs, prefetch_plan):
+        def prefetch(ref=ref, start=start, rows=rows, col_chunk=col_chunk, per_program=per_program):
+            # chunks c0 .. c0 + per_program - 1 of the weight ([rows, col_chunk] tiles, row-major; indices past the
+            # last chunk re-read it), each into a tensor-core dot with a ones tile so that the loop is Triton's
+            # pipelined matmul loop (num_stages chunks in flight; a load feeding only a sum is issued and waited
+            # for one at a time); the result is stored so that the loads are not dead code (its value is unused)
+            n_col = ref.shape[1] // col_chunk
+            last = (ref.shape[0] // rows) * n_col - 1
+            c0 = (q - start) * per_program
+            ones = jnp.ones((16, col_chunk), ref.dtype)
+
+            def body(t, acc):
+                c = jnp.minimum(c0 + t, last)
+                tile = ref[pl.ds(pl.multiple_of((c // n_col) * rows, rows), rows),
+                           pl.ds(pl.multiple_of((c % n_col) * col_chunk, col_chunk), col_chunk)]
+                return acc + lax.dot_general(ones, tile, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+
+            acc = lax.fori_loop(0, per_program, body, jnp.zeros((16, rows), _F32))
+            touch_ref[...] = jnp.full(touch_ref.shape, jnp.sum(acc), _F32)
 
         pl.when((q >= start) & (q < start + count))(prefetch)
 
@@ -273,21 +283,20 @@ def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_hea
         raise ValueError("decode_layer_attention: " + "; ".join(problems))
 
 
-def _prefetch_plan(prefetch, start, target_bytes=32768, col_chunk=256):
-    """Per prefetch array [N, K]: (first program, programs, rows per program, column chunk): rows a power of two
-    dividing N with rows x K x itemsize <= ~target_bytes (24 KB for Doge-160M's bf16 K=768 / 1536 weights), columns
-    loaded in chunks of the largest power of two <= col_chunk dividing K."""
+def _prefetch_plan(prefetch, start, rows=64, col_chunk=256, per_program=3):
+    """Per prefetch array [N, K]: (first program, programs, tile rows, tile columns, tiles per program). Tiles of
+    `rows` x `col_chunk` (each the largest power of two <= it dividing N / K; 32 KB for bf16 at the defaults),
+    `per_program` per program (3: Doge-160M's 10.7 MB of next weights in ~110 programs, one wave on the SMs the
+    attention leaves idle). N and K must be multiples of 16 (the tiles feed tensor-core dots)."""
     plan = []
     for w in prefetch:
         n, k = w.shape
-        ck = col_chunk
-        while ck > 1 and k % ck:
-            ck //= 2
-        rows = 1
-        while rows * 2 * k * w.dtype.itemsize <= target_bytes and n % (rows * 2) == 0:
-            rows *= 2
-        plan.append((start, n // rows, rows, ck))
-        start += n // rows
+        fit = lambda size, cap: max(b for b in (1 << e for e in range(cap.bit_length())) if size % b == 0 and b <= cap)
+        tr, tc = fit(n, rows), fit(k, col_chunk)
+        tiles = (n // tr) * (k // tc)
+        count = -(-tiles // per_program)
+        plan.append((start, count, tr, tc, per_program))
+        start += count
     return tuple(plan)
 
 
@@ -303,13 +312,14 @@ def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight
     consuming projection: `decode_linear(partials, ..., x_lse=lse)`); rows >= batch are not written.
 
     prefetch: 2-D arrays (the weights of the projections that run next) that extra programs of this kernel read,
-    ~24 KB each, while the attention programs run (batch x kv heads x splits programs: a few SMs at batch 1), so
+    ~96 KB each as 3 pipelined 32 KB tiles (`_prefetch_plan`), while the attention programs run (batch x kv heads x splits programs: a few SMs at batch 1), so
     that those weights are in L2 when their projections read them. Nothing is computed from them."""
     _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret, num_splits)
     prefetch = tuple(prefetch)
     for w in prefetch:
-        if w.ndim != 2:
-            raise ValueError(f"decode_layer_attention: prefetch arrays must be 2-D weights; got {w.shape}")
+        if w.ndim != 2 or w.shape[0] % 16 or w.shape[1] % 16:
+            raise ValueError(f"decode_layer_attention: prefetch arrays must be 2-D weights with both sizes multiples "
+                             f"of 16; got {w.shape}")
     b, g, c, d = key_cache.shape
     rows, width = qkv.shape
     has_dt_bias = dt_bias is not None

@@ -10,7 +10,7 @@
 #   train     issue 6: b32 training step with HF (b4) in one process (session 4: 292k tok/s = 6.09x HF)
 #   train_profile  b16 with HF, profiled, with and without XLA's command buffers
 #   scaling   issue 6 on nvidia-h200-x2: DP / FSDP (shard_map and GSPMD) against one GPU
-#   sample    issue 5: generate on the model and fused paths (each also with the decode loop as a CUDA graph) and
+#   sample    issue 5: generate on the model path and the fused path (defaults, and without the prefetch) and
 #             transformers generate, bs 1 and 16, one process
 #   sample_profile  issue 5: the fused path at bs 1 timed, then one generate call's kernel table (in-step times)
 #   sample_variants issue 5: the fused path at bs 1 under FusedDecodeOptions variants, each timed and profiled
@@ -40,9 +40,8 @@ for s in $STEPS; do
         --tune-sparse 2x8192,1x32768=cur+s0+g1+p1+p2+o1
       step dmattn_table 150 python3 bench/dmattn.py --skip hf,fdm ;;
     sample)
-      step sample 330 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode model,fused \
-        --xla-options ";xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
-        --traceback-after 120 --json "$OUT/sample.json" ;;
+      step sample 400 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode model,fused \
+        --fused-options ";prefetch=0" --traceback-after 120 --json "$OUT/sample.json" ;;
     sample_profile)
       step sample_profile 150 python3 bench/sample.py --no-long --no-hf --batch-sizes 1 --repeats 2 --decode fused \
         --kernels fused --profile-top 40 --json "$OUT/sample_profile.json" ;;

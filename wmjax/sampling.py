@@ -27,8 +27,9 @@ Decode path (`decode=`): "model" runs every decode step through the Flax model (
 keep_window_size (five `pallas_kernels.decode` kernels per layer on GPU: projections with the norm / residual /
 SwiGLU fused in, and the layer's attention with q/k norm, RoPE, key bias and the cache write fused in);
 "fused_xla" is the same step through the kernels' jnp references (XLA). "auto" (default) is "fused" on GPU where
-`fused_decode_supported` says it applies (H100, Doge-160M: 1,375 vs 882 tok/s at bs=1, 19,862 vs 14,610 at bs=16,
-one process; docs/BENCHMARKS.md, Sampling), else "model".
+`fused_decode_supported` says it applies (H100, Doge-160M: 1,573 vs 898 tok/s at bs=1, 20,885 vs 14,419 at bs=16,
+one process; docs/BENCHMARKS.md, Sampling), else "model". `fused_options` (`wmjax.fused_decode.FusedDecodeOptions`)
+picks the fused path's kernel variants; the defaults are the fastest measured.
 
 Streaming: `callback(step, tokens [b] np.int32, active [b] np.bool)` is called on the host once per generated
 token position (through `jax.debug.callback`; `active` is False for rows already stopped before this step).

@@ -1,7 +1,7 @@
 """Pallas (Triton backend) decode attention of one Doge layer: from the fused q/k/v projection to the attention
 output, with the layer's new key/value/bias written into its cache in place.
 
-One query token per row. Per (row, kv head g) one program does, for the Doge layer of `wmjax.layers.attention`
+One query token per row. Per (row, kv head g) one program (or num_splits programs, below) does, for the Doge layer of `wmjax.layers.attention`
 (HF `DogeAttention`) with a full KV cache no longer than keep_window_size (every visible key is kept):
 
     q_h = rope(rms_norm(q_h; q_norm)),  k_g = rope(rms_norm(k_g; k_norm))     h = g R .. g R + R - 1
@@ -32,6 +32,17 @@ Measured on an H100 (Doge-160M, cache 384, bs 1, bf16, the call alone with XLA's
 docs/BENCHMARKS.md, Sampling): 12.6 us at block_c 64 and 10.7 at block_c 128, against 17.1 for the earlier body
 that worked on each query head as 1-D vectors (15 reductions before the cache loop and 12 per block, against 5 and
 2 + 6 tensor-core dots here, in the Triton IR); that body is gone.
+
+Grid: one 1-D grid of programs. The first batch x G x num_splits are the attention programs, (row, kv head, split)
+row-major. With num_splits = S > 1 (flash-decoding) split s walks cache blocks s B .. s B + B - 1 (B = blocks / S),
+split 0 also takes the new token and writes the cache, and each split stores its f32 normalized output and
+log-sum-exp for `pallas_kernels.decode.linear.combine_partials` (done in the o projection's prologue). After them
+come the prefetch programs (`prefetch=`): each walks 3 tiles of 64 x 256 of the weights read next (the layer's o /
+gate / up / down and the next layer's q/k/v in `wmjax.fused_decode`) through a pipelined loop whose tiles feed a
+tensor-core dot with a ones tile, and stores one unused f32 so the loads stay. At batch 1 the attention runs G
+programs on a 132-SM GPU; the prefetch uses the idle SMs so that the projections after the attention read their
+weights from L2 (H100, Doge-160M, bs 1, in the decode step: the attention 7.6 -> 9.3 us, the four projections after
+it 15.4 us less per layer; docs/BENCHMARKS.md, Sampling, session 5).
 
 Layouts: qkv [rows, (H + 2G) D] (the fused projection's output: q heads, k heads, v heads; only the first
 `batch` rows are read); cos, sin [batch, D]; valid [batch, C] int32 (1 = slot holds a token visible to this

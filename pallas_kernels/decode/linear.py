@@ -28,7 +28,9 @@ The combine prologue (`x_lse` given; for the split decode attention, `pallas_ker
 num_splits > 1): x is then [S, rows, K] f32, the S splits' partial attention outputs, and x_lse [S, rows, K] their
 log-sum-exps; each x chunk is `combine_partials` of the S partial chunks (static loop over S), rounded to the
 compute dtype, before the product: the attention's last step runs in the projection that consumes it, so the
-split attention needs no kernel of its own for the combine.
+split attention needs no kernel of its own for the combine. Measured on an H100 (bs 1, 3 splits, the o projection
+alone): 5.99 us against 2.47 without it (the partials' loads feed no dot, so they are not pipelined); the fused
+step leaves the attention unsplit by default (`wmjax.fused_decode.FusedDecodeOptions.attention_splits`).
 
 The gemv form (`real_rows=1`; the default `real_rows=None` is the dot form above, unchanged) is for batch 1, where
 the caller pads x to 16 rows: 15/16 of each dot is wasted, and block_n >= 16 caps the grid at N / 16 programs
@@ -39,10 +41,12 @@ and computes only output row 0: per K chunk, sum(w_chunk.f32 * x_chunk.f32[None,
 accumulator, i.e. the dot's exact f32 products (bf16 inputs) summed in another order, then the same prologue and
 epilogue rounding steps. No tensor-core dot, so block_n may be any power of two >= 1 dividing N (4 or 8: 4-8x the
 programs) and rows any count >= 1. Output rows 1.. are not written (undefined) and residual rows 1.. are not read:
-only a caller that reads row 0 alone may use it (wmjax.fused_decode at batch 1 would be one: it returns logits[:b],
-every projection keeps rows apart and the attention reads only the first b rows of qkv; it still calls the dot
-form). Unmeasured on a GPU so far: it lowers for an abstract H100 (tests/test_decode_kernels.py) and
-`bench/sample.py --decode-kernels` times it at bs 1 next to the dot form; whether it is faster is open.
+only a caller that reads row 0 alone may use it (wmjax.fused_decode at batch 1 is one: there x has one row).
+Measured on an H100 (Doge-160M, bs 1, docs/BENCHMARKS.md, Sampling, session 5): alone (L2-warm) with block_n 4 and
+1 warp qkv 3.00 us, o 2.22, gate/up 4.19, down 3.29 (dot form 4.38 / 2.88 / 5.17 / 4.25); in the decode step with
+the weights in HBM its loads (which feed no dot, so Triton does not pipeline them) make it no faster than the dot
+form for gate/up and down, and with the weights pulled into L2 by the attention kernel's prefetch programs it is
+the fastest: 3.96 / 2.58 / 4.71 / 4.08 us in the step, the fused step's default at batch 1.
 """
 
 from __future__ import annotations

@@ -327,9 +327,10 @@ FUSED = dict(keep_window_size=64)  # the fused path needs a full cache no longer
 def test_fused_decode_step_equals_model_decode_step(variant, impl):
     """prefill, then step by step through the model's decode step and through fused_decode_step (concatenated
     projections, layer-stacked cache, the decode attention kernel in Pallas interpret mode or its reference).
-    dense_batch1: one row, under three FusedDecodeOptions: the defaults (gemv form on one row, 1 warp; the attention
+    dense_batch1: one row, under four FusedDecodeOptions: the defaults (gemv form on one row, 1 warp; the attention
     kernel prefetching the next weights), the attention split over the cache's 2 blocks (cache 200 slots, padded to
-    256) and combined in the o projection, and neither (dot form on 16 padded rows, no prefetch)."""
+    256) and combined in the o projection's gemv form, neither (dot form on 16 padded rows, no prefetch), and the
+    split combined in the dot form."""
     from wmjax.fused_decode import (decode_state_from_cache, fused_decode_step, fused_decode_supported,
                                     prepare_decode_params)
     from wmjax.sampling import decode_step, pad_prompts, prefill
@@ -355,7 +356,8 @@ def test_fused_decode_step_equals_model_decode_step(variant, impl):
         from wmjax.fused_decode import FusedDecodeOptions, _attention_splits
         assert _attention_splits(1, cfg.num_key_value_heads, state["keys"][0].shape[2] // 128, 0) == 2
         options = [FusedDecodeOptions(), FusedDecodeOptions(attention_splits=0, gemv_warps=4),
-                   FusedDecodeOptions(prefetch=False, gemv=False)]
+                   FusedDecodeOptions(prefetch=False, gemv=False),
+                   FusedDecodeOptions(prefetch=False, gemv=False, attention_splits=2)]
     tok0, pos0, cache0, state0 = jnp.argmax(logits, -1).astype(jnp.int32), pos, cache, state
     for opts in options:
         fused_step = jax.jit(lambda s, t, p, o=opts: fused_decode_step(cfg, jnp.float32, fparams, s, t, p,

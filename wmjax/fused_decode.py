@@ -190,8 +190,10 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
         raise ValueError(f"fused_decode_step: implementation={implementation!r}; expected one of {DECODE_IMPLS} "
                          "or None")
     if implementation == "reference":
-        linear, attention = decode_linear_reference, decode_layer_attention_reference
-        gemv = False
+        linear, gemv = decode_linear_reference, False
+
+        def attention(*args, prefetch=(), **kw):  # the reference reads no weights ahead
+            return decode_layer_attention_reference(*args, **kw)
     else:
         interpret = implementation == "interpret"
         opts = FusedDecodeOptions() if options is None else options
@@ -212,9 +214,10 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
             return decode_linear(x, w, block_n=block_n, block_k=256, num_warps=warps, num_stages=3,
                                  interpret=interpret, **kw)
 
+        b_, g_, c_, _ = state["keys"][0].shape  # the same for every layer
+        splits = _attention_splits(b_, g_, c_ // _CACHE_BLOCK, opts.attention_splits)
+
         def attention(*args, prefetch=(), **kw):
-            n_blocks = args[10].shape[2] // _CACHE_BLOCK
-            splits = _attention_splits(tokens.shape[0], args[10].shape[1], n_blocks, opts.attention_splits)
             return decode_layer_attention(*args, block_c=_CACHE_BLOCK, num_stages=3, interpret=interpret,
                                           num_splits=splits, prefetch=prefetch if opts.prefetch else (), **kw)
     b = tokens.shape[0]
@@ -232,12 +235,12 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
     for li, lp in enumerate(layers):
         qkv = linear(x, lp["qkv"], norm_weight=lp["input_norm"], eps=eps, bias=lp.get("qkv_bias"))
         # the weights read after this attention, pulled into L2 while it runs (FusedDecodeOptions.prefetch)
-        nxt = dict(prefetch=(lp["o"], lp["gate"], lp["up"], lp["down"])
-                   + ((layers[li + 1]["qkv"],) if li + 1 < len(layers) else ()))
+        prefetch = (lp["o"], lp["gate"], lp["up"], lp["down"]) + (
+            (layers[li + 1]["qkv"],) if li + 1 < len(layers) else ())
         att, keys[li], values[li], biases[li] = attention(
             qkv, cos, sin, valid, slot, lp["q_norm"], lp["k_norm"], lp["dt"], lp.get("dt_bias"), lp["A"],
             keys[li], values[li], biases[li], num_heads=cfg.num_attention_heads, eps=eps, scale=d ** -0.5,
-            qk_norm=cfg.qk_norm, **(nxt if implementation != "reference" else {}))
+            qk_norm=cfg.qk_norm, prefetch=prefetch)
         att, att_lse = att if isinstance(att, tuple) else (att, None)     # split attention: (partials, lse)
         x = linear(att, lp["o"], bias=lp.get("o_bias"), residual=x, residual_scale=lp["input_residual"],
                    x_lse=att_lse)

@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", choices=("auto", "full", "bounded"), default="auto")
+    # wmjax.sampling.DECODE_PATHS, spelled out: importing it would import jax before the arguments are parsed
     p.add_argument("--decode", choices=("auto", "model", "fused", "fused_xla"), default="auto",
                    help="decode step (wmjax.sampling.generate): auto = the fused Pallas kernels on GPU where they "
                         "apply, else the Flax model's step")

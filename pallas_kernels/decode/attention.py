@@ -77,13 +77,12 @@ def _next_pow2(n):
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _kernel(*refs, kv_heads, num_splits, n_attention, has_dt_bias, prefetch_plan, **static):
+def _kernel(*refs, n_inputs, kv_heads, num_splits, n_attention, has_dt_bias, prefetch_plan, **static):
     """One 1-D grid: programs 0 .. n_attention - 1 = (row, kv head, split) attention programs (row-major), then the
     prefetch programs (`prefetch_plan`), which only load their share of the prefetch inputs."""
     refs = list(refs)
     n_pre = len(prefetch_plan)
-    n_in = 13 + has_dt_bias + n_pre
-    ins, outs = refs[:n_in], refs[n_in:]
+    ins, outs = refs[:n_inputs], refs[n_inputs:]
     pre_refs, ins = ins[len(ins) - n_pre:], ins[:len(ins) - n_pre]
     touch_ref = outs.pop() if n_pre else None
     pid = pl.program_id(0)
@@ -382,7 +381,7 @@ def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight
         out_shapes.append(jax.ShapeDtypeStruct((n_programs,), _F32))
         out_specs.append(pl.BlockSpec((1,), lambda p: (p,)))
     outs = pl.pallas_call(
-        kern, out_shape=tuple(out_shapes), grid=(n_programs,), in_specs=specs, out_specs=tuple(out_specs),
+        functools.partial(kern, n_inputs=len(operands)), out_shape=tuple(out_shapes), grid=(n_programs,), in_specs=specs, out_specs=tuple(out_specs),
         input_output_aliases={n_cache_end - 3: n_att, n_cache_end - 2: n_att + 1, n_cache_end - 1: n_att + 2},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="wmjax_decode_layer_attention",

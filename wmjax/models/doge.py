@@ -20,13 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wmjax.random_init import fast_random_compile
 from wmjax.config import DogeConfig
 from wmjax.layers.attention import DynamicMaskAttention
 from wmjax.layers.mlp import MLP
 from wmjax.layers.moe import CDMoE, router_aux_loss
 from wmjax.layers.norm import RMSNorm, scale_by_weight
 from wmjax.layers.rope import rope_cos_sin
+from wmjax.random_init import fast_random_compile
 
 __all__ = ["DogeDecoderLayer", "DogeModel", "DogeForCausalLM", "init_params", "param_logical_axes"]
 

@@ -1,7 +1,8 @@
 """Benchmark: Doge-160M training throughput, wmjax (the `python -m train` step) vs transformers, one process.
 
 Model: the published Doge-160M (vocab 32768, d 768, F 1536, 24 layers, 6 heads / 3 kv heads, head_dim 128,
-tied embeddings, keep_window_size 2048), L = 2048, random tokens, next-token loss on every position.
+tied embeddings, keep_window_size 2048), L = 2048, random documents of 500-6,000 tokens packed with segment ids
+(as `python -m train` feeds them; --segments 0 for plain causal rows).
 
 * wmjax: exactly the train step of ``python -m train`` (train.trainer make_loss_fn / make_grad_fn /
   make_train_step: bf16 compute, f32 master params, optax AdamW + global-norm clip + WSD schedule),
@@ -61,8 +62,32 @@ def model_config(tiny: bool):
 # --------------------------------------------------------------------------------------------------------------
 
 
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def packed_batches(cfg, batch, seq, n=3, seed=0):
+    """`n` batches as `python -m train` feeds them: random documents `[bos, ids, eos]` of 500-6,000 tokens packed
+    back to back (train.data.pack: segment ids, per-document positions, loss mask)."""
+    from train.data import pack
+
+    rng = np.random.default_rng(seed)
+    bos, eos = cfg.bos_token_id or 0, cfg.eos_token_id if cfg.eos_token_id is not None else 1
+    low = max(bos, eos, cfg.pad_token_id or 0) + 1
+    out = []
+    for _ in range(n):
+        rows = []
+        for _ in range(batch):
+            toks = []
+            while len(toks) < seq + 1:
+                toks += [bos, *rng.integers(low, cfg.vocab_size, rng.integers(500, 6000)).tolist(), eos]
+            start = int(rng.integers(0, len(toks) - seq))
+            rows.append(toks[start:start + seq + 1])
+        out.append(pack(np.asarray(rows, np.int32), eos, bos))
+    return out
+
+
 def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd="auto", loss_impl="auto",
-                chunk_tokens=8192, profile=0, tag="", compiler_options=None):
+                chunk_tokens=8192, profile=0, tag="", compiler_options=None, segments=True):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -91,17 +116,13 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
 
         with fast_random_compile():
             state = jax.jit(init_state, out_shardings=ssh)(jax.random.PRNGKey(0))
-        loss_fn = make_loss_fn(model, cfg, 0.0, use_segments=False, loss_impl=loss_impl, chunk_tokens=chunk_tokens)
+        loss_fn = make_loss_fn(model, cfg, 0.0, use_segments=segments, loss_impl=loss_impl,
+                               chunk_tokens=chunk_tokens)
         grad_fn, spmd = build_grad_fn(loss_fn, 1, mesh, psh, cfg, spmd)
         step_fn = jax.jit(make_train_step(grad_fn, tx, sched, cfg, 0.0),
-                          in_shardings=(ssh, {k: bsh for k in ("tokens", "targets", "loss_mask")}),
+                          in_shardings=(ssh, {k: bsh for k in BATCH_KEYS}),
                           out_shardings=(ssh, rep), donate_argnums=(0,))
-        rng = np.random.default_rng(0)
-        batches = []
-        for i in range(3):  # rotate a few batches
-            x = rng.integers(0, cfg.vocab_size, size=(batch, seq + 1)).astype(np.int32)
-            b = {"tokens": x[:, :-1], "targets": x[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
-            batches.append({k: jax.device_put(v, bsh) for k, v in b.items()})
+        batches = [{k: jax.device_put(v, bsh) for k, v in b.items()} for b in packed_batches(cfg, batch, seq)]
         t0 = time.perf_counter()
         print(f"[wmjax] b{batch} loss={loss_fn.impl} spmd={spmd}: lowering + compiling", flush=True)
         lowered = step_fn.lower(state, batches[0])
@@ -353,6 +374,9 @@ def main():
                     help="XLA option sets for the wmjax step, ';'-separated, each 'name=value name=value' passed to "
                          "the step's compile (jax compiler_options) in this process; an empty set = the defaults, "
                          "e.g. ';xla_gpu_enable_command_buffer='")
+    ap.add_argument("--segments", default="1",
+                    help="packed documents with segment ids as `python -m train` runs them (1, the default) and/or "
+                         "without (0): e.g. 1,0")
     ap.add_argument("--tag", default="", help="label printed with the results (e.g. the XLA_FLAGS variant)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train.json"))
@@ -390,11 +414,15 @@ def main():
         for b in [int(x) for x in args.batch.split(",")]:
             for loss in args.loss.split(","):
                 chunks = args.loss_chunk_tokens.split(",") if loss != "logits" else args.loss_chunk_tokens.split(",")[:1]
-                for ct, (opts, copts) in [(c, o) for c in chunks for o in xla_option_sets(args.xla_options)]:
+                variants = [(c, o, sg) for c in chunks for o in xla_option_sets(args.xla_options)
+                            for sg in args.segments.split(",")]
+                for ct, (opts, copts), sg in variants:
                     try:
+                        seg = sg.strip() in ("1", "true")
+                        tag = " ".join(x for x in (args.tag, opts, "" if seg else "no-segments") if x)
                         record(bench_wmjax(cfg, b, args.seq, args.steps, args.warmup, remat, (1, 1, 1), devs[:1],
                                            loss_impl=loss, chunk_tokens=int(ct), profile=args.profile,
-                                           tag=(args.tag + " " + opts).strip(), compiler_options=copts or None))
+                                           tag=tag, compiler_options=copts or None, segments=seg))
                     except Exception as e:
                         traceback.print_exc()
                         print(f"wmjax b={b} remat={remat} loss={loss} failed: {type(e).__name__}: {str(e)[:300]}",

@@ -337,14 +337,14 @@ def test_failure_while_writing_leaves_destination_untouched(tmp_path, monkeypatc
     params = random_params(cfg)
     os.makedirs(tmp_path / "dst")
     (tmp_path / "dst" / "keep.txt").write_text("old")
-    import safetensors.numpy
+    import wmjax.convert.core as core
 
     def half_write(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", half_write)
+    monkeypatch.setattr(core, "save_file", half_write)
     with pytest.raises(OSError, match="disk full"):
         save_hf(cfg, params, tmp_path / "dst", overwrite=True)
     with pytest.raises(OSError, match="disk full"):
@@ -394,3 +394,122 @@ def test_legacy_router_bias_dropped_with_warning_when_nonzero():
     with pytest.raises(ConversionError, match="both map to"):
         from_state_dict(cfg, dict(sd, **{"model.layers.0.mlp.up_proj.weight": sd[
             "model.layers.0.feed_forward.up_proj.weight"]}))
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer export
+# code with newlines, 4-space indents, tabs, runs of spaces, digits, non-ASCII (byte fallback), leading space
+TOKENIZER_TEXTS = ["def f(x):\n    return x + 12345\n", "\tif a  and b:\n\t\tpass", " leading space", "", "\n",
+                   "\t", "héllo wörld ✓ 日本", "\n\n  x  ", "class Tokenizer:\n        '''doc'''\n"]
+SP_CFG = dict(TINY, vocab_size=512, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_export_with_tokenizer_loads_in_transformers(sp_model, tmp_path, monkeypatch, capsys):
+    """save_hf(tokenizer=sp model): AutoTokenizer and DogeForCausalLM load OUT offline, AutoTokenizer's ids are
+    [bos] + sentencepiece's (as training writes documents), its special ids are the config's; files 0644, dir 0755.
+    The CLI carries the tokenizer on from a wmjax dir (found with the source) and from a HF dir (copied)."""
+    import sentencepiece as spm
+
+    from wmjax.tokenizer import Tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    cfg = DogeConfig(**dict(SP_CFG, tie_word_embeddings=False))
+    params = random_params(cfg)
+    out = tmp_path / "hf"
+    save_hf(cfg, params, out, tokenizer=sp_model)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "special_tokens_map.json",
+                                       "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f: _mode(out / f) for f in os.listdir(out)} == {f: 0o644 & ~umask for f in os.listdir(out)}
+    assert _mode(out) == 0o755 & ~umask
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (2, 3, 0)
+    model = transformers.DogeForCausalLM.from_pretrained(out)
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (2, 3, 0)
+    wm_tok = Tokenizer(out)  # the directory's tokenizer.json, special ids from tokenizer_config.json
+    assert (wm_tok.kind, wm_tok.bos_id, wm_tok.eos_id, wm_tok.pad_id) == ("hf", 2, 3, 0)
+    for text in TOKENIZER_TEXTS:
+        ids = sp.encode(text)
+        assert hf_tok(text).input_ids == [2] + ids, text
+        assert hf_tok.decode([2] + ids, skip_special_tokens=True) == sp.decode(ids) == text
+        assert wm_tok.encode(text, add_bos=True) == [2] + ids and wm_tok.decode(ids) == text
+    # wmjax dir written with the tokenizer -> CLI to HF finds it there; HF -> HF copies the files
+    save_wmjax(cfg, params, tmp_path / "wm", tokenizer=sp_model)
+    assert _mode(tmp_path / "wm" / "tokenizer.model") == 0o644 & ~umask
+    assert cli(["--from", "wmjax", str(tmp_path / "wm"), "--to", "hf", str(tmp_path / "hf2"), "--no-progress"]) == 0
+    assert cli(["--from", "hf", str(tmp_path / "hf2"), "--to", "hf", str(tmp_path / "hf3"), "--no-progress"]) == 0
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "hf3" / name).read_bytes() == (out / name).read_bytes(), name
+    assert cli(["--from", "hf", str(tmp_path / "hf3"), "--to", "wmjax", str(tmp_path / "wm2"), "--no-tokenizer"]) == 0
+    assert sorted(os.listdir(tmp_path / "wm2")) == ["params.safetensors", "wmjax_config.json"]
+    assert "no tokenizer" not in capsys.readouterr().err
+
+
+def test_tokenizer_special_ids_must_match_the_config(sp_model, tmp_path):
+    cfg = DogeConfig(**dict(SP_CFG, bos_token_id=1))
+    with pytest.raises(ConversionError, match="bos id is 2 but the model config's bos_token_id is 1"):
+        save_hf(cfg, random_params(cfg), tmp_path / "hf", tokenizer=sp_model)
+    cfg = DogeConfig(**dict(SP_CFG, vocab_size=300))
+    with pytest.raises(ConversionError, match="512 tokens, more than the model's vocab_size=300"):
+        save_wmjax(cfg, random_params(cfg), tmp_path / "wm", tokenizer=sp_model)
+    assert_no_leftovers(tmp_path)
+
+
+def test_destination_checked_before_loading(hf_dir, tmp_path, monkeypatch, capsys):
+    """An occupied, unwritable or source destination is a one-line error before any tensor is read or converted."""
+    import wmjax.convert as wc
+    import wmjax.convert.core as core
+
+    cfg, src = hf_dir
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the source was loaded / converted before the destination was checked")
+
+    for mod, name in ((wc, "load_hf"), (wc, "load_wmjax"), (wc, "load_run"), (core, "to_state_dict"),
+                      (core, "flatten_params")):
+        monkeypatch.setattr(mod, name, must_not_run, raising=False)
+    os.makedirs(tmp_path / "full")
+    (tmp_path / "full" / "keep.txt").write_text("old")
+    (tmp_path / "afile").write_text("x")
+    cases = {str(tmp_path / "full"): "exists and is not empty", str(src): "is the source",
+             str(tmp_path): "is a folder holding the source", str(tmp_path / "afile"): "is not a directory",
+             str(tmp_path / "afile" / "sub"): "afile is not a directory"}
+    for dst, msg in cases.items():
+        assert cli(["--from", "hf", str(src), "--to", "wmjax", dst]) == 1, dst
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, (dst, err)
+    for save in (save_hf, save_wmjax):
+        with pytest.raises(ConversionError, match="exists and is not empty"):
+            save(cfg, {}, tmp_path / "full")
+    assert os.listdir(tmp_path / "full") == ["keep.txt"]
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_tokenizer_json_follows_sentencepiece_settings(tmp_path, model_type):
+    """A sentencepiece model with the library's default normalization (nmt_nfkc charsmap, extra whitespace removed)
+    and a multi-character user-defined piece: the tokenizer.json written for it encodes and decodes like it
+    (user-defined pieces are matched whole and escape the charsmap, which would turn "\\n" into a space)."""
+    import sentencepiece as spm
+    import tokenizers
+
+    from train.tokenizer import read_text, stdlib_files
+    from wmjax.convert.tokenizer import sentencepiece_tokenizer_json
+
+    lines = [ln for f in stdlib_files()[::50] for ln in read_text(f).splitlines() if ln.strip()][:3000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+                                   model_type=model_type, user_defined_symbols=["<|sep|>", "\n"], byte_fallback=True,
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    tk = tokenizers.Tokenizer.from_str(sentencepiece_tokenizer_json(str(tmp_path / "sp.model"), sp.bos_id()))
+    texts = TOKENIZER_TEXTS + ["a<|sep|>b", "<|sep|>x\ny", "x <|sep|> y<|sep|>", "ｆｕｌｌ  width\u3000 spaces ",
+                               "  \n  "]
+    for text in texts:
+        ids = sp.encode(text)
+        assert tk.encode(text).ids == [sp.bos_id()] + ids, text
+        assert tk.decode(ids) == sp.decode(ids), text

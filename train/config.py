@@ -57,6 +57,11 @@ class DataConfig:
     # Tokenized corpus cache (stdlib/text/jsonl sources are tokenized once and stored as a token file here).
     cache_dir: str = ".cache/wmjax/data"
     max_documents: int = 0  # 0 = all
+    # Token ids that start / end each document in the token files (packing cuts documents at them). Default:
+    # the token file's sidecar (``bos_id`` / ``eos_id``, written by ``python -m train.prepare``); a sidecar
+    # without them needs these set. The model's bos/eos ids follow them.
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
@@ -353,6 +358,10 @@ def validate(cfg: TrainConfig) -> None:
     d, t, o, m, c = cfg.data, cfg.train, cfg.optimizer, cfg.mesh, cfg.checkpoint
     need(d.source in ("stdlib", "text", "jsonl", "tokens"), f"data.source: expected stdlib|text|jsonl|tokens, got {d.source!r}")
     need(d.source == "stdlib" or d.paths, f"data.paths: required for data.source={d.source!r}")
+    need(d.source != "stdlib" or not d.paths,
+         f"data.paths is set ({', '.join(map(str, d.paths))}) but data.source is 'stdlib', which reads the Python "
+         f"standard library and ignores data.paths: set data.source to tokens (files from python -m train.prepare), "
+         f"text or jsonl")
     need(d.seq_len >= 2, f"data.seq_len: must be >= 2, got {d.seq_len}")
     need(d.tokenizer.vocab_size >= 16, f"data.tokenizer.vocab_size: must be >= 16, got {d.tokenizer.vocab_size}")
     need(d.tokenizer.corpus in ("stdlib", "data"), f"data.tokenizer.corpus: expected stdlib|data, got {d.tokenizer.corpus!r}")

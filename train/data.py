@@ -30,7 +30,9 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .tokenizer import Tokenizer, encode_documents, read_text, stdlib_files
+from wmjax.tokenizer import Tokenizer
+
+from .tokenizer import encode_documents, read_text, stdlib_files
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -91,17 +93,26 @@ def open_token_file(path: str) -> tuple[np.ndarray, dict]:
 # text sources
 
 
-def expand_paths(paths) -> list[str]:
+def expand_paths(paths, key: str = "data.paths") -> list[str]:
+    """Files named by ``paths`` (files, directories searched recursively, globs), in order.
+
+    A pattern that matches no file raises ``FileNotFoundError`` naming ``key`` (the option that gave it).
+    """
     out = []
     for p in paths:
         hits = sorted(glob.glob(os.path.expanduser(p), recursive=True))
         if not hits:
-            raise FileNotFoundError(f"data.paths: nothing matches {p!r}")
+            raise FileNotFoundError(f"{key}: nothing matches {p!r}")
+        found = []
         for h in hits:
             if os.path.isdir(h):
-                out.extend(sorted(f for f in glob.glob(os.path.join(h, "**", "*"), recursive=True) if os.path.isfile(f)))
+                found.extend(sorted(f for f in glob.glob(os.path.join(h, "**", "*"), recursive=True)
+                                    if os.path.isfile(f)))
             else:
-                out.append(h)
+                found.append(h)
+        if not found:
+            raise FileNotFoundError(f"{key}: {p!r} matches only directories without files")
+        out.extend(found)
     return out
 
 
@@ -176,6 +187,24 @@ class DataState:
         return {"samples_seen": int(self.samples_seen), "fingerprint": self.fingerprint}
 
 
+def _special_id(name: str, given: Optional[int], files: list[str], metas: list[dict]) -> int:
+    """The document-boundary id ``name`` (bos | eos): ``given`` (data.<name>_id), else every sidecar's ``<name>_id``.
+
+    No silent default: packing cuts documents at these ids, and a wrong guess splits documents at ordinary
+    tokens (or at the model's zero-initialised pad row, which makes the gradient overflow with depth)."""
+    if given is not None:
+        return int(given)
+    ids = {m.get(f"{name}_id") for m in metas}
+    if None in ids:
+        bad = next(f for f, m in zip(files, metas) if m.get(f"{name}_id") is None)
+        side = (bad[:-4] if bad.endswith(".bin") else bad) + ".json"
+        raise ValueError(f"{side}: the token file's sidecar has no {name}_id; set data.{name}_id (the token id "
+                         f"that {'starts' if name == 'bos' else 'ends'} each document in it)")
+    if len(ids) > 1:
+        raise ValueError(f"data.paths: the token files disagree on {name}_id ({sorted(ids)}); set data.{name}_id")
+    return int(ids.pop())
+
+
 class PackedDataset:
     def __init__(self, token_files: list[str], seq_len: int, seed: int, shuffle: bool = True,
                  eos_id: Optional[int] = None, bos_id: Optional[int] = None):
@@ -187,8 +216,9 @@ class PackedDataset:
             a, m = open_token_file(p)
             self.arrays.append(a)
             metas.append(m)
-        self.eos_id = eos_id if eos_id is not None else metas[0].get("eos_id", 3)
-        self.bos_id = bos_id if bos_id is not None else metas[0].get("bos_id", 2)
+        self.bos_id = _special_id("bos", bos_id, token_files, metas)
+        self.eos_id = _special_id("eos", eos_id, token_files, metas)
+        self.pad_id = next((m["pad_id"] for m in metas if m.get("pad_id") is not None), None)
         counts = [max(0, (a.shape[0] - 1) // self.seq_len) for a in self.arrays]
         self.cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_windows = int(self.cum[-1])

@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from wmjax.tokenizer import Tokenizer
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__,
@@ -37,23 +39,31 @@ def main(argv=None) -> int:
 
     from .config import TokenizerConfig
     from .data import expand_paths, iter_texts, write_token_file
-    from .tokenizer import Tokenizer, encode_documents, get_tokenizer
+    from .tokenizer import encode_documents, get_tokenizer
 
     try:
-        files = expand_paths(args.input)
+        files = expand_paths(args.input, key="--input")
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     fmt = args.format or ("jsonl" if all(f.endswith((".jsonl", ".json")) for f in files) else "text")
     if args.tokenizer:
+        if not os.path.isfile(args.tokenizer):
+            print(f"error: --tokenizer: no such sentencepiece model: {args.tokenizer}", file=sys.stderr)
+            return 2
         tok = Tokenizer(args.tokenizer)
     else:
         def loader(f):
             return "\n".join(iter_texts(fmt, [f], args.text_field))
 
-        tok = get_tokenizer(TokenizerConfig(vocab_size=args.vocab_size, corpus="data",
-                                            max_corpus_bytes=args.tokenizer_bytes, cache_dir=args.tokenizer_dir),
-                            files, loader)
+        corpus = f"--input {' '.join(args.input)} ({len(files)} file(s))"
+        try:
+            tok = get_tokenizer(TokenizerConfig(vocab_size=args.vocab_size, corpus="data",
+                                                max_corpus_bytes=args.tokenizer_bytes, cache_dir=args.tokenizer_dir),
+                                files, loader, corpus_name=corpus, vocab_key="--vocab-size")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     t0 = time.time()
     bar = tqdm(desc="tokenizing", unit="doc", dynamic_ncols=True)
     try:

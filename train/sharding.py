@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
@@ -62,20 +64,26 @@ def rules_dict(rules=LOGICAL_RULES) -> dict:
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all); one axis may be -1 (the rest).
+
+    Raises :class:`ConfigError` naming ``mesh.data/fsdp/tensor``, their product and the device count when the
+    sizes do not multiply to the number of devices.
+    """
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError("mesh: at most one of data/fsdp/tensor may be -1")
+        raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
     known = math.prod(s for s in sizes if s != -1)
+    where = f"{n} {devices[0].platform if devices else ''} device(s)"
     if -1 in sizes:
         if n % known:
-            raise ValueError(f"mesh: {n} devices are not divisible by the fixed axes "
-                             f"{dict(zip(MESH_AXES, sizes))} (product {known})")
+            raise ConfigError(f"mesh.data/fsdp/tensor = {'/'.join(map(str, sizes))}: the fixed axes' product "
+                              f"{known} does not divide the {where} available")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but "
-                         f"{n} devices are available")
+        raise ConfigError(f"mesh.data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but {where} "
+                          f"are available: make the product {n}, or set one axis to -1 to fill")
     try:
         from jax.experimental import mesh_utils
 

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: trained on first use, cached by a hash of its recipe.
+"""SentencePiece tokenizer training: a model trained on first use, cached by a hash of its recipe (the tokenizer
+class itself is `wmjax.tokenizer.Tokenizer`).
 
 The default corpus is text that exists on every machine: the Python standard library's own ``.py`` files, found
 through ``sysconfig.get_paths()["stdlib"]`` (tests and vendored third-party code excluded, sorted, so the corpus
@@ -12,12 +13,16 @@ import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import sysconfig
 import tempfile
 import time
 from typing import Iterable, Optional
 
 import numpy as np
+
+from wmjax.tokenizer import Tokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -55,28 +60,6 @@ def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
                 return
 
 
-class Tokenizer:
-    """Thin wrapper over a SentencePiece model with pad=0, unk=1, bos=2, eos=3."""
-
-    def __init__(self, model_path: str):
-        import sentencepiece as spm
-
-        self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        self.vocab_size = int(self.sp.get_piece_size())
-        self.pad_id, self.unk_id = PAD_ID, UNK_ID
-        self.bos_id, self.eos_id = int(self.sp.bos_id()), int(self.sp.eos_id())
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-
 def tokenizer_key(vocab_size: int, corpus: str, files: list[str], max_bytes: int, model_type: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(["v2", vocab_size, corpus, max_bytes, model_type, len(files)]).encode())
@@ -95,17 +78,38 @@ def train_tokenizer(
     vocab_size: int,
     max_bytes: int = 8_000_000,
     model_type: str = "bpe",
+    corpus: str = "the corpus",
+    vocab_key: str = "vocab_size",
 ) -> str:
-    """Train a SentencePiece model on ``texts`` and write ``out_prefix.model`` atomically."""
-    import sentencepiece as spm
+    """Train a SentencePiece model on ``texts`` and write ``out_prefix.model`` atomically.
 
+    A corpus with no text or a vocabulary the corpus cannot fill raises ``ValueError`` naming ``vocab_key`` (the
+    user's spelling of the vocabulary size option), its value and ``corpus`` (a description of the text).
+    """
+    sentences = list(_sentences(texts, max_bytes))
+    if not sentences:
+        raise ValueError(f"{corpus} holds no text to train a tokenizer on")
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=".sp-", dir=os.path.dirname(out_prefix) or ".")
     tmp_prefix = os.path.join(tmp_dir, "sp")
-    sentences = list(_sentences(texts, max_bytes))
+    try:
+        _train_sentencepiece(sentences, tmp_prefix, vocab_size, model_type)
+    except RuntimeError as e:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        n_chars = sum(len(s) + 1 for s in sentences)
+        raise ValueError(_explain_sentencepiece_error(str(e), vocab_size, vocab_key, corpus, n_chars)) from None
+    for ext in ("model", "vocab"):
+        os.replace(f"{tmp_prefix}.{ext}", f"{out_prefix}.{ext}")
+    os.rmdir(tmp_dir)
+    return f"{out_prefix}.model"
+
+
+def _train_sentencepiece(sentences: list[str], prefix: str, vocab_size: int, model_type: str) -> None:
+    import sentencepiece as spm
+
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
-        model_prefix=tmp_prefix,
+        model_prefix=prefix,
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=0.9995,  # rare characters go through byte fallback
@@ -123,14 +127,30 @@ def train_tokenizer(
         num_threads=max(1, os.cpu_count() or 1),
         minloglevel=2,
     )
-    for ext in ("model", "vocab"):
-        os.replace(f"{tmp_prefix}.{ext}", f"{out_prefix}.{ext}")
-    os.rmdir(tmp_dir)
-    return f"{out_prefix}.model"
 
 
-def get_tokenizer(tok_cfg, data_files: Optional[list[str]] = None, text_loader=None, log=print) -> Tokenizer:
-    """Load ``tok_cfg.path`` or train (once) and cache a tokenizer for ``tok_cfg``'s recipe."""
+def _explain_sentencepiece_error(msg: str, vocab_size: int, vocab_key: str, corpus: str, n_chars: int) -> str:
+    """sentencepiece's RuntimeError text -> one line naming the option, its value, the corpus and the remedy."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+    if too_high:
+        most = too_high.group(2)
+        return (f"{vocab_key} {vocab_size} is too large for {corpus}: sentencepiece can make at most {most} "
+                f"pieces from its {n_chars:,} characters of text; use a smaller {vocab_key} (<= {most}) or more text")
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if too_low:
+        return (f"{vocab_key} {vocab_size} is too small for {corpus}: its characters and special pieces need at "
+                f"least {too_low.group(2)}; use a larger {vocab_key}")
+    last = msg.strip().splitlines()[-1] if msg.strip() else "unknown error"
+    return f"sentencepiece could not train a {vocab_size}-piece tokenizer on {corpus}: {last}"
+
+
+def get_tokenizer(tok_cfg, data_files: Optional[list[str]] = None, text_loader=None, log=print,
+                  corpus_name: Optional[str] = None, vocab_key: str = "data.tokenizer.vocab_size") -> Tokenizer:
+    """Load ``tok_cfg.path`` or train (once) and cache a tokenizer for ``tok_cfg``'s recipe.
+
+    ``corpus_name`` / ``vocab_key`` describe the text and the vocabulary option in error messages (default: the
+    training config's names).
+    """
     if tok_cfg.path:
         if not os.path.exists(tok_cfg.path):
             raise FileNotFoundError(f"data.tokenizer.path: no such sentencepiece model: {tok_cfg.path}")
@@ -151,7 +171,11 @@ def get_tokenizer(tok_cfg, data_files: Optional[list[str]] = None, text_loader=N
             f"{tok_cfg.corpus} ({len(files)} files, up to {tok_cfg.max_corpus_bytes / 1e6:.1f} MB) -> {prefix}.model")
         # Spread the byte budget over the whole file list (every k-th file) rather than the first few packages.
         texts = _spread(files, loader, tok_cfg.max_corpus_bytes)
-        train_tokenizer(texts, prefix, tok_cfg.vocab_size, tok_cfg.max_corpus_bytes, tok_cfg.model_type)
+        if corpus_name is None:
+            what = "the stdlib corpus" if tok_cfg.corpus == "stdlib" else "data.paths"
+            corpus_name = f"{what} ({len(files)} file(s): {files[0]}{', ...' if len(files) > 1 else ''})"
+        train_tokenizer(texts, prefix, tok_cfg.vocab_size, tok_cfg.max_corpus_bytes, tok_cfg.model_type,
+                        corpus=corpus_name, vocab_key=vocab_key)
         log(f"[tokenizer] trained in {time.time() - t0:.1f}s")
     return Tokenizer(prefix + ".model")
 

@@ -7,7 +7,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -20,8 +19,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from wmjax.checkpoint import CheckpointCorrupt, Checkpointer, abstract_like
+
 from . import sharding as shd
-from .checkpoint import Checkpointer, abstract_like
 from .config import ConfigError, TrainConfig, dump_yaml, to_dict
 from .data import BatchIterator, PackedDataset, cached_token_file, expand_paths, open_token_file, source_files
 from .optim import make_optimizer
@@ -63,6 +63,27 @@ def build_model_config(model_section: dict, vocab_size: Optional[int] = None, sp
         return DogeConfig(**fields)
     except Exception as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def special_token_ids(ds, tok) -> dict:
+    """The model's bos/eos/pad ids for a run from scratch: the data's document boundaries (``ds.bos_id`` /
+    ``ds.eos_id``) and the tokenizer's pad (else the token files' ``pad_id``, else none). They replace a preset's
+    ids (a preset names SmallDoge's tokenizer, not this run's); ``model.*_token_id`` set by the user win."""
+    pad = tok.pad_id if tok is not None else ds.pad_id
+    return {"bos_token_id": ds.bos_id, "eos_token_id": ds.eos_id, "pad_token_id": pad}
+
+
+def check_special_token_ids(model_cfg, ds) -> None:
+    """Refuse a pad id that is also a document boundary: the pad row of the embedding starts at zero, a document
+    (or window) that starts with it has an all-zero hidden state in every layer (it attends only to itself), and
+    RMSNorm's gradient at zero is 1/sqrt(rms_norm_eps) per norm: the gradient overflows with depth."""
+    pad = model_cfg.pad_token_id
+    for name, tid in (("bos", ds.bos_id), ("eos", ds.eos_id)):
+        if pad is not None and pad == tid:
+            raise ConfigError(
+                f"model.pad_token_id={pad} is also the data's {name}_id: its embedding row is initialised to zero, "
+                f"and a document starting with it makes the gradient overflow with depth; set model.pad_token_id "
+                f"to an id the data does not use, or null")
 
 
 def resolve_dtype(name: str):
@@ -275,6 +296,26 @@ def build_grad_fn(loss_fn, grad_accum: int, mesh, param_sh, model_cfg, mode: str
     return make_grad_fn(loss_fn, grad_accum, mesh), chosen
 
 
+NONFINITE = "nonfinite_grads"  # metrics key: [num param leaves] bool, a leaf's gradient has a non-finite norm
+
+
+def nonfinite_param_names(params, flags, limit: int = 4) -> str:
+    """'N of M parameters: a/b/kernel, ...' for the leaves whose flag is set, in forward order (layer index)."""
+    paths = ["/".join(_path_key(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    bad = [n for n, f in zip(paths, np.asarray(flags)) if f]
+
+    def order(name):  # embedding, layers_0 .. layers_{L-1}, then the final norm / head
+        parts = name.split("/")
+        if "embed_tokens" in parts:
+            return (-1, name)
+        layer = next((int(q[7:]) for q in parts if q.startswith("layers_") and q[7:].isdigit()), 1 << 30)
+        return (layer, name)
+
+    bad.sort(key=order)
+    more = f", ... (+{len(bad) - limit})" if len(bad) > limit else ""
+    return f"{len(bad)} of {len(paths)} parameters, first {', '.join(bad[:limit])}{more}"
+
+
 def make_train_step(grad_fn, tx, sched, model_cfg, z_loss: float):
     is_moe = bool(getattr(model_cfg, "is_moe", False))
     aux_coef = float(getattr(model_cfg, "router_aux_loss_coef", 0.0)) if is_moe else 0.0
@@ -282,12 +323,13 @@ def make_train_step(grad_fn, tx, sched, model_cfg, z_loss: float):
     def train_step(state, batch):
         grads, m = grad_fn(state["params"], batch)
         with jax.named_scope("optimizer"):
-            gnorm = optax.global_norm(grads)
+            leaf_sq = [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)]
+            gnorm = jnp.sqrt(sum(leaf_sq))  # = optax.global_norm(grads)
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
         loss = m["ce"] + aux_coef * m["aux"] + (z_loss * m["z"] if z_loss else 0.0)
         metrics = {"loss": loss, "ce": m["ce"], "aux": m["aux"], "grad_norm": gnorm, "lr": sched(state["step"]),
-                   "tokens": m["tokens"]}
+                   "tokens": m["tokens"], NONFINITE: ~jnp.isfinite(jnp.stack(leaf_sq))}
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, metrics
 
@@ -486,6 +528,8 @@ def prepare_data(cfg: TrainConfig, log=log0):
     if d.source == "tokens":
         files = expand_paths(d.paths)
         tok_path = d.tokenizer.path
+        if tok_path and not os.path.isfile(tok_path):
+            raise FileNotFoundError(f"data.tokenizer.path: no such sentencepiece model: {tok_path}")
         if not tok_path:
             _, meta = open_token_file(files[0])
             tok_path = meta.get("tokenizer")
@@ -515,27 +559,44 @@ def _sync(name: str):
         multihost_utils.sync_global_devices(name)
 
 
+def move_aside(path: str) -> str:
+    """Rename directory ``path`` to the first free name of ``<path>.prev``, ``<path>.prev2``, ... and return it.
+
+    Nothing that exists is overwritten or deleted: every earlier run stays under its own name.
+    """
+    base = path.rstrip("/") + ".prev"
+    dest, n = base, 1
+    while os.path.lexists(dest):
+        n += 1
+        dest = f"{base}{n}"
+    os.rename(path, dest)
+    return dest
+
+
 def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunResult:
     t_start = time.time()
     shd.distributed_init(log=log0)
     tc, oc = cfg.train, cfg.optimizer
     run_dir = cfg.run_dir
-
-    # fresh run into an existing run dir: move the old one aside (never mixed with new checkpoints)
-    if not cfg.resume and jax.process_index() == 0 and os.path.exists(run_dir) and os.listdir(run_dir):
-        prev = run_dir.rstrip("/") + ".prev"
-        if os.path.exists(prev):
-            shutil.rmtree(prev)
-        os.replace(run_dir, prev)
-        log0(f"[run] {run_dir} held a previous run: moved to {prev} (use --resume to continue a run)")
-    _sync("run_dir")
-    os.makedirs(run_dir, exist_ok=True)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
+    # the mesh first: a mesh the devices cannot hold fails before any tokenizer training
+    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    nb = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = tc.global_batch_size // tc.grad_accum
+    if micro % nb:
+        raise ConfigError(f"train.global_batch_size/grad_accum = {micro} must be divisible by the batch mesh axes "
+                          f"data*fsdp = {nb}")
 
     tok, token_files = prepare_data(cfg)
-    special = {}
-    if tok is not None:
-        special = {"pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
-    model_cfg = build_model_config(cfg.model, tok.vocab_size if tok is not None else None, special)
+    try:
+        ds = PackedDataset(token_files, cfg.data.seq_len, cfg.seed, cfg.data.shuffle, eos_id=cfg.data.eos_id,
+                           bos_id=cfg.data.bos_id)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model_cfg = build_model_config(cfg.model, tok.vocab_size if tok is not None else None,
+                                   special_token_ids(ds, tok))
+    check_special_token_ids(model_cfg, ds)
     if tok is not None and tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                           f"{tok.vocab_size} pieces")
@@ -555,14 +616,6 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
     if cfg.data.segment_ids and not use_segments:
         log0("[data] the model takes no segment_ids: packed documents attend across boundaries (plain causal)")
 
-    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    nb = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = tc.global_batch_size // tc.grad_accum
-    if micro % nb:
-        raise ConfigError(f"train.global_batch_size/grad_accum = {micro} must be divisible by the batch mesh axes "
-                          f"data*fsdp = {nb}")
-
-    ds = PackedDataset(token_files, cfg.data.seq_len, cfg.seed, cfg.data.shuffle)
     data_it = BatchIterator(ds, tc.global_batch_size, jax.process_index(), jax.process_count())
 
     tx, sched = make_optimizer(oc, tc.steps)
@@ -579,6 +632,14 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
     state_sh = {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
     batch_sh = shd.batch_sharding(mesh)
 
+    # Config, data, tokenizer and mesh are checked by now: only a start that got this far touches run_dir.  A
+    # fresh run into a non-empty run dir moves the old run aside (never deleted, never mixed with the new one).
+    if not cfg.resume and jax.process_index() == 0 and os.path.isdir(run_dir) and os.listdir(run_dir):
+        prev = move_aside(run_dir)
+        log0(f"[run] {run_dir} held a previous run: moved to {prev} (use --resume to continue a run)")
+    _sync("run_dir")
+    os.makedirs(run_dir, exist_ok=True)
+
     rules = shd.flax_rules()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         def init_state(r):
@@ -587,15 +648,23 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
 
         state_shapes = jax.eval_shape(init_state, init_rng)
         ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, log=log0)
+        abstract = abstract_like(state_shapes, state_sh)
+
+        def last_good() -> str:  # for the stop message: the newest step that reads and passes its checksums
+            ckpt.wait()
+            try:
+                good = ckpt.latest_good_step(abstract)
+            except Exception as e:  # noqa: BLE001 - e.g. no memory to read it back next to the live state
+                return f"step {ckpt.latest_step()} (not verified: {type(e).__name__})"
+            return "none (no step passes its checks)" if good is None else f"step {good}"
+
         start_step = 0
         restored = None
         if cfg.resume:
-            abstract = abstract_like(state_shapes, state_sh)
-
-            def check(state, meta):
-                data_it.restore(meta["data"])
+            def check(state, meta):  # a step that disagrees with itself is corrupt; other data: ValueError
                 if int(meta["step"]) != int(state["step"]):
-                    raise ValueError(f"meta step {meta['step']} != state step {int(state['step'])}")
+                    raise CheckpointCorrupt(f"meta step {meta['step']} != state step {int(state['step'])}")
+                data_it.restore(meta["data"])
 
             restored = ckpt.restore_latest_good(abstract, validate=check)
             if restored is None:
@@ -656,7 +725,7 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
                 tps = (pending[-1][0] - last_step_timed) * tokens_per_step / max(now - last_t, 1e-9)
             for (s, _), m in zip(pending, host):
                 rec = {"step": s}
-                rec.update({k: float(v) for k, v in m.items()})
+                rec.update({k: float(v) for k, v in m.items() if k != NONFINITE})
                 if tps is not None:
                     rec["tokens_per_s"] = tps
                 bad = not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]))
@@ -665,8 +734,9 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
                     metrics_w.flush()
                     raise TrainingDiverged(
                         f"non-finite {'loss' if not math.isfinite(rec['loss']) else 'gradient norm'} at step {s} "
-                        f"(loss={rec['loss']}, grad_norm={rec['grad_norm']}); stopping. The last good checkpoint "
-                        f"is kept: step {ckpt.latest_step()} in {cfg.checkpoint_dir}")
+                        f"(loss={rec['loss']}, grad_norm={rec['grad_norm']}; non-finite gradient in "
+                        f"{nonfinite_param_names(state_shapes['params'], m[NONFINITE])}); stopping. The last good "
+                        f"checkpoint is kept: {last_good()} in {cfg.checkpoint_dir}")
                 losses[s] = rec["loss"]
                 metrics_w.write(rec)
             if pbar is not None:

@@ -8,9 +8,10 @@
 --checkpoint DIR, any of:
   * a wmjax-native directory (wmjax.convert.save_wmjax: wmjax_config.json + params.safetensors);
   * a training run directory or its checkpoints/ directory (train/: orbax steps holding `state` and `meta`):
-    the newest step's params are restored, the model config and the sentencepiece model path come from `meta`
-    (a specific step: --checkpoint RUN/checkpoints/STEP).
-  --tokenizer PATH overrides the tokenizer (a tokenizer.json or a sentencepiece .model).
+    the newest good step's params are restored (wmjax.checkpoint.load_run: a step that cannot be read or fails
+    its checksums is moved aside to <step>.corrupt and the previous one is used), the model config and the
+    tokenizer path come from `meta` (a specific step: --checkpoint RUN/checkpoints/STEP).
+  --tokenizer PATH overrides the tokenizer (a tokenizer.json, a sentencepiece .model or a directory holding one).
 """
 
 from __future__ import annotations
@@ -20,83 +21,34 @@ import json
 import os
 import sys
 import time
+import warnings
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-class Tok:
-    """encode(text) -> ids (with BOS where the tokenizer/model uses one), decode(ids) -> text."""
-
-    def __init__(self, path: str, bos_id=None):
-        self.path = path
-        if path.endswith(".json"):
-            from tokenizers import Tokenizer
-            self.kind, self.tk = "hf", Tokenizer.from_file(path)
-        else:
-            import sentencepiece as spm
-            self.kind, self.tk = "sp", spm.SentencePieceProcessor(model_file=path)
-        self.bos_id = bos_id
-
-    def encode(self, text: str) -> list:
-        if self.kind == "hf":
-            ids = self.tk.encode(text).ids
-        else:
-            ids = list(self.tk.encode(text))
-            bos = self.tk.bos_id() if self.bos_id is None else self.bos_id
-            if bos is not None and bos >= 0:
-                ids = [bos] + ids
-        if self.kind == "hf" and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids = [self.bos_id] + ids
-        return ids
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        return self.tk.decode(ids) if self.kind == "sp" else self.tk.decode(ids, skip_special_tokens=True)
-
-
-def _find_tokenizer(*dirs):
-    for d in dirs:
-        if not d:
-            continue
-        for name in ("tokenizer.json", "tokenizer.model"):
-            p = os.path.join(d, name)
-            if os.path.isfile(p):
-                return p
-    return None
-
-
-def load_train_checkpoint(path: str):
-    """(config, params, tokenizer path or None) from a train/ orbax checkpoint (run dir, checkpoints/ or a step)."""
-    import orbax.checkpoint as ocp
-    from wmjax.config import DogeConfig
-    path = os.path.abspath(path)
-    step = None
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    elif os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
-        step, path = int(os.path.basename(path)), os.path.dirname(path)
-    mngr = ocp.CheckpointManager(path, item_names=("state", "meta"))
-    steps = sorted(mngr.all_steps())
-    if not steps:
-        raise SystemExit(f"error: no checkpoint steps under {path}")
-    step = steps[-1] if step is None else step
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if "model_config" not in meta:
-        raise SystemExit(f"error: {path}/{step}/meta has no model_config (not a wmjax train/ checkpoint?)")
-    config = DogeConfig.from_dict(meta["model_config"])
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return config, state["params"], meta.get("tokenizer"), f"{path} step {step}"
+from wmjax import convert
+from wmjax.checkpoint import CheckpointError, load_run
+from wmjax.models.doge import DogeForCausalLM
+from wmjax.sampling import DECODE_PATHS, generate
+from wmjax.tokenizer import Tokenizer, find_tokenizer
 
 
 def load(args):
     """-> (config, params, tokenizer path or None, description)."""
-    from wmjax import convert
     if args.hf:
         config, params = convert.load_hf(args.hf)
-        return config, params, _find_tokenizer(args.hf), args.hf
+        return config, params, find_tokenizer(args.hf), args.hf
     d = args.checkpoint
     if os.path.isfile(os.path.join(d, convert.WMJAX_CONFIG)):
         config, params = convert.load_wmjax(d)
-        return config, params, _find_tokenizer(d), d
-    return load_train_checkpoint(d)
+        return config, params, find_tokenizer(d), d
+    run = load_run(d, log=lambda m: print(m, file=sys.stderr))
+    return run.config, run.params, run.tokenizer, run.description
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -115,8 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", choices=("auto", "full", "bounded"), default="auto")
-    # wmjax.sampling.DECODE_PATHS, spelled out: importing it would import jax before the arguments are parsed
-    p.add_argument("--decode", choices=("auto", "model", "fused", "fused_xla"), default="auto",
+    p.add_argument("--decode", choices=DECODE_PATHS, default="auto",
                    help="decode step (wmjax.sampling.generate): auto = the fused Pallas kernels on GPU where they "
                         "apply, else the Flax model's step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -124,32 +75,30 @@ def main(argv=None) -> int:
     p.add_argument("--no-stream", action="store_true", help="print the texts at the end only")
     args = p.parse_args(argv)
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from wmjax.models.doge import DogeForCausalLM
-    from wmjax.sampling import generate
-
     if args.max_new_tokens <= 0:
         p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     try:
         config, params, tok_path, desc = load(args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tok_path = args.tokenizer or tok_path
-    if not tok_path or not os.path.isfile(tok_path):
+    if not tok_path:
         print(f"error: no tokenizer found for {desc} (looked for tokenizer.json / tokenizer.model); pass --tokenizer",
               file=sys.stderr)
         return 2
-    tok = Tok(tok_path, bos_id=config.bos_token_id)
+    try:
+        tok = Tokenizer(tok_path, bos_id=config.bos_token_id)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"error: {'--tokenizer ' if args.tokenizer else ''}{e}", file=sys.stderr)
+        return 2
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     dtype = jnp.dtype(dtype)
     params = jax.tree_util.tree_map(
         lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x),
         params)
     model = DogeForCausalLM(config, dtype=dtype, param_dtype=dtype)
-    prompts = [tok.encode(t) for t in args.prompt]
+    prompts = [tok.encode(t, add_bos=True) for t in args.prompt]
     for t, ids in zip(args.prompt, prompts):
         if not ids:
             print(f"error: prompt {t!r} encodes to no tokens", file=sys.stderr)
@@ -160,9 +109,16 @@ def main(argv=None) -> int:
     # decode prompt + new tokens together and print the growth past the prompt's own text, so the spacing at
     # the seam (sentencepiece drops a leading space when decoding pieces alone) comes out right
     base = [tok.decode(ids) for ids in prompts]
-    state = {"ids": list(prompts[0]), "shown": base[0]}
+    state = {"ids": list(prompts[0]), "shown": base[0], "prompt_shown": False}
+
+    def show_prompt():  # with the first token, so that generate's warnings come before the streamed text
+        if not state["prompt_shown"]:
+            sys.stdout.write(args.prompt[0])
+            sys.stdout.flush()
+            state["prompt_shown"] = True
 
     def stream(step, toks, active):
+        show_prompt()
         if not bool(active[0]):
             return
         t = int(toks[0])
@@ -178,19 +134,18 @@ def main(argv=None) -> int:
         state["shown"] = text
 
     streaming = not args.no_stream
-    if streaming:
-        sys.stdout.write(args.prompt[0])
-        sys.stdout.flush()
     t0 = time.perf_counter()
     try:
-        out = generate(model, params, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       repetition_penalty=args.repetition_penalty, rng=jax.random.PRNGKey(args.seed),
-                       cache=args.cache, decode=args.decode, callback=stream if streaming else None)
+        with warnings.catch_warnings():  # generate's warnings (e.g. a prompt past max_position_embeddings): one line
+            warnings.showwarning = _warning_line
+            out = generate(model, params, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                           repetition_penalty=args.repetition_penalty, rng=jax.random.PRNGKey(args.seed),
+                           cache=args.cache, decode=args.decode, callback=stream if streaming else None)
         toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         jax.effects_barrier()
     except ValueError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
+        print(f"{chr(10) if state['prompt_shown'] else ''}error: {e}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
     texts, fulls = [], []
@@ -202,6 +157,7 @@ def main(argv=None) -> int:
         fulls.append(full)
         texts.append(full[len(base[i]):] if full.startswith(base[i]) else tok.decode(ids))
     if streaming:
+        show_prompt()
         rest = fulls[0][len(state["shown"]):] if fulls[0].startswith(state["shown"]) else ""
         sys.stdout.write(rest + "\n")
         for t, txt in zip(args.prompt[1:], texts[1:]):

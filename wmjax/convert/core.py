@@ -10,13 +10,15 @@ from typing import Any, Mapping, Optional, Union
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from wmjax.config import ConfigError, DogeConfig
-from wmjax.convert.io import (TensorRef, atomic_directory, hf_weight_files, in_memory_tensors, open_safetensors,
-                              open_torch_bin, read_json, to_numpy)
+from wmjax.convert.io import (TensorRef, atomic_directory, check_destination, hf_weight_files, in_memory_tensors,
+                              open_safetensors, open_torch_bin, read_json, to_numpy)
 from wmjax.convert.layout import (DROPPED_KEY_PATTERN, IGNORED_KEY_PATTERNS, ConversionError, check_tensors,
                                   flat_param_shapes, hf_layout, hf_native_problem, rename_legacy_keys)
+from wmjax.convert.tokenizer import tokenizer_files
 
 __all__ = ["load_hf", "save_hf", "to_state_dict", "from_state_dict", "save_wmjax", "load_wmjax", "detect_layout",
            "flatten_params", "unflatten_params", "WMJAX_CONFIG", "WMJAX_PARAMS"]
@@ -75,8 +77,8 @@ def _normalize_keys(refs: dict[str, TensorRef], legacy: Legacy) -> dict[str, Ten
             b = refs[old].load()
             if np.any(np.asarray(b, np.float32) != 0):
                 warnings.warn(f"dropping non-zero legacy {old} (max |b| = {np.abs(np.asarray(b, np.float32)).max():.3g})"
-                              ": the current CDMoE router has no bias (doge.md s5.1), as in the official converters; "
-                              "outputs will differ from the original model", stacklevel=3)
+                              ": the current CDMoE router has no bias (docs/DOGE.md, CDMoE), as in the official "
+                              "converters; outputs will differ from the original model", stacklevel=3)
             continue
         out[new] = refs[old]
     return out
@@ -223,13 +225,22 @@ def _dtype_name(params) -> str:
     return dts.pop() if len(dts) == 1 else "float32"
 
 
+def _write_files(directory: str, files: Mapping[str, bytes]) -> None:
+    for name, data in files.items():
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+
+
 def save_hf(config: DogeConfig, params: Mapping, path: Union[str, os.PathLike], *, overwrite: bool = False,
-            progress: bool = False) -> None:
+            progress: bool = False, tokenizer: Optional[Union[str, os.PathLike]] = None) -> None:
     """Write `config.json` + `model.safetensors` that `transformers.DogeForCausalLM.from_pretrained` loads with no
-    missing / unexpected keys (tied `lm_head.weight` omitted, as HF's save_pretrained does). Atomic: written to a
-    temp dir next to `path`, then renamed; on failure `path` is untouched. Legacy layouts with no HF-native
-    equivalent raise a ConversionError saying why (use save_wmjax)."""
+    missing / unexpected keys (tied `lm_head.weight` omitted, as HF's save_pretrained does), and with `tokenizer`
+    (a sentencepiece .model, a tokenizer.json or a directory holding either) the tokenizer files that
+    `transformers.AutoTokenizer.from_pretrained` loads (`wmjax.convert.tokenizer`). The destination is checked
+    first; atomic: written to a temp dir next to `path`, then renamed; on failure `path` is untouched. Legacy
+    layouts with no HF-native equivalent raise a ConversionError saying why (use save_wmjax)."""
     path = os.fspath(path)
+    check_destination(path, overwrite)
     problem = hf_native_problem(config)
     if problem:
         raise ConversionError(f"{path}: cannot write a transformers checkpoint: {problem}")
@@ -241,35 +252,37 @@ def save_hf(config: DogeConfig, params: Mapping, path: Union[str, os.PathLike], 
         # transformers keeps unknown config.json keys as plain attributes (and ignores this one); load_hf reads it back
         hf_cfg["router_layout"] = config.router_layout
         warnings.warn("router_layout='per_token': transformers ignores this and routes with its view(2, N, K) "
-                      "layout (doge.md s5.3), so its outputs differ from wmjax's for N > 1 tokens; wmjax.convert."
-                      "load_hf reads the layout back from config.json", stacklevel=2)
+                      "layout (docs/DOGE.md, CDMoE router layout), so its outputs differ from wmjax's for N > 1 "
+                      "tokens; wmjax.convert.load_hf reads the layout back from config.json", stacklevel=2)
+    tok_files = tokenizer_files(tokenizer, config) if tokenizer is not None else {}
     sd = to_state_dict(config, params, progress=progress)
-    from safetensors.numpy import save_file
-
     with atomic_directory(path, overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _write_files(tmp, tok_files)
 
 
 # ----------------------------------------------------------------------------------------------------- wmjax native
 def save_wmjax(config: DogeConfig, params: Mapping, path: Union[str, os.PathLike], *, overwrite: bool = False,
-               progress: bool = False) -> None:
+               progress: bool = False, tokenizer: Optional[Union[str, os.PathLike]] = None) -> None:
     """wmjax-native checkpoint: `wmjax_config.json` (every DogeConfig field, layout flags included) +
-    `params.safetensors` ('/'-joined param paths, dtypes kept). Atomic like save_hf."""
+    `params.safetensors` ('/'-joined param paths, dtypes kept) + the tokenizer files of `tokenizer`, as save_hf
+    writes them. Checked first and atomic like save_hf."""
     path = os.fspath(path)
+    check_destination(path, overwrite)
     flat = flatten_params(params)
     check_tensors(flat_param_shapes(config), {k: (tuple(np.shape(v)), None) for k, v in flat.items()},
                   what="params do not match the config")
+    tok_files = tokenizer_files(tokenizer, config) if tokenizer is not None else {}
     arrays = {k: np.ascontiguousarray(to_numpy(v))
               for k, v in tqdm(flat.items(), desc="gathering tensors", unit="tensor", disable=not progress)}
-    from safetensors.numpy import save_file
-
     with atomic_directory(path, overwrite) as tmp:
         with open(os.path.join(tmp, WMJAX_CONFIG), "w") as f:
             json.dump({"format": _WMJAX_FORMAT, "format_version": _WMJAX_FORMAT_VERSION, "model_type": "doge",
                        "config": config.to_dict()}, f, indent=2, sort_keys=True)
         save_file(arrays, os.path.join(tmp, WMJAX_PARAMS), metadata={"format": _WMJAX_FORMAT})
+        _write_files(tmp, tok_files)
 
 
 def load_wmjax(path: Union[str, os.PathLike], *, dtype=None, progress: bool = False) -> tuple[DogeConfig, dict]:

@@ -10,12 +10,14 @@ import shutil
 import tempfile
 from typing import Any, Callable, Iterator, Mapping, Optional
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from wmjax.convert.layout import ConversionError
 
 __all__ = ["TensorRef", "to_numpy", "open_safetensors", "open_torch_bin", "in_memory_tensors", "hf_weight_files",
-           "atomic_directory", "read_json"]
+           "atomic_directory", "check_destination", "read_json"]
 
 
 class TensorRef:
@@ -39,8 +41,6 @@ def to_numpy(x: Any) -> np.ndarray:
 
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:
-            import ml_dtypes
-
             return x.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return x.numpy()
     return np.asarray(x)
@@ -62,8 +62,6 @@ def open_safetensors(file: str, stack: contextlib.ExitStack, keys: Optional[list
                      ) -> dict[str, TensorRef]:
     """Lazy refs to the tensors of one safetensors file (only `keys` if given). The header is parsed and checked
     against the file size now; a corrupt / truncated / unreadable file raises a ConversionError naming it."""
-    from safetensors import safe_open
-
     try:
         size = os.path.getsize(file)
         with open(file, "rb") as f:
@@ -146,17 +144,38 @@ def hf_weight_files(path: str) -> tuple[str, list[tuple[str, Optional[list[str]]
     raise ConversionError(f"{path}: no model.safetensors, pytorch_model.bin or sharded index file found")
 
 
-@contextlib.contextmanager
-def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a fresh temp dir next to `dest`; on success it replaces `dest`, on any failure it is removed and `dest`
-    is left exactly as it was. An existing non-empty `dest` is an error unless `overwrite`."""
+def check_destination(dest: str, overwrite: bool = False, sources=()) -> str:
+    """abspath of `dest` if a checkpoint can be written there, else a one-line ConversionError: `dest` is one of
+    `sources` or holds one, is not a directory, is not empty (unless overwrite), or its parent cannot be written."""
     dest = os.path.abspath(dest)
-    parent, name = os.path.split(dest)
+    for src in sources:
+        src = os.path.realpath(os.fspath(src))
+        real = os.path.realpath(dest)
+        if src == real or os.path.commonpath([src, real]) == real:
+            raise ConversionError(f"{dest}: is {'the' if src == real else 'a folder holding the'} source "
+                                  f"{src}; write the converted checkpoint elsewhere")
     if os.path.lexists(dest):
         if not os.path.isdir(dest) or os.path.islink(dest):
             raise ConversionError(f"{dest}: exists and is not a directory; refusing to replace it")
         if os.listdir(dest) and not overwrite:
             raise ConversionError(f"{dest}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    parent = os.path.dirname(dest)
+    while not os.path.lexists(parent):  # the first existing ancestor is where the folders get created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConversionError(f"{dest}: cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"{dest}: cannot be written: no write permission in {parent}")
+    return dest
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a fresh temp dir next to `dest`; on success it replaces `dest`, on any failure it is removed and `dest`
+    is left exactly as it was. `dest` is checked first (`check_destination`). The files written get mode 0644 and
+    the directory 0755 (less the umask)."""
+    dest = check_destination(dest, overwrite)
+    parent, name = os.path.split(dest)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
@@ -164,6 +183,7 @@ def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
         for f in os.listdir(tmp):  # make the written bytes durable before the rename publishes them
             fd = os.open(os.path.join(tmp, f), os.O_RDONLY)
             try:
+                os.fchmod(fd, 0o644 & ~_umask())  # temp files (safetensors) are created 0600
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -1,9 +1,9 @@
 """The tensor layout of a Doge checkpoint: HF key <-> wmjax param path, shapes, transposes, legacy key names.
 
 One table (`hf_layout`) drives every direction: HF state dict -> params, params -> HF state dict, and the shape
-checks of the wmjax-native format. Shapes follow `transformers.DogeForCausalLM` (doge.md sections 4.1, 5.1, 6)
-and, for the legacy SmallDoge layouts, doge.md section 4.6 / 6.3 (`qk_norm=False`: no q/k norm tensors;
-`dt_heads="query"`: `A` is [H] and `dt_proj.weight` is [H, G*D]).
+checks of the wmjax-native format. Shapes follow `transformers.DogeForCausalLM` (docs/DOGE.md, Parameters and
+state-dict keys) and, for the legacy SmallDoge layouts, docs/DOGE.md, Legacy SmallDoge layouts (`qk_norm=False`: no
+q/k norm tensors; `dt_heads="query"`: `A` is [H] and `dt_proj.weight` is [H, G*D]).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def flat_param_shapes(config: DogeConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------------------------------- legacy names
-# pre-2025-06-19 SmallDoge names -> HF names (doge.md s6.3). Patterns are applied to the part after "model.layers.N."
+# pre-2025-06-19 SmallDoge names -> HF names (docs/DOGE.md, Legacy SmallDoge layouts). Patterns are applied to
+# the part after "model.layers.N."
 _LAYER_RENAMES = [
     (re.compile(r"^pre_layernorm\.weight$"), "input_layernorm.weight"),
     (re.compile(r"^pre_residual\.weight$"), "input_residual"),
@@ -112,7 +113,8 @@ LEGACY_RENAMES = (_TOP_RENAMES, _LAYER_RENAMES)
 _LAYER_KEY = re.compile(r"^(model\.layers\.\d+\.)(.*)$")
 # present in some old checkpoints, carry no parameters of the model (RoPE tables are recomputed)
 IGNORED_KEY_PATTERNS = (re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|rotary_emb)$"),)
-# dropped by the official converters (doge.md s5.1: an early CDMoE had a router bias; the current one has none)
+# dropped by the official converters (docs/DOGE.md, Parameters: an early CDMoE had a router bias; the current
+# one has none)
 DROPPED_KEY_PATTERN = re.compile(r"^model\.layers\.\d+\.mlp\.router_gate\.bias$")
 
 

@@ -6,14 +6,14 @@
 #   device run, carry [".anchors"]:   bash bench/gpu_pending.sh            (~10 min; timeout_s 598)
 #   one step only:                     STEPS="dmattn" bash bench/gpu_pending.sh
 #
-# Steps (see docs/BENCHMARKS.md, each section's "next GPU call"):
+# Steps (figures in docs/BENCHMARKS.md):
 #   train     issue 6: b32 training step with HF (b4) in one process (session 4: 292k tok/s = 6.09x HF)
 #   train_profile  b16 with HF, profiled, with and without XLA's command buffers
 #   scaling   issue 6 on nvidia-h200-x2: DP / FSDP (shard_map and GSPMD) against one GPU
-#   sample    issue 5: generate on the model path and the fused path (defaults, and without the prefetch) and
-#             transformers generate, bs 1 and 16, one process
+#   sample    issue 5: generate on the model path and the fused path and transformers generate, bs 1 and 16,
+#             one process
 #   sample_profile  issue 5: the fused path at bs 1 timed, then one generate call's kernel table (in-step times)
-#   sample_variants issue 5: the fused path at bs 1 under FusedDecodeOptions variants, each timed and profiled
+#   sample_variants issue 5: the fused path at bs 1 under pallas_kernels.decode.tuning variants, timed and profiled
 #   sample_kernels  the fused path's decode kernels alone (bs 1; block / warp / stage variants vs the XLA reference)
 #   dmattn    issue 4 follow-ups (sparse-path variants, then the full table with tokamax)
 set -uo pipefail
@@ -37,17 +37,17 @@ for s in $STEPS; do
   case $s in
     dmattn)
       step dmattn_sparse 120 python3 bench/dmattn.py --skip hf,fdm --check-only \
-        --tune-sparse 2x8192,1x32768=cur+s0+g1+p1+p2+o1
+        --tune-sparse 2x8192,1x32768=cur+s0+g1+p1+p2
       step dmattn_table 150 python3 bench/dmattn.py --skip hf,fdm ;;
     sample)
       step sample 400 python3 bench/sample.py --no-long --hf-new 16 --repeats 2 --decode model,fused \
-        --fused-options ";prefetch=0" --traceback-after 120 --json "$OUT/sample.json" ;;
+        --traceback-after 120 --json "$OUT/sample.json" ;;
     sample_profile)
       step sample_profile 150 python3 bench/sample.py --no-long --no-hf --batch-sizes 1 --repeats 2 --decode fused \
         --kernels fused --profile-top 40 --json "$OUT/sample_profile.json" ;;
     sample_variants)
       step sample_variants 400 python3 bench/sample.py --no-long --no-hf --batch-sizes 1 --repeats 2 --decode fused \
-        --fused-options "${FUSED_SETS:-prefetch=0 gemv=1 gemv_warps=1;prefetch=1 gemv=1 gemv_warps=1;prefetch=1 gemv=0;prefetch=1 gemv=1 gemv_warps=1 attention_splits=0;prefetch=1 gemv=1 gemv_warps=2}" \
+        --decode-tuning "${TUNING_SETS:-;gemv_warps=2;cache_block=64}" \
         --kernels fused --profile-top 12 --json "$OUT/sample_variants.json" ;;
     sample_kernels)
       step sample_kernels 80 python3 bench/sample.py --decode-kernels --batch-sizes 1 --json "$OUT/sample_kernels.json" ;;

@@ -27,6 +27,8 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 
+from pallas_kernels.decode import tuning as decode_tuning  # noqa: E402
+
 
 def log(*a):
     print(*a, flush=True)
@@ -99,7 +101,6 @@ def bench_long(args, results):
 def bench_main(args, results):
     import jax
     import jax.numpy as jnp
-    from bench.xla_options import xla_option_sets
     from wmjax.config import DogeConfig
     from wmjax.models.doge import DogeForCausalLM, init_params
     cfg = DogeConfig.preset(args.preset)
@@ -112,21 +113,18 @@ def bench_main(args, results):
     rng = np.random.default_rng(0)
     wm = {}
     per_decode = {}
-    from wmjax.fused_decode import FusedDecodeOptions
-    # variants: every decode path under every XLA option set (';'-separated sets of 'name=value' pairs), the fused
-    # paths also under every --fused-options set
+    # variants: every decode path, the fused ones also under every --decode-tuning set
     variants = []
-    fused_sets = [t.strip() for t in args.fused_options.split(";")]
+    tuning_sets = [t.strip() for t in args.decode_tuning.split(";")]
     for dec in args.decode:
-        for opts, copts in xla_option_sets(args.xla_options):
-            for fo in (fused_sets if dec in ("fused", "auto") else [""]):
-                label = dec + (f" [{opts}]" if copts else "") + (f" {{{fo}}}" if fo else "")
-                variants.append((label, dec, copts, FusedDecodeOptions.parse(fo) if fo else None))
+        for fo in (tuning_sets if dec in ("fused", "auto") else [""]):
+            variants.append((dec + (f" {{{fo}}}" if fo else ""), dec, _tuning_fields(fo)))
     for bs in args.batch_sizes:
         prompts = rng.integers(0, cfg.vocab_size, (bs, args.prompt_len)).tolist()
-        for vi, (label, dec, copts, fopts) in enumerate(variants):
-            out, first, best = time_generate(model, params, prompts, args.new, args.repeats, cache="full",
-                                             decode=dec, compiler_options=copts or None, fused_options=fopts)
+        for vi, (label, dec, fopts) in enumerate(variants):
+            with decode_tuning.override(**fopts):
+                out, first, best = time_generate(model, params, prompts, args.new, args.repeats, cache="full",
+                                                 decode=dec)
             tps = bs * args.new / best
             row = dict(tok_s=tps, seconds=best, first_call_s=first, ms_per_step=1e3 * best / args.new)
             log(f"[wmjax] {args.preset} decode={label} bs={bs} prompt={args.prompt_len} new={args.new}: {tps:,.0f} "
@@ -191,15 +189,27 @@ def bench_main(args, results):
         log(f"[speedup] bs={bs}: wmjax / transformers = {results['wmjax'][bs]['tok_s'] / tps:,.0f}x")
 
 
-def _profile_generate(model, params, prompts, new, decode, top, title, n_layers, fused_options=None):
+def _tuning_fields(text: str) -> dict:
+    """'gemv_warps=2 cache_block=64' -> {name: int} (pallas_kernels.decode.tuning.DecodeTuning fields)."""
+    fields = {}
+    for item in text.split():
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--decode-tuning: {item!r} is not name=value")
+        fields[name] = int(value)
+    return fields
+
+
+def _profile_generate(model, params, prompts, new, decode, top, title, n_layers, tuning_fields=None):
     """Kernel table (printed) and device timeline of one `generate` call under jax.profiler; returns
     (rows, events per call, timeline)."""
     import tempfile
     from bench.kernel_profile import device_timeline, kernel_table, print_kernel_table
     from wmjax.sampling import generate
     logdir = tempfile.mkdtemp(prefix="wmjax_sample_prof_")
-    rows = kernel_table(lambda: generate(model, params, prompts, max_new_tokens=new, stop_tokens=[], cache="full",
-                                         decode=decode, fused_options=fused_options).tokens, iters=1, logdir=logdir)
+    with decode_tuning.override(**(tuning_fields or {})):
+        rows = kernel_table(lambda: generate(model, params, prompts, max_new_tokens=new, stop_tokens=[],
+                                             cache="full", decode=decode).tokens, iters=1, logdir=logdir)
     tl = device_timeline(logdir)
     print_kernel_table(rows, top=top, title=title)
     n_ev = sum(r["count"] for r in rows)
@@ -258,8 +268,8 @@ def bench_decode_kernels(args, results):
     import jax
     import jax.numpy as jnp
     from bench.kernel_profile import kernel_table
-    from pallas_kernels.decode import (combine_partials, decode_layer_attention, decode_layer_attention_reference,
-                                       decode_linear, decode_linear_reference)
+    from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
+                                       decode_linear_reference)
     from wmjax.config import DogeConfig
     from wmjax.layers.rope import rope_cos_sin
     cfg = DogeConfig.preset(args.preset)
@@ -330,14 +340,6 @@ def bench_decode_kernels(args, results):
                         *x, block_n=bn, block_k=256, num_warps=warps, num_stages=3, real_rows=1, **kw))
                     measure(bs, kname, f"pallas gemv rows=1 block_n={bn} block_k=256 warps={warps} stages=3", f,
                             ins1, ref1)
-                if kname == "o":  # the o projection combining split-attention partials (3 splits) in its prologue
-                    parts = a(3, 1, h * d, dt=f32)
-                    lse = jnp.repeat(a(3, 1, h, dt=f32), d, axis=2)
-                    ins3 = (parts, lse) + ins1[1:]
-                    ref3 = jax.jit(lambda p_, l_, *x, kw=kw1: decode_linear_reference(p_, *x, x_lse=l_, **kw))(*ins3)
-                    f = jax.jit(lambda p_, l_, *x, kw=kw1: decode_linear(
-                        p_, *x, x_lse=l_, block_n=4, block_k=256, num_warps=4, num_stages=3, real_rows=1, **kw))
-                    measure(bs, kname, "pallas gemv rows=1 block_n=4 + combine of 3 split partials", f, ins3, ref3)
         pos = jnp.asarray(rng.integers(args.prompt_len, c - 1, size=bs))
         cos, sin = rope_cos_sin(pos[:, None], d, cfg.rope_theta, dtype=bf)
         valid = jnp.asarray(rng.random((bs, c)) < 0.9, jnp.int32).at[:, c // 2:].set(0)
@@ -349,16 +351,11 @@ def bench_decode_kernels(args, results):
         ins = ins[:8] + ins[9:]
         ref = want(*ins)
         measure(bs, "attention", "reference (XLA)", want, ins, ref)
-        # (block_c, warps, stages, splits): splits > 1 return partials, combined (outside the timing) for the check
-        variants = [(128, 4, 2, 1), (128, 4, 3, 1), (64, 4, 3, 1)]
-        variants += [(128, 4, 3, 3), (128, 4, 2, 3), (64, 4, 3, 3), (64, 4, 3, 6), (64, 4, 2, 6), (128, 2, 3, 3)]
-        for bc, warps, stages, splits in variants:
-            f = jax.jit(lambda *x, bc=bc, warps=warps, stages=stages, splits=splits: decode_layer_attention(
-                *x[:8], None, *x[8:], block_c=bc, num_warps=warps, num_stages=stages, num_splits=splits, **kw))
-            post = ((lambda out: out) if splits == 1 else
-                    (lambda out: (jnp.pad(combine_partials(*out[0], bf), ((0, rows - bs), (0, 0))),) + tuple(out[1:])))
-            measure(bs, "attention", f"pallas block_c={bc} warps={warps} stages={stages} splits={splits}", f, ins,
-                    ref, post)
+        # (block_c, warps, stages)
+        for bc, warps, stages in [(128, 4, 2), (128, 4, 3), (64, 4, 3), (128, 2, 3)]:
+            f = jax.jit(lambda *x, bc=bc, warps=warps, stages=stages: decode_layer_attention(
+                *x[:8], None, *x[8:], block_c=bc, num_warps=warps, num_stages=stages, **kw))
+            measure(bs, "attention", f"pallas block_c={bc} warps={warps} stages={stages}", f, ins, ref)
     results["decode_kernels"] = rows_out
 
 
@@ -380,16 +377,14 @@ def main(argv=None):
     p.add_argument("--decode-kernels", action="store_true",
                    help="time the fused path's decode kernels alone (block variants vs the XLA reference)")
     p.add_argument("--decode", type=lambda s: s.split(","), default=["auto"],
-                   help="generate(decode=...) paths to time, comma-separated (model, fused, fused_xla, auto; e.g. model,fused_xla); the last one is "
-                        "compared with transformers")
-    p.add_argument("--fused-options", default="",
-                   help="FusedDecodeOptions sets, ';'-separated, each 'name=value ...' (e.g. 'prefetch=0;prefetch=1 "
-                        "gemv_warps=4'); every fused / auto path runs under every set; an empty set = the defaults")
+                   help="generate(decode=...) paths to time, comma-separated (model, fused, auto; e.g. model,fused); "
+                        "the last one is compared with transformers")
+    p.add_argument("--decode-tuning", default="",
+                   help="pallas_kernels.decode.tuning.override sets, ';'-separated, each 'name=value ...' (e.g. "
+                        "';gemv_warps=2 cache_block=64'); every fused / auto path runs under every set; an empty set = "
+                        "the tuned defaults. (XLA options: one set per process, through XLA_FLAGS.)")
     p.add_argument("--kernels", type=lambda s: s.split(","), default=[],
                    help="decode paths to also profile (kernel table of one generate call, after timing)")
-    p.add_argument("--xla-options", default="",
-                   help="XLA option sets, ';'-separated, each 'name=value name=value' (generate's compiler_options); "
-                        "every --decode path runs under every set in this process; an empty set = the defaults")
     p.add_argument("--traceback-after", type=float, default=0,
                    help="dump every thread's Python stack every N seconds (finds where a stalled call waits: "
                         "XLA compile or the device)")

@@ -28,17 +28,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from wmjax.ops.ssd import ssd, ssd_chunked, ssd_naive  # noqa: E402
+from pallas_kernels.ssd import kernels as Kn  # noqa: E402
+from pallas_kernels.ssd import ops as O  # noqa: E402
+from pallas_kernels.ssd import ssd_pallas, tuning  # noqa: E402
+from pallas_kernels.ssd.reference import ssd_chunked, ssd_naive  # noqa: E402
 
-# wmjax kernel variants timed per shape (the first is the default; the table reports the best)
+# wmjax kernel variants timed per shape: `pallas_kernels.ssd.tuning.override` fields (the first is the tuned
+# default; the table reports the best). Measured on H100 and dropped (docs/benchmarks-history.md, SSD): block_t 32
+# (25-45 % slower), block_t 128 / 8 warps and 8 forward warps (slower at g=1, +-7 % for Cheems).
 VARIANTS = [
     {},
     {"bwd_heads": 4},
-    {"scan_fwd_stages": 3, "states_fwd_stages": 3},
-    {"cb_precompute": True},
-    {"passing_matmul": True},
-    # measured on H100 (measurements 1-2) and dropped: {"block_t": 32} 25-45 % slower;
-    # {"block_t": 128, 8 warps} and 8 forward warps: slower at g=1, ±7 % for Cheems
+    {"num_stages_scan_fwd": 3, "num_stages_states_fwd": 3},
 ]
 
 CONFIGS = [
@@ -118,8 +119,6 @@ def measure_ceilings():
 
 def correctness_check(interpret=False):
     """f32 kernels on this device vs the naive recurrence: forward, final state, all gradients."""
-    from pallas_kernels.ssd import ssd_pallas
-
     print("== correctness (f32, Pallas on this device vs naive recurrence) ==")
     worst = 0.0
     cases = [((2, 300, 4, 64, 1, 128), dict()), ((1, 530, 8, 32, 2, 64), dict(D=True, z=True, h0=True, seg=True)),
@@ -186,8 +185,6 @@ def run_bench(configs, with_peer, interpret=False, json_path=None):
 
 
 def bench_one(cfg, with_peer, interpret, bw, peak):
-    from pallas_kernels.ssd import ssd_pallas
-
     if with_peer:
         import torch
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -205,11 +202,9 @@ def bench_one(cfg, with_peer, interpret, bw, peak):
         y_w = grads_w = y_ref = None
         best_f = best_fb = float("inf")
         for vi, var in enumerate(VARIANTS if not interpret else VARIANTS[:1]):
-            var = dict(var)
-            bt = var.pop("block_t", None)
-
-            def f_fwd(x, dt, A, B, C, bt=bt, var=var):
-                return ssd_pallas(x, dt, A, B, C, chunk_size=Q, interpret=interpret, block_t=bt, tuning=var)[0]
+            def f_fwd(x, dt, A, B, C, var=var):
+                with tuning.override(**var):  # read while jax.jit traces this function
+                    return ssd_pallas(x, dt, A, B, C, chunk_size=Q, interpret=interpret)[0]
 
             fwd = jax.jit(f_fwd)
 
@@ -303,9 +298,6 @@ def print_table(rows):
 
 def breakdown(cfg, interpret=False):
     """Times each stage of the wmjax forward/backward separately at one shape (synthetic stage inputs)."""
-    from pallas_kernels.ssd import kernels as Kn
-    from pallas_kernels.ssd import ops as O
-
     name, b, L, h, p, g, n = cfg
     hg, T, nc = h // g, 64, L // Q
     rng = np.random.default_rng(0)
@@ -321,32 +313,20 @@ def breakdown(cfg, interpret=False):
     cs_end = cs.reshape(b, h, nc, Q)[..., -1]
     keep = jnp.ones((b, nc), bool)
     h0 = jnp.zeros((b, h, p, n), jnp.float32)
-    CB = (jnp.einsum("bcqgn,bcsgn->bcgqs", C.reshape(b, nc, Q, g, n), B.reshape(b, nc, Q, g, n),
-                     preferred_element_type=jnp.float32) if hg > 1 else None)
     hs = O._heads_per_program(hg, 8)
     cfgk = dict(hg=hg, Q=Q, T=T, interpret=interpret)
     w4 = dict(num_warps=4, num_stages=2)
     w8 = dict(num_warps=8 if max(p, n) >= 128 else 4, num_stages=2)
-    ein = lambda C_, B_: jnp.einsum("bcqgn,bcsgn->bcgqs", C_.reshape(b, nc, Q, g, n),  # noqa: E731
-                                    B_.reshape(b, nc, Q, g, n), preferred_element_type=jnp.float32)
-    sp = lambda S_, ce_, h0_: O._state_passing(S_, ce_, keep, h0_)  # noqa: E731
+    sp = lambda S_, ce_, h0_: O._state_passing(S_, ce_, keep, h0_, interpret)  # noqa: E731
     stages = {
         "states_fwd": (lambda x_, B_, e_: Kn.chunk_states_fwd(x_, B_, e_, **cfgk, **w4), (x, B, e)),
-        "state_passing (matmul)": (sp, (S, cs_end, h0)),
-        "state_passing (kernel)": (lambda S_, ce_, h0_: O._state_passing_kernel(S_, ce_, keep, h0_, interpret),
-                                   (S, cs_end, h0)),
-        "CB einsum": (ein, (C, B)),
-        "scan_fwd (CB if hg>1)": (lambda *a: Kn.chunk_scan_fwd(*a[:7], None, a[7], **cfgk, **w4),
-                                  (x, B, C, dt, cs, e, S, CB)),
-        "scan_fwd (no CB)": (lambda *a: Kn.chunk_scan_fwd(*a, None, None, **cfgk, **w4), (x, B, C, dt, cs, e, S)),
-        "state_passing vjp (matmul)": (lambda S_, ce_, h0_: jax.vjp(sp, S_, ce_, h0_)[1]((S_, h0_)), (S, cs_end, h0)),
-        "state_passing vjp (kernel)": (lambda S_, ce_, h0_: jax.vjp(
-            lambda a, b_, c: O._state_passing_kernel(a, b_, keep, c, interpret), S_, ce_, h0_)[1]((S_, h0_)),
-            (S, cs_end, h0)),
-        "scan_bwd": (lambda *a: Kn.chunk_scan_bwd(*a[:7], None, a[7], a[8], **cfgk, hs=hs, **w8),
-                     (x, B, C, dt, cs, e, S, dy, CB)),
-        "scan_bwd hs=1": (lambda *a: Kn.chunk_scan_bwd(*a[:7], None, a[7], a[8], **cfgk, hs=1, **w8),
-                          (x, B, C, dt, cs, e, S, dy, CB)),
+        "state_passing": (sp, (S, cs_end, h0)),
+        "scan_fwd": (lambda *a: Kn.chunk_scan_fwd(*a, None, **cfgk, **w4), (x, B, C, dt, cs, e, S)),
+        "state_passing vjp": (lambda S_, ce_, h0_: jax.vjp(sp, S_, ce_, h0_)[1]((S_, h0_)), (S, cs_end, h0)),
+        "scan_bwd": (lambda *a: Kn.chunk_scan_bwd(*a[:7], None, a[7], **cfgk, hs=hs, **w8),
+                     (x, B, C, dt, cs, e, S, dy)),
+        "scan_bwd hs=1": (lambda *a: Kn.chunk_scan_bwd(*a[:7], None, a[7], **cfgk, hs=1, **w8),
+                          (x, B, C, dt, cs, e, S, dy)),
         "states_bwd": (lambda x_, B_, e_, S_: Kn.chunk_states_bwd(x_, B_, e_, S_, **cfgk, hs=hs, **w8),
                        (x, B, e, S)),
     }

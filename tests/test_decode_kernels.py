@@ -3,6 +3,7 @@ Triton lowering for an abstract H100 (interpret mode hides lowering errors). Tol
 sum in a different order than XLA), bf16 2e-2 relative (one bf16 rounding of a differently ordered sum)."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -10,8 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode import (combine_partials, decode_layer_attention, decode_layer_attention_reference,
-                                   decode_linear, decode_linear_reference)
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from pallas_kernels.decode import tuning as decode_tuning
+from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
+                                   decode_linear_reference)
+from pallas_kernels.decode.attention import _prefetch_plan
+from pallas_kernels.decode.linear import _fit_block_k
+from wmjax.cache import init_cache
+from wmjax.config import DogeConfig
+from wmjax.fused_decode import (decode_state_from_cache, fused_decode_step, fused_decode_supported,
+                                prepare_decode_params)
+from wmjax.layers.rope import rope_cos_sin
+from wmjax.models.doge import init_params
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -90,54 +102,6 @@ def test_decode_linear_gemv_reads_only_row0():
     _close(got[0], want, 1e-5)
 
 
-def _partials(rng, splits, rows, k, empty_split=None):
-    """Split-attention partials: f32 outputs [S, rows, K] and their log-sum-exps, constant over each head's 16
-    columns (as the attention writes them); `empty_split` gets the lse of a split that saw no visible key."""
-    parts = jnp.asarray(rng.normal(size=(splits, rows, k)), jnp.float32)
-    lse = np.repeat(rng.normal(size=(splits, rows, k // 16)) * 2, 16, axis=2)
-    if empty_split is not None:
-        lse[empty_split] = np.finfo(np.float32).min
-    return parts, jnp.asarray(lse, jnp.float32)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("form", ["dot", "gemv"])
-def test_decode_linear_combine_prologue_matches_reference(dtype, form):
-    """x given as split-attention partials (x_lse): the prologue combines them (combine_partials) before the
-    product; o projection's use (bias + residual epilogue). Tolerances as the plain forms' (the combine is f32
-    arithmetic in both, rounded once to the compute dtype)."""
-    rng = np.random.default_rng(7)
-    rows = 16 if form == "dot" else 1
-    _, w, kw = _linear_args(rng, dtype, "residual", rows, 96)
-    kw["bias"] = jnp.asarray(rng.normal(size=64), dtype)
-    for splits, empty in ((3, None), (2, 1)):
-        parts, lse = _partials(rng, splits, rows, 96, empty)
-        want = decode_linear_reference(parts, w, x_lse=lse, **kw)
-        np.testing.assert_array_equal(  # the reference is the plain projection of the combined x
-            np.asarray(want, np.float32),
-            np.asarray(decode_linear_reference(combine_partials(parts, lse, dtype), w, **kw), np.float32))
-        extra = dict(block_n=16) if form == "dot" else dict(block_n=4, real_rows=1)
-        got = decode_linear(parts, w, x_lse=lse, block_k=32, interpret=True, **extra, **kw)
-        chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
-        _close(got[:1] if form == "gemv" else got, want[:1] if form == "gemv" else want, TOL[dtype],
-               f"splits={splits} empty={empty}")
-
-
-def test_combine_partials_is_the_softmax_over_all_keys():
-    """Two splits' (output, lse) from a softmax over their halves of the keys combine to the softmax over all."""
-    rng = np.random.default_rng(8)
-    s, v = rng.normal(size=(10,)) * 3, rng.normal(size=(10, 4))
-    want = (np.exp(s - s.max()) / np.exp(s - s.max()).sum()) @ v
-    parts, lses = [], []
-    for half in (slice(0, 6), slice(6, 10)):
-        e = np.exp(s[half] - s[half].max())
-        parts.append(e @ v[half] / e.sum())
-        lses.append(np.full(4, s[half].max() + np.log(e.sum())))
-    got = combine_partials(jnp.asarray(np.stack(parts), jnp.float32), jnp.asarray(np.stack(lses), jnp.float32),
-                           jnp.float32)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-
-
 def test_decode_linear_rejects_bad_shapes():
     x = jnp.zeros((16, 64), jnp.float32)
     with pytest.raises(ValueError, match=r"weight \(32, 48\) is not \[N, K=64\]"):
@@ -162,18 +126,14 @@ def test_decode_linear_rejects_bad_shapes():
     for bad in (0, 2, 16, True, 1.0):
         with pytest.raises(ValueError, match="must be None .every row. or 1"):
             decode_linear(x, jnp.zeros((32, 64)), real_rows=bad, interpret=True)
-    # partials need x_lse of the same [S, rows, K] f32 shape; a 3-D x without it is refused
     with pytest.raises(ValueError, match=r"x \(2, 16, 64\) is not \[rows, K\]"):
         decode_linear(jnp.zeros((2, 16, 64)), jnp.zeros((32, 64)), interpret=True)
-    with pytest.raises(ValueError, match="x and x_lse must both be .S, rows, K. f32 partials"):
-        decode_linear(jnp.zeros((2, 16, 64)), jnp.zeros((32, 64)), x_lse=jnp.zeros((2, 16, 32)), interpret=True)
     # gemv form: rows need not be a multiple of 16
     assert decode_linear(jnp.zeros((3, 64)), jnp.zeros((32, 64)), block_n=4, real_rows=1,
                          interpret=True).shape == (3, 32)
 
 
 def test_decode_linear_block_k_fallback():
-    from pallas_kernels.decode.linear import _fit_block_k
     assert _fit_block_k(1536, 256) == 256
     assert _fit_block_k(768, 512) == 256      # 768 = 3 x 256
     assert _fit_block_k(96, 64) == 32
@@ -185,7 +145,6 @@ def test_decode_linear_block_k_fallback():
 def _attention_args(rng, dtype, b=3, rows=16, h=4, g=2, d=32, c=128, slot=70, dt_bias=True):
     a = lambda *shape, scale=1.0, dt=dtype: jnp.asarray(rng.normal(size=shape) * scale, dt)
     pos = rng.integers(60, 200, size=b)
-    from wmjax.layers.rope import rope_cos_sin
     cos, sin = rope_cos_sin(jnp.asarray(pos)[:, None], d, 10000.0, dtype=dtype)
     valid = rng.random((b, c)) < 0.7
     valid[:, slot:] = False
@@ -237,26 +196,9 @@ def test_decode_layer_attention_group_sizes(dtype, h, g):
     _check_attention(args, kw, dtype, True)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("b,rows,num_splits", [(1, 1, 2), (1, 1, 4), (3, 16, 2)])
-def test_decode_layer_attention_splits_match_reference(dtype, b, rows, num_splits):
-    """The cache's 4 blocks (block_c 32) split over 2 or 4 programs per (row, kv head): the partials combined
-    (combine_partials) equal the unsplit reference (ATT_TOL); the last block holds no visible key (slot 70 on), so
-    with 4 splits one split is empty. The caches are written once (split 0), as unsplit."""
-    args, kw = _attention_args(np.random.default_rng(9), dtype, b=b, rows=rows)
-    want = decode_layer_attention_reference(*args, **kw)
-    (parts, lse), *caches = decode_layer_attention(*args, block_c=32, num_splits=num_splits, interpret=True, **kw)
-    chex.assert_shape((parts, lse), (num_splits, rows, want[0].shape[1]))
-    _close(combine_partials(parts[:, :b], lse[:, :b], dtype), want[0][:b], ATT_TOL[dtype], "att")
-    for name, g_, w_ in zip(("keys", "values", "biases"), caches, want[1:]):
-        chex.assert_trees_all_equal_shapes_and_dtypes(g_, w_)
-        _close(g_, w_, ATT_TOL[dtype], name)
-
-
 def test_decode_layer_attention_prefetch_changes_nothing():
     """Extra prefetch programs (weights read while the attention runs) leave every output bit-identical; the plan
     gives each weight row blocks of ~24 KB or less and column chunks dividing K."""
-    from pallas_kernels.decode.attention import _prefetch_plan
     args, kw = _attention_args(np.random.default_rng(10), jnp.bfloat16, b=1, rows=1)
     rng = np.random.default_rng(11)
     pre = (jnp.asarray(rng.normal(size=(64, 96)), jnp.bfloat16), jnp.asarray(rng.normal(size=(48, 1536)), jnp.float32))
@@ -265,10 +207,9 @@ def test_decode_layer_attention_prefetch_changes_nothing():
     assert _prefetch_plan(pre, 2) == ((2, 1, 64, 32, 3), (3, 6, 16, 256, 3))
     assert _prefetch_plan((jnp.zeros((768, 768)), jnp.zeros((1536, 768))), 3) == (
         (3, 12, 64, 256, 3), (15, 24, 64, 256, 3))
-    for splits in (1, 2):
-        want = decode_layer_attention(*args, block_c=32, num_splits=splits, interpret=True, **kw)
-        got = decode_layer_attention(*args, block_c=32, num_splits=splits, prefetch=pre, interpret=True, **kw)
-        chex.assert_trees_all_equal(got, want)
+    want = decode_layer_attention(*args, block_c=32, interpret=True, **kw)
+    got = decode_layer_attention(*args, block_c=32, prefetch=pre, interpret=True, **kw)
+    chex.assert_trees_all_equal(got, want)
     for bad in (jnp.zeros(16), jnp.zeros((24, 32))):
         with pytest.raises(ValueError, match="prefetch arrays must be 2-D weights with both sizes multiples of 16"):
             decode_layer_attention(*args, prefetch=(bad,), interpret=True, **kw)
@@ -280,8 +221,6 @@ def test_decode_layer_attention_rejects_bad_shapes():
         decode_layer_attention(*args, block_c=48, interpret=True, **kw)
     with pytest.raises(ValueError, match="not a multiple of kv heads"):
         decode_layer_attention(*args, interpret=True, **dict(kw, num_heads=3))
-    with pytest.raises(ValueError, match="num_splits=3 must be an int >= 1 dividing the 4 cache blocks"):
-        decode_layer_attention(*args, block_c=32, num_splits=3, interpret=True, **kw)
     # the kernel's Triton dots need D/2 >= 16 (checked before lowering; interpret mode takes head_dim 16,
     # see test_decode_layer_attention_small_head_dim)
     args16, kw16 = _attention_args(np.random.default_rng(2), jnp.float32, d=16)
@@ -297,7 +236,6 @@ def test_decode_layer_attention_small_head_dim():
 
 def test_decode_kernels_lower_for_h100():
     """Doge-160M shapes (hidden 768, ffn 1536, 6 heads / 3 kv heads, head_dim 128, vocab 32768), 16 rows."""
-    from jax.sharding import AbstractDevice, AbstractMesh
     h100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
                                                                      num_cores=132, platform="cuda"))
     s, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
@@ -336,19 +274,58 @@ def test_decode_kernels_lower_for_h100():
     att_f32 = tuple(s(x.shape, f32) if x.dtype == bf else x for x in att_shapes)
     att.append((att_f32[:8] + (s((g,), f32),) + att_f32[8:],
                 lambda *x: decode_layer_attention(*x, num_heads=h, eps=1e-6, scale=d ** -0.5)))
-    # batch 1 as the fused step runs it: the attention split over the 3 cache blocks, the o projection's gemv
-    # form combining the partials (x_lse)
+    # batch 1 as the fused step runs it, prefetching a layer's o / gate / up / down and the next q/k/v weights
     att1 = (s((1, (h + 2 * g) * d), bf), s((1, d), bf), s((1, d), bf), s((1, c), jnp.int32)) + att_shapes[4:9] + (
         s((1, g, c, d), bf), s((1, g, c, d), bf), s((1, g, c), f32))
-    att.append((att1, lambda *x: decode_layer_attention(*x[:8], None, *x[8:], num_heads=h, eps=1e-6,
-                                                        scale=d ** -0.5, num_splits=3)))
-    # and prefetching a layer's o / gate / up / down and the next q/k/v weights (FusedDecodeOptions.prefetch)
     pre = (s((hid, h * d), bf), s((ffn, hid), bf), s((ffn, hid), bf), s((hid, ffn), bf), s(((h + 2 * g) * d, hid), bf))
     att.append((att1 + pre, lambda *x: decode_layer_attention(*x[:8], None, *x[8:12], num_heads=h, eps=1e-6,
                                                               scale=d ** -0.5, prefetch=x[12:])))
-    lin.append(((s((3, 1, h * d), f32), s((3, 1, h * d), f32), s((hid, h * d), bf), s((1, hid), bf), s((hid,), f32)),
-                lambda x, xl, w, r, rs: gemv(block_n=4)(x, w, x_lse=xl, residual=r, residual_scale=rs)))
     with jax.sharding.use_abstract_mesh(h100):
         for shapes, fn in lin + att:
             text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
             assert "wmjax_decode_" in text
+
+
+def test_fused_decode_step_lowers_for_h100():
+    """The whole fused decode step (`wmjax.fused_decode.fused_decode_step`, implementation "pallas": the Triton
+    kernels, not interpret mode) lowers for an abstract H100, bf16: two layers with every bias (head_dim 32, hidden
+    128, vocab 1000 padded to the LM head's block, cache 300 slots padded to the attention's block), at batch 1
+    (the projections' gemv form, the attention prefetching the next weights) and batch 3 (the dot form on 16
+    padded rows): 5 Triton kernels per layer + the LM head."""
+    h100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                                                     num_cores=132, platform="cuda"))
+    cfg = DogeConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, keep_window_size=512,
+                     tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+    assert fused_decode_supported(cfg, "full", 300)
+    bf = jnp.bfloat16
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    fparams = jax.eval_shape(lambda p: prepare_decode_params(cfg, p, bf), params)
+    for batch, form in ((1, "wmjax_decode_linear_gemv"), (3, "wmjax_decode_linear")):
+        state = jax.eval_shape(lambda: decode_state_from_cache(init_cache(cfg, batch, 300, bf, "full")))
+        ints = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        step = lambda fp, st, tok, pos: fused_decode_step(cfg, bf, fp, st, tok, pos, implementation="pallas")
+        with jax.sharding.use_abstract_mesh(h100):
+            text = jax.jit(step).trace(fparams, state, ints, ints).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 5 * 2 + 1, batch
+        assert set(re.findall(r"wmjax_decode_\w+", text)) == {form, "wmjax_decode_layer_attention"}, batch
+
+
+def test_tuning_override_hook():
+    """Benchmarks change the tuned defaults through `tuning.override` only: nested blocks apply and undo their
+    fields, an unknown field is refused by name, and an inconsistent setting by DecodeTuning's own check."""
+    default = decode_tuning.current()
+    assert default == decode_tuning.DecodeTuning()
+    with decode_tuning.override(gemv_warps=2) as outer:
+        assert outer.gemv_warps == 2 and decode_tuning.current().gemv_warps == 2
+        with decode_tuning.override(cache_block=64):
+            assert (decode_tuning.current().gemv_warps, decode_tuning.current().cache_block) == (2, 64)
+        assert decode_tuning.current().cache_block == default.cache_block
+    assert decode_tuning.current() == default
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['warps'\]"):
+        with decode_tuning.override(warps=4):
+            pass
+    with pytest.raises(ValueError, match="gemv_logits_block_n=48 must divide logits_block_n=64"):
+        with decode_tuning.override(gemv_logits_block_n=48):
+            pass
+    assert decode_tuning.current() == default

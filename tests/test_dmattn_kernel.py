@@ -1,4 +1,4 @@
-"""Flash dynamic-mask attention kernel (pallas_kernels.dmattn) vs the O(L^2) reference (wmjax.ops.dmattn).
+"""Flash dynamic-mask attention kernel (pallas_kernels.dmattn) vs the O(L^2) reference (pallas_kernels.dmattn.reference).
 
 CPU: Pallas interpret mode for values (outputs, dq, dk, dv, d_bias; f32 rel err <= 1e-4 on rows with at least one
 allowed key) with small tiles so that short sequences still cross many blocks; the GPU (Triton) lowering is checked
@@ -18,7 +18,10 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 from pallas_kernels.dmattn import DmattnConfig, default_config, dynamic_mask_attention_pallas, prepare_mask, supports
 from pallas_kernels.dmattn.prepass import key_expiry
-from wmjax.ops.dmattn import dynamic_mask_attention, dynamic_mask_attention_reference
+from pallas_kernels.dmattn.reference import dynamic_mask_attention_reference, keep_threshold
+from wmjax.config import DogeConfig
+from wmjax.models.doge import DogeForCausalLM, init_params
+from wmjax.ops.dmattn import dynamic_mask_attention
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
@@ -172,25 +175,15 @@ def test_key_expiry_prepass(ties):
         np.testing.assert_array_equal(np.asarray(e[r]), _expiry_bruteforce(bias[r], valid[r], w))
 
 
-@pytest.mark.parametrize("length,group", [(1000, 512), (96, 32), (4096, 512)])
-def test_dkv_key_order_packed_equals_two_key_sort(length, group):
-    """The packed short-row sort gives the same dk/dv key order as the two-key whole-row sort (ties in e broken
-    by index), also with a partial last group."""
-    from pallas_kernels.dmattn.prepass import dkv_key_order
-    e = jnp.asarray(np.random.default_rng(length).integers(0, length + 1, (3, length)), jnp.int32)
-    np.testing.assert_array_equal(np.asarray(dkv_key_order(e, group, packed=True)), np.asarray(dkv_key_order(e, group)))
-
-
 def test_kept_set_equals_reference_top_k():
     """rows [j, e_j) reproduce the reference's kept set bias_j >= tau_i (distinct and tied biases)."""
-    from wmjax.ops.dmattn import keep_threshold_reference
     rng = np.random.default_rng(2)
     length, w = 64, 10
     prep = jax.jit(lambda bias: prepare_mask(bias, jnp.ones((1, length), bool), w, SMALL))
     for bias in (rng.random((1, 1, length)), np.round(rng.random((1, 1, length)) * 3) / 3):
         bias = jnp.asarray(bias, jnp.float32)
         allowed = jnp.tril(jnp.ones((length, length), bool))[None]
-        tau = keep_threshold_reference(bias, allowed, w)
+        tau = keep_threshold(bias, allowed[:, None], w)                                 # [1, 1, L]
         kept = allowed[:, None] & (bias[:, :, None, :] >= tau[..., None])
         aux = prep(bias)
         i = np.arange(length)[:, None]
@@ -220,11 +213,15 @@ def test_supports_subset():
 
 
 def test_dispatcher_uses_kernel():
-    """dynamic_mask_attention(implementation="pallas") reaches the kernel (interpret mode on a CPU backend)."""
+    """dynamic_mask_attention(implementation="pallas") reaches the kernel (a pallas_call in its jaxpr, none in the
+    auto choice's on a CPU) and runs it (interpret mode on a CPU backend)."""
     b, length, h, g, d, w = 1, 48, 2, 1, 64, 20
     q, k, v, bias, _ = _inputs(b, length, h, g, d, jnp.float32, 7)
     pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     kw = dict(keep_window_size=w, query_positions=pos, key_positions=pos)
+    jaxpr = lambda impl: str(jax.make_jaxpr(
+        lambda *a: dynamic_mask_attention(*a, **kw, implementation=impl))(q, k, v, bias))
+    assert "pallas_call" in jaxpr("pallas") and "pallas_call" not in jaxpr(None)
     got = dynamic_mask_attention(q, k, v, bias, **kw, implementation="pallas")
     want = dynamic_mask_attention_reference(q, k, v, bias, **kw)
     assert _rel(got, want) <= 1e-4
@@ -325,9 +322,6 @@ def test_l32768_memory_is_linear():
 def test_doge_model_with_kernel_matches_reference():
     """Model level: a small Doge (GQA 2, head_dim 16, w = 12 < L) on packed documents gives the same logits and
     parameter gradients (A and dt_proj included, through d_bias) with the kernel as with the reference."""
-    from wmjax.config import DogeConfig
-    from wmjax.models.doge import DogeForCausalLM, init_params
-
     cfg = DogeConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, keep_window_size=12,
                      tie_word_embeddings=True)

@@ -134,7 +134,7 @@ def test_moe_logits_and_aux_loss_match_hf(layout):
 
 
 def test_per_token_router_matches_numpy_recomputation():
-    """Independent of HF: the per-token CDMoE output of one layer, recomputed in numpy from the doge.md s5.2 math."""
+    """Independent of HF: the per-token CDMoE output of one layer, recomputed in numpy (docs/DOGE.md, CDMoE)."""
     from wmjax.layers.moe import CDMoE
 
     cfg = DogeConfig(**dict(BASE, **MOE, router_layout="per_token"))
@@ -169,7 +169,8 @@ _OLD_LAYER = [(".input_layernorm.weight", ".pre_layernorm.weight"), (".input_res
 
 
 def to_legacy_names(sd):
-    """HF names -> the pre-2025-06-19 SmallDoge names of doge.md s6.3 (written out here, not taken from wmjax)."""
+    """HF names -> the pre-2025-06-19 SmallDoge names (docs/DOGE.md, Legacy SmallDoge layouts; written out here,
+    not taken from wmjax)."""
     out = {}
     for k, v in sd.items():
         k = _OLD_TOP.get(k, k)
@@ -221,7 +222,7 @@ def test_legacy_names_with_hf_native_shapes_import_and_export_losslessly(tmp_pat
 
 
 def _legacy_state_dict(cfg: DogeConfig, seed=0):
-    """A legacy SmallDoge state dict from the doge.md s4.6 / s6.3 key list: old names, no q/k norm, A [H] and
+    """A legacy SmallDoge state dict from docs/DOGE.md's legacy key list: old names, no q/k norm, A [H] and
     dt_proj [H, G*D] (bias per query head)."""
     g = torch.Generator().manual_seed(seed)
     V, d, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size

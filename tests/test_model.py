@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.dmattn.reference import dynamic_mask_attention_reference
 from wmjax.config import ConfigError, DogeConfig, PRESETS
 from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes
-from wmjax.ops.dmattn import dynamic_mask_attention_reference
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -1,6 +1,10 @@
-"""Cached decoding and `generate` (CPU, f32): prefill + step-by-step decode equal the full forward pass, the
-bounded dynamic-mask cache equals the full cache, greedy output equals transformers' generate, bad inputs fail
-clearly."""
+"""Cached decoding and `generate` (CPU, f32 unless said): prefill + step-by-step decode equal the full forward
+pass, the bounded dynamic-mask cache equals the full cache, greedy output equals transformers' generate, the fused
+decode kernels (Pallas interpret mode) inside generate give the model's tokens (f32, bf16), sampling draws only
+tokens its filters allow (recomputed apart from generate), bad inputs fail clearly."""
+
+import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode.tuning import DecodeTuning
 from wmjax.cache import BoundedKVCache, KVCache, cache_logical_axes, cache_nbytes, init_cache
 from wmjax.config import DogeConfig
 from wmjax.models.doge import DogeForCausalLM, init_params
@@ -52,11 +57,31 @@ def _padded(rows, total, side):
     return jnp.asarray(ids), jnp.asarray(mask)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, ids, mask):
+    return model.apply({"params": params}, ids, attention_mask=mask)[0]
+
+
+def step_logits(model, params, prompts, tokens):
+    """The logits [b, T, V] (f32 numpy) that generated token t of row i was chosen from, recomputed without
+    `generate` (no cache, no decode step): one full forward pass over prompt_i + tokens_i, right-padded, read at
+    the position before token t."""
+    tokens = np.asarray(tokens)
+    seqs = [list(p) + tokens[i].tolist() for i, p in enumerate(prompts)]
+    full = np.asarray(_forward(model, params, *_padded(seqs, max(map(len, seqs)), "right")), np.float32)
+    return np.stack([full[i, len(p) - 1:len(p) - 1 + tokens.shape[1]] for i, p in enumerate(prompts)])
+
+
+def _runs_pallas(model, params, prompts, **kw):
+    """Whether `generate`'s computation holds a pallas_call (the fused path's kernels), read from its jaxpr."""
+    return "pallas_call" in str(jax.make_jaxpr(lambda p: generate(model, p, prompts, **kw).tokens)(params))
+
+
 # MoE: HF's router layout ("hf") reads token m's expert keys from tokens m//2 and (N+m)//2 of the *flattened*
-# batch (doge.md s5.3), so a token's routing depends on which other tokens are in the same call: a step-by-step
-# decode (N = batch) cannot equal a full forward (N = batch * seq), even at batch 1. The per-token layout is
-# exact, so the cache test runs MoE with router_layout="per_token"; the hf layout is checked against transformers'
-# own cached generate below (batch 1, where both sides route the same token sets).
+# batch (docs/DOGE.md, CDMoE router layout), so a token's routing depends on which other tokens are in the same
+# call: a step-by-step decode (N = batch) cannot equal a full forward (N = batch * seq), even at batch 1. The
+# per-token layout is exact, so the cache test runs MoE with router_layout="per_token"; the hf layout is checked
+# against transformers' own cached generate below (batch 1, where both sides route the same token sets).
 # (the cache lives in the attention layers, so MoE runs with the full cache only: the bounded one is covered by
 # the dense and legacy-bias variants)
 @pytest.mark.parametrize("variant,kind", [("dense", "full"), ("dense", "bounded"), ("moe_per_token", "full"),
@@ -175,6 +200,62 @@ def test_logits_processors():
                                   jnp.argmax(lg, -1))
 
 
+def allowed_tokens(logits, temperature, top_k=0, top_p=1.0, min_p=0.0, slack=1e-4):
+    """[V] bool: the tokens that sampling may draw from raw `logits` [V], worked out in float64 apart from
+    wmjax.sampling.process_logits, in transformers' order: l = logits / temperature; the top_k largest (l at least
+    the k-th largest); of those, each token whose strictly more likely tokens hold less than top_p of their
+    renormalised mass; of those, each token with probability >= min_p x the largest (l >= max l + log min_p).
+    `slack` widens each cut by that much in units of l (the decode step's f32 logits differ from a full forward
+    pass's by ~1e-6)."""
+    l = np.asarray(logits, np.float64) / temperature
+    keep = np.ones(l.shape, bool)
+    if top_k:
+        keep &= l >= np.sort(l)[-top_k] - slack
+    if top_p < 1.0:
+        p = np.where(keep, np.exp(l - l.max()), 0.0)
+        p /= p.sum()
+        keep &= np.asarray([p[l > v + slack].sum() for v in l]) < top_p
+    if min_p > 0.0:
+        keep &= l >= l.max() + np.log(min_p) - slack
+    return keep
+
+
+# each filter alone, at a temperature where it keeps under a third of the 211 tokens (the logits' spread is ~0.5)
+SAMPLERS = {"top_k": dict(temperature=1.5, top_k=5), "top_p": dict(temperature=0.3, top_p=0.5),
+            "min_p": dict(temperature=0.3, min_p=0.2)}
+
+
+@pytest.fixture(scope="module")
+def spread_model():
+    """The tiny model with every weight drawn O(0.3) (logits spread ~0.5, so the tokens vary); keep_window_size 64
+    holds every token (a sampled sequence repeats tokens, whose tied key biases make the bounded cache's top-k
+    differ from a full forward pass's)."""
+    cfg, params, model = _setup(**FUSED)
+    rng = np.random.default_rng(5)
+    return cfg, jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype), params), model
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_sampling_reproducible_and_inside_allowed_set(name, spread_model):
+    """temperature > 0 through generate with top-k, top-p or min-p (3 rows, 16 tokens): the same seed gives the
+    same tokens, another seed other tokens, and every token is in `allowed_tokens` of the logits it was drawn from
+    (recomputed by a full forward pass), a set of under a third of the vocabulary, so an unfiltered draw leaves it."""
+    cfg, params, model = spread_model
+    sp = SAMPLERS[name]
+    prompts = _distinct_rows(np.random.default_rng(8), [5, 9, 3], cfg.vocab_size)
+    kw = dict(max_new_tokens=16, stop_tokens=[], **sp)
+    runs = [np.asarray(generate(model, params, prompts, rng=jax.random.PRNGKey(seed), **kw).tokens)
+            for seed in (0, 0, 1)]
+    np.testing.assert_array_equal(runs[1], runs[0])
+    assert (runs[2] != runs[0]).mean() > 0.5, runs
+    for tokens in runs[1:]:
+        allowed = np.asarray([[allowed_tokens(l, **sp) for l in row]
+                              for row in step_logits(model, params, prompts, tokens)])  # [b, T, V]
+        assert allowed.mean() < 1 / 3, allowed.mean()
+        inside = np.take_along_axis(allowed, tokens[..., None], -1)[..., 0]
+        assert inside.all(), np.argwhere(~inside)
+
+
 def test_bad_inputs_fail_clearly():
     cfg, params, model = _setup()
     with pytest.raises(ValueError, match="empty prompt"):
@@ -221,6 +302,20 @@ def test_cache_pytree_kinds_and_axes():
     for c in (full, bounded):
         placed = jax.device_put(c, cache_shardings(c, make_mesh(), flax_rules()))
         assert type(placed["layers"][0]) is type(c["layers"][0])
+    # on a data 2 x fsdp 1 x tensor 2 mesh (abstract: the shapes need no devices) each shard holds half the rows
+    # and half the kv heads (full: key / value [b, C, G, D], bias [b, G, C]; bounded: [b, G, w, ...])
+    mesh = jax.sharding.AbstractMesh((2, 1, 2), ("data", "fsdp", "tensor"))
+    w = cfg.keep_window_size
+    want = {"full": dict(key=(1, 16, 1, 8), value=(1, 16, 1, 8), key_bias=(1, 1, 16), key_position=(1, 16),
+                         key_mask=(1, 16)),
+            "bounded": dict(key=(1, 1, w, 8), value=(1, 1, w, 8), key_bias=(1, 1, w), key_position=(1, 1, w),
+                            key_mask=(1, 1, w))}
+    for kind, c in (("full", full), ("bounded", bounded)):
+        shardings = cache_shardings(c, mesh, flax_rules())
+        assert shardings["length"].shard_shape(()) == ()
+        for lc, ls in zip(c["layers"], shardings["layers"]):
+            got = {name: ls[name].shard_shape(lc[name].shape) for name in want[kind]}
+            assert got == want[kind], (kind, got)
 
 
 def _is_axes(x):
@@ -270,6 +365,7 @@ def _from_hf(cfg, hf):
 def test_greedy_equals_transformers_generate(variant):
     torch = pytest.importorskip("torch")
     # keep_window_size 8 < prompt + new: the model decode path with its per-step top-k; 64: the fused decode path
+    # (its kernels in Pallas interpret mode)
     over = dict(vocab_size=512, keep_window_size=64 if variant.endswith("fused_decode") else 8)
     if variant == "moe_hf_batch1":
         over.update(MOE)
@@ -288,33 +384,13 @@ def test_greedy_equals_transformers_generate(variant):
                           max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
                           repetition_penalty=1.5)[:, ids.shape[1]:].numpy()
     decode = "fused" if variant.endswith("fused_decode") else "auto"
-    out = generate(model, params, prompts, max_new_tokens=new, stop_tokens=[], repetition_penalty=1.5, decode=decode)
+    kw = dict(max_new_tokens=new, stop_tokens=[], repetition_penalty=1.5, return_logprobs=True)
+    out = generate(model, params, prompts, decode=decode, **kw)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
-
-
-def test_cli_streams_from_wmjax_checkpoint(tmp_path, capsys):
-    tokenizers = pytest.importorskip("tokenizers")
-    from wmjax.convert import save_wmjax
-    from wmjax.sample import main
-    cfg, params, _ = _setup(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(cfg.vocab_size - 3)]
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tk.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
-    save_wmjax(cfg, params, str(tmp_path / "ck"))
-    tk.save(str(tmp_path / "ck" / "tokenizer.json"))
-    assert main(["--checkpoint", str(tmp_path / "ck"), "--prompt", "w5 w7 w9", "--max-new-tokens", "5"]) == 0
-    out = capsys.readouterr().out
-    ids = [1, 8, 10, 12]  # BOS + the prompt
-    ref = generate(DogeForCausalLM(cfg), params, [ids], max_new_tokens=5)
-    new = np.asarray(ref.tokens[0, :int(ref.lengths[0])]).tolist()
-    new = new[:-1] if new and new[-1] == 2 else new
-    assert out.startswith("w5 w7 w9") and tk.decode(new) in out, (out, new)
-    assert main(["--checkpoint", str(tmp_path / "ck"), "--prompt", "w5 w7 w9", "--max-new-tokens", "5",
-                 "--decode", "model"]) == 0
-    assert capsys.readouterr().out == out  # the model path streams the same text (auto = model on CPU)
-    with pytest.raises(SystemExit):
-        main(["--checkpoint", str(tmp_path / "ck"), "--prompt", "w5", "--max-new-tokens", "0"])
+    if decode == "fused":  # the kernels (f32) also give the model's decode step's tokens and logprobs
+        by_model = generate(model, params, prompts, decode="model", **kw)
+        np.testing.assert_array_equal(np.asarray(by_model.tokens), ref)
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(by_model.logprobs), atol=3e-5)
 
 
 # ----------------------------------------------------------------------------- fused decode path (decode="fused")
@@ -327,10 +403,9 @@ FUSED = dict(keep_window_size=64)  # the fused path needs a full cache no longer
 def test_fused_decode_step_equals_model_decode_step(variant, impl):
     """prefill, then step by step through the model's decode step and through fused_decode_step (concatenated
     projections, layer-stacked cache, the decode attention kernel in Pallas interpret mode or its reference).
-    dense_batch1: one row, under four FusedDecodeOptions: the defaults (gemv form on one row, 1 warp; the attention
-    kernel prefetching the next weights), the attention split over the cache's 2 blocks (cache 200 slots, padded to
-    256) and combined in the o projection's gemv form, neither (dot form on 16 padded rows, no prefetch), and the
-    split combined in the dot form."""
+    dense_batch1: one row (the projections' gemv form, the attention kernel prefetching the next weights; cache 200
+    slots, padded to 256) under the tuned defaults and under other blocks / warps (`pallas_kernels.decode.tuning`:
+    4 cache blocks of 64, 4 gemv warps)."""
     from wmjax.fused_decode import (decode_state_from_cache, fused_decode_step, fused_decode_supported,
                                     prepare_decode_params)
     from wmjax.sampling import decode_step, pad_prompts, prefill
@@ -349,20 +424,16 @@ def test_fused_decode_step_equals_model_decode_step(variant, impl):
     logits, pos, cache, _ = jax.jit(lambda c: prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), c))(cache)
     fparams = prepare_decode_params(cfg, params, jnp.float32)
     model_step = jax.jit(lambda c, t, p: decode_step(model, params, c, t, p))
-    state = decode_state_from_cache(cache)
-    assert state["keys"][0].shape[2] % 64 == 0
-    options = [None]
+    tunings = [None]
     if variant == "dense_batch1":
-        from wmjax.fused_decode import FusedDecodeOptions, _attention_splits
-        assert _attention_splits(1, cfg.num_key_value_heads, state["keys"][0].shape[2] // 128, 0) == 2
-        options = [FusedDecodeOptions(), FusedDecodeOptions(attention_splits=0, gemv_warps=4),
-                   FusedDecodeOptions(prefetch=False, gemv=False),
-                   FusedDecodeOptions(prefetch=False, gemv=False, attention_splits=2)]
-    tok0, pos0, cache0, state0 = jnp.argmax(logits, -1).astype(jnp.int32), pos, cache, state
-    for opts in options:
+        tunings.append(DecodeTuning(cache_block=64, gemv_warps=4))
+    tok0, pos0, cache0 = jnp.argmax(logits, -1).astype(jnp.int32), pos, cache
+    for opts in tunings:
+        state = decode_state_from_cache(cache0, opts)
+        assert state["keys"][0].shape[2] % 64 == 0
         fused_step = jax.jit(lambda s, t, p, o=opts: fused_decode_step(cfg, jnp.float32, fparams, s, t, p,
-                                                                       implementation=impl, options=o))
-        tok, pos, cache, state = tok0, pos0, cache0, state0
+                                                                       implementation=impl, tuning=o))
+        tok, pos, cache = tok0, pos0, cache0
         for t in range(steps):
             pos = pos + 1
             want, cache = model_step(cache, tok, pos)
@@ -372,47 +443,51 @@ def test_fused_decode_step_equals_model_decode_step(variant, impl):
             tok = jnp.argmax(want, -1).astype(jnp.int32)
 
 
-def test_generate_fused_decode_equals_model_decode():
-    cfg, params, model = _setup(**FUSED)
-    rng = np.random.default_rng(6)
-    prompts = _distinct_rows(rng, [4, 11, 7], cfg.vocab_size)
-    kw = dict(max_new_tokens=12, stop_tokens=[], return_logprobs=True, cache="full")
-    a = generate(model, params, prompts, decode="model", **kw)
-    for decode in ("fused", "fused_xla"):
-        b = generate(model, params, prompts, decode=decode, **kw)
-        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens), err_msg=decode)
-        np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5, err_msg=decode)
+# bf16: the kernels' logits and the model step's differ by up to ~0.026 here (3 bf16 ulps at |logit| ~1.4,
+# measured teacher-forced over 12 steps), so a greedy token may differ only where the model's two candidates are
+# closer than twice that
+_BF16_TIE = 0.06
 
 
-def test_generate_compiler_options():
-    """XLA options per call: the same tokens as XLA's defaults (the option only changes how the GPU launches the
-    loop), an unknown option is refused by name, and decode="auto" on CPU is the model path."""
+def test_generate_fused_kernels_bf16_equal_model_decode():
+    """decode="fused" in bf16 runs the pallas_kernels.decode kernels inside generate (Pallas interpret mode on a
+    CPU: a pallas_call in its jaxpr) with decode="model"'s greedy tokens: one row (the projections' gemv form), every
+    weight drawn O(0.3) so the tokens vary; equal up to the first differing token, which must be a near tie
+    (_BF16_TIE) under the model's logits; logprobs up to there to 5e-2 (a few bf16 roundings of logits ~2).
+    f32 (3e-5 logprobs, tokens equal to transformers'): test_greedy_equals_transformers_generate[...fused_decode]."""
+    cfg, params, _ = _setup(**FUSED)
+    rng = np.random.default_rng(5)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype), params)
+    model = DogeForCausalLM(cfg, dtype=jnp.bfloat16, attention_impl="reference")
+    prompts = _distinct_rows(np.random.default_rng(6), [9], cfg.vocab_size)
+    kw = dict(max_new_tokens=12, stop_tokens=[], cache="full")
+    assert _runs_pallas(model, params, prompts, decode="fused", **kw)
+    a = generate(model, params, prompts, decode="model", return_logprobs=True, **kw)
+    b = generate(model, params, prompts, decode="fused", return_logprobs=True, **kw)
+    ta, tb, la, lb = (np.asarray(x)[0] for x in (a.tokens, b.tokens, a.logprobs, b.logprobs))
+    k = int(np.argmax(ta != tb)) if (ta != tb).any() else len(ta)
+    if k < len(ta):  # the prefixes agree up to k, so the model's logits there judge both candidates
+        lk = step_logits(model, params, prompts, a.tokens)[0, k]
+        assert lk[ta[k]] - lk[tb[k]] < _BF16_TIE, (k, ta, tb, lk[ta[k]] - lk[tb[k]])
+    assert k >= 3, (ta, tb)
+    np.testing.assert_allclose(lb[:k], la[:k], atol=5e-2)
+
+
+def test_generate_auto_decode_on_cpu_is_the_model_path():
+    """decode="auto" on a CPU runs the model's decode step (the fused kernels are for the GPU); the benchmark-only
+    options of earlier versions (compiler_options, fused_options, decode="fused_xla") are gone."""
     cfg, params, model = _setup(**FUSED)
     prompts = _distinct_rows(np.random.default_rng(7), [5, 9], cfg.vocab_size)
     kw = dict(max_new_tokens=6, stop_tokens=[], cache="full")
     a = generate(model, params, prompts, **kw)
-    b = generate(model, params, prompts, compiler_options={"xla_gpu_enable_command_buffer": "FUSION,WHILE"}, **kw)
-    c = generate(model, params, prompts, decode="model", **kw)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
-    with pytest.raises(Exception, match="xla_no_such_option"):
-        generate(model, params, prompts, compiler_options={"xla_no_such_option": "1"}, **kw)
-
-
-def test_fused_decode_options_parse_and_validate():
-    from wmjax.fused_decode import FusedDecodeOptions
-    assert FusedDecodeOptions.parse("") == FusedDecodeOptions()
-    assert FusedDecodeOptions.parse("prefetch=0 gemv_warps=4 attention_splits=3") == FusedDecodeOptions(
-        prefetch=False, gemv_warps=4, attention_splits=3)
-    with pytest.raises(ValueError, match="'warps=4' is not name=value with name one of"):
-        FusedDecodeOptions.parse("warps=4")
-    with pytest.raises(ValueError, match="gemv_warps=3 must be 1, 2, 4 or 8"):
-        FusedDecodeOptions(gemv_warps=3)
-    with pytest.raises(ValueError, match="attention_splits=-1"):
-        FusedDecodeOptions(attention_splits=-1)
-    cfg, params, model = _setup(**FUSED)
-    with pytest.raises(ValueError, match="fused_options must be a wmjax.fused_decode.FusedDecodeOptions"):
-        generate(model, params, [[1, 2, 3]], max_new_tokens=2, fused_options={"prefetch": False})
+    assert not _runs_pallas(model, params, prompts, **kw)
+    # greedy: each token is the argmax of a full forward pass over its prefix
+    np.testing.assert_array_equal(np.asarray(a.tokens), step_logits(model, params, prompts, a.tokens).argmax(-1))
+    for gone in (dict(compiler_options={}), dict(fused_options=None)):
+        with pytest.raises(TypeError):
+            generate(model, params, prompts, **gone, **kw)
+    with pytest.raises(ValueError, match="decode='fused_xla'"):
+        generate(model, params, prompts, decode="fused_xla", **kw)
 
 
 def test_fused_decode_applies_only_where_exact():
@@ -429,3 +504,51 @@ def test_fused_decode_applies_only_where_exact():
         generate(model, params, [[1, 2, 3]], max_new_tokens=8, decode="fused")
     with pytest.raises(ValueError, match="decode="):
         generate(model, params, [[1, 2, 3]], max_new_tokens=2, decode="fast")
+
+
+# ----------------------------------------------------------------------------- prompt length, exported tokenizer
+def test_prompt_past_max_position_embeddings_warns():
+    """The warning comes before anything is compiled; per-row stop lists for the wrong number of rows (a ValueError
+    raised after the length check) stop each call there, so no call compiles or reads the params."""
+    cfg = DogeConfig(**dict(TINY, max_position_embeddings=16))
+    model, params = DogeForCausalLM(cfg), None
+    rng = np.random.default_rng(6)
+    bad_stop = dict(stop_tokens=[[1], [2], [3]])
+    with pytest.warns(UserWarning, match=r"a prompt of 18 tokens is longer than max_position_embeddings=16"):
+        with pytest.raises(ValueError, match="per-row stop-token lists"):
+            generate(model, params, _distinct_rows(rng, [18, 5], cfg.vocab_size), max_new_tokens=2, **bad_stop)
+    with pytest.warns(UserWarning, match=r"a prompt of 12 tokens \+ max_new_tokens=5 = 17 is longer than "
+                                         r"max_position_embeddings=16"):
+        with pytest.raises(ValueError, match="per-row stop-token lists"):
+            generate(model, params, _distinct_rows(rng, [12], cfg.vocab_size), max_new_tokens=5, **bad_stop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 12 + 4 = 16 fits: no warning
+        with pytest.raises(ValueError, match="per-row stop-token lists"):
+            generate(model, params, _distinct_rows(rng, [12], cfg.vocab_size), max_new_tokens=4, **bad_stop)
+
+
+def test_cli_samples_hf_export_with_its_tokenizer(sp_model, tmp_path, capsys):
+    """`wmjax.sample --hf OUT` of an export written with a sentencepiece tokenizer: no --tokenizer needed, the
+    prompt gets BOS, the text equals a direct generate's; a prompt past max_position_embeddings warns once, in one
+    line on stderr."""
+    from wmjax.convert import save_hf
+    from wmjax.sample import main
+    from wmjax.tokenizer import Tokenizer
+
+    cfg, params, model = _setup(vocab_size=512, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                                max_position_embeddings=16)
+    save_hf(cfg, params, tmp_path / "hf", tokenizer=sp_model)
+    prompt = "def f(x):\n    return"
+    sp = Tokenizer(sp_model)
+    ids = [2] + sp.encode(prompt)
+    assert main(["--hf", str(tmp_path / "hf"), "--prompt", prompt, "--max-new-tokens", "8", "--no-stream"]) == 0
+    out, err = capsys.readouterr()
+    with pytest.warns(UserWarning, match="max_position_embeddings=16"):  # the model the CLI runs on the CPU
+        ref = generate(DogeForCausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.float32), params, [ids],
+                       max_new_tokens=8)
+    new = np.asarray(ref.tokens[0, :int(ref.lengths[0])]).tolist()
+    assert out == prompt + sp.decode(ids + new)[len(sp.decode(ids)):] + "\n---\n"
+    assert f"tokenizer {tmp_path / 'hf' / 'tokenizer.json'}" in err
+    warned = [line for line in err.splitlines() if "max_position_embeddings" in line]
+    assert warned == [f"warning: generate: a prompt of {len(ids)} tokens + max_new_tokens=8 = {len(ids) + 8} is "
+                      "longer than max_position_embeddings=16; the model was not made for positions past it"], err

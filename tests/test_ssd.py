@@ -11,13 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh
 
-import functools
+from pallas_kernels.ssd import ssd_pallas, tuning
+from pallas_kernels.ssd.reference import segment_reset_counts, ssd_step
+from pallas_kernels.ssd.reference import ssd_chunked as _ssd_chunked
+from pallas_kernels.ssd.reference import ssd_naive as _ssd_naive
+from wmjax.ops.ssd import ssd
 
-from pallas_kernels.ssd import ssd_pallas
-from wmjax.ops.ssd import segment_reset_counts, ssd, ssd_step
-from wmjax.ops.ssd import ssd_chunked as _ssd_chunked
-from wmjax.ops.ssd import ssd_naive as _ssd_naive
+try:
+    from jax.sharding import AbstractDevice
+except ImportError:  # jax 0.10
+    from jax._src.sharding_impls import AbstractDevice
 
 # jit the references once per shape (eager op-by-op dispatch is far slower on CPU)
 ssd_naive = jax.jit(_ssd_naive)
@@ -123,6 +128,14 @@ def test_dispatcher():
 # ------------------------------------------------------------------------------------------------------------
 # Pallas kernels in interpret mode: forward, final state and every gradient vs the naive recurrence
 # ------------------------------------------------------------------------------------------------------------
+def _pallas(chunk, **tune):
+    """ssd_pallas in interpret mode with `tune` (pallas_kernels.ssd.tuning fields) applied while it traces."""
+    def f(*a, **k):
+        with tuning.override(**tune):
+            return ssd_pallas(*a, chunk_size=chunk, interpret=True, **k)
+    return f
+
+
 def _loss(impl, kw_static, seed=0):
     def f(x, dt, A, B, C, kw):
         y, s = impl(x, dt, A, B, C, **kw, **kw_static)
@@ -142,12 +155,11 @@ PALLAS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("tuning", [{"passing_matmul": True}, {"cb_precompute": True, "bwd_heads": 1}])
-def test_pallas_interpret_options(tuning):
-    """Non-default kernel options (XLA state passing; precomputed C B^T; one head per backward program)."""
+def test_pallas_interpret_one_head_per_backward_program():
+    """Tuning through the override hook: one head per backward program (dB / dC summed by XLA, not in registers)."""
     arrs, kw = _inputs(11, 1, 40, 4, 16, 2, 16, h0=True, seg=True)
     seg = kw.pop("segment_ids")
-    pallas = functools.partial(ssd_pallas, interpret=True, chunk_size=16, block_t=16, tuning=tuning)
+    pallas = _pallas(16, bwd_heads=1)
     args = (arrs["x"], arrs["dt"], arrs["A"], arrs["B"], arrs["C"], kw)
     g0 = jax.jit(jax.grad(_loss(_ssd_naive, dict(segment_ids=seg)), argnums=(0, 1, 2, 3, 4, 5)))(*args)
     g1 = jax.jit(jax.grad(_loss(pallas, dict(segment_ids=seg)), argnums=(0, 1, 2, 3, 4, 5)))(*args)
@@ -159,7 +171,7 @@ def test_pallas_interpret_options(tuning):
 def test_pallas_interpret_fwd_bwd(shape, chunk, block_t, opts):
     arrs, kw = _inputs(sum(shape), *shape, **opts)
     seg = kw.pop("segment_ids", None)
-    pallas = functools.partial(ssd_pallas, interpret=True, chunk_size=chunk, block_t=block_t)
+    pallas = _pallas(chunk, block_t=block_t)
     y0, s0 = ssd_naive(**arrs, segment_ids=seg, **kw)
     y1, s1 = jax.jit(pallas)(**arrs, segment_ids=seg, **kw)
     chex.assert_equal_shape([y0, y1])
@@ -184,7 +196,7 @@ def test_pallas_interpret_bf16_close():
     arrs, kw = _inputs(7, 1, 64, 2, 32, 1, 32, D=True)
     y0, _ = ssd_naive(**arrs, **kw)
     a16 = {k: (v.astype(jnp.bfloat16) if k in ("x", "B", "C") else v) for k, v in arrs.items()}
-    y1, _ = jax.jit(functools.partial(ssd_pallas, chunk_size=32, block_t=16, interpret=True))(**a16, **kw)
+    y1, _ = jax.jit(_pallas(32, block_t=16))(**a16, **kw)
     assert y1.dtype == jnp.bfloat16
     assert _rel(y1, y0) < 2e-2
 
@@ -193,12 +205,6 @@ def test_pallas_interpret_bf16_close():
 # The GPU path lowers for an abstract H100 (catches Triton lowering errors that interpret mode hides)
 # ------------------------------------------------------------------------------------------------------------
 def _abstract_h100():
-    try:
-        from jax.sharding import AbstractDevice
-    except ImportError:  # jax 0.10
-        from jax._src.sharding_impls import AbstractDevice
-    from jax.sharding import AbstractMesh
-
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
     return jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev))
 
@@ -209,14 +215,13 @@ def _abstract_h100():
         ((2, 512, 24, 64, 1, 128), jnp.bfloat16, {}),                       # benchmark shape family
         ((1, 300, 8, 128, 8, 128), jnp.bfloat16, dict(D=True, z=True, seg=True, h0=True)),  # Cheems g = h
         ((1, 256, 4, 32, 2, 16), jnp.float32, dict(seg=True)),
-        ((1, 512, 8, 64, 2, 128), jnp.bfloat16, dict(tuning={"block_t": 128, "cb_precompute": True})),
-        ((1, 512, 8, 64, 1, 128), jnp.bfloat16, dict(tuning={"block_t": 32, "passing_matmul": True})),
+        ((1, 512, 8, 64, 2, 128), jnp.bfloat16, dict(tuning={"block_t": 128})),
+        ((1, 512, 8, 64, 1, 128), jnp.bfloat16, dict(tuning={"block_t": 32, "bwd_heads": 1})),
     ],
 )
 def test_lowers_for_abstract_h100(shape, dtype, opts):
     opts = dict(opts)
-    tuning = opts.pop("tuning", {})
-    block_t = tuning.pop("block_t", None)
+    tune = opts.pop("tuning", {})
     arrs, kw = _inputs(0, *shape, dtype=dtype, **opts)
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
     arrs = {k: spec(v) for k, v in arrs.items()}
@@ -224,19 +229,18 @@ def test_lowers_for_abstract_h100(shape, dtype, opts):
     names = list(arrs)
 
     def fwd(*a, **k):
-        return ssd_pallas(*a, chunk_size=256, block_t=block_t, tuning=tuning, **k)
+        return ssd_pallas(*a, chunk_size=256, **k)
 
     def fwd_bwd(*a, **k):
         def loss(*aa):
-            y, s = ssd_pallas(*aa, chunk_size=256, block_t=block_t, tuning=tuning, **k)
+            y, s = ssd_pallas(*aa, chunk_size=256, **k)
             return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
         return jax.grad(loss, argnums=tuple(range(5)))(*a)
 
-    with _abstract_h100():
+    with _abstract_h100(), tuning.override(**tune):
         # fwd: chunk_states, state_passing, chunk_scan; fwd+bwd: chunk_states, state_passing (fwd and bwd),
         # chunk_scan_bwd, chunk_states_bwd (the forward chunk_scan is dead code under grad)
-        n_pass = 0 if tuning.get("passing_matmul") else 1
-        for f, n_min in ((fwd, 2 + n_pass), (fwd_bwd, 3 + 2 * n_pass)):
+        for f, n_min in ((fwd, 3), (fwd_bwd, 5)):
             lowered = jax.jit(f).trace(*[arrs[k] for k in names], **kw).lower(lowering_platforms=("cuda",))
             txt = lowered.as_text()
             assert txt.count("__gpu$xla.gpu.triton") == n_min, f.__name__

@@ -12,7 +12,7 @@ Kinds
     key_bias        [batch, bias_heads, max_length] f32       (exp(A * softplus(dt_proj(v))) per cached key)
     key_position    [batch, max_length] int32                 (position of the token in each slot)
     key_mask        [batch, max_length] bool                  (slot holds a real token)
-  Caching the per-key bias is exact: it depends only on that key's own value vector (doge.md s4.4).
+  Caching the per-key bias is exact: it depends only on that key's own value vector (docs/DOGE.md, Cached decoding).
 
 `BoundedKVCache` ("bounded_kv"), per attention layer, w = keep_window_size slots per *bias head*:
     key, value      [batch, bias_heads, w, head_dim]
@@ -44,9 +44,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Optional
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from pallas_kernels.dmattn.reference import dynamic_mask_softmax
 
 __all__ = ["KVCache", "BoundedKVCache", "SSMCache", "init_cache", "init_kv_layer_cache",
            "init_bounded_kv_layer_cache", "init_ssm_layer_cache", "layer_kinds", "write_kv", "bounded_kv_attention",
@@ -206,8 +210,9 @@ def bounded_kv_attention(cache: BoundedKVCache, query, key, value, key_bias, pos
 
     query [b, s, H, D]; key/value [b, s, G, D]; key_bias [b, Hb, s] f32; positions, token_mask [b, s].
     Candidates = the w cached slots + the s new keys (per bias head). Query i attends, with the DMA rule
-    (wmjax.ops.dmattn), to the candidates it may see (valid, position <= its own): the ones whose bias is >= the
-    w-th largest of those. The new cache holds the w candidates of largest bias among all valid ones.
+    (`pallas_kernels.dmattn.reference.dynamic_mask_softmax`), to the candidates it may see (valid, position <=
+    its own) whose bias is >= the w-th largest of those. The new cache holds the w candidates of largest bias
+    among all valid ones.
     Returns (out [b, s, H, D] in query.dtype, new cache).
     """
     b, s, h, d = query.shape
@@ -231,25 +236,12 @@ def bounded_kv_attention(cache: BoundedKVCache, query, key, value, key_bias, pos
                                                                   (b, hb, s))], axis=2)
     cmask = jnp.concatenate([cache.key_mask, jnp.broadcast_to(token_mask[:, None].astype(bool), (b, hb, s))],
                             axis=2)
-    n = w + s
     allowed = cmask[:, :, None, :] & (cpos[:, :, None, :] <= positions[:, None, :, None])  # [b, Hb, s, n]
-    masked = jnp.where(allowed, cb[:, :, None, :], -jnp.inf)
-    if n <= keep_window_size:  # never happens with w == keep_window_size and s >= 1; kept for clarity
-        tau = jnp.full(masked.shape[:-1], -jnp.inf)
-    elif s == 1:
-        # w-th largest of w + 1 values = the second smallest
-        lo = jnp.argmin(masked, axis=-1)
-        tau = jnp.min(jnp.where(jax.nn.one_hot(lo, n, dtype=bool), jnp.inf, masked), axis=-1)
-    else:
-        tau = jax.lax.top_k(masked, keep_window_size)[0][..., -1]
-    kept = allowed & (cb[:, :, None, :] >= tau[..., None])
-    mask_add = jnp.where(kept, cb[:, :, None, :], jnp.finfo(jnp.float32).min)         # [b, Hb, s, n]
-
     r = h // hb
     q = query.astype(jnp.float32).reshape(b, s, hb, r, d).transpose(0, 2, 3, 1, 4)    # [b, Hb, r, s, D]
     hp = jax.lax.Precision.HIGHEST
     scores = jnp.einsum("bhrqd,bhkd->bhrqk", q, ck.astype(jnp.float32), precision=hp) * scale
-    probs = jax.nn.softmax(scores + mask_add[:, :, None], axis=-1)
+    probs = dynamic_mask_softmax(scores, cb[:, :, None], allowed[:, :, None], keep_window_size)
     out = jnp.einsum("bhrqk,bhkd->bhrqd", probs, cv.astype(jnp.float32), precision=hp)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(query.dtype)
 
@@ -275,9 +267,9 @@ def bounded_kv_attention(cache: BoundedKVCache, query, key, value, key_bias, pos
 
 
 def kv_decode_attention(cache: KVCache, query, query_positions, *, keep_window_size: int, scale: float):
-    """One query per row over a full KV cache (already holding the new token): the DMA op's semantics
-    (wmjax.ops.dmattn) for Sq = 1, written for decode: no [Sq, Sk] broadcasts, the cache read in its own
-    layout and dtype with f32 accumulation (exact products of bf16/f32 inputs, as the reference's f32 upcast).
+    """One query per row over a full KV cache (already holding the new token): the DMA semantics
+    (`pallas_kernels.dmattn.reference.dynamic_mask_softmax`) for Sq = 1, written for decode: the cache read in
+    its own layout with f32 accumulation (exact products of bf16/f32 inputs, as the reference's f32 upcast).
 
     query [b, 1, H, D]; query_positions [b, 1]. Returns [b, 1, H, D] in query.dtype.
     """
@@ -287,24 +279,15 @@ def kv_decode_attention(cache: KVCache, query, query_positions, *, keep_window_s
     bias = cache.key_bias  # [b, Hb, C] f32
     hb = bias.shape[1]
     allowed = cache.key_mask & (cache.key_position <= query_positions)  # [b, C]
-    if keep_window_size < c:
-        masked = jnp.where(allowed[:, None], bias, -jnp.inf)
-        tau = jax.lax.top_k(masked, keep_window_size)[0][..., -1:]
-        kept = allowed[:, None] & (bias >= tau)
-    else:
-        kept = jnp.broadcast_to(allowed[:, None], bias.shape)
-    add = jnp.where(kept, bias, jnp.finfo(jnp.float32).min)  # [b, Hb, C]
     r = h // g
     q = query.reshape(b, g, r, d)
     hp = jax.lax.Precision.HIGHEST
     scores = jnp.einsum("bgrd,bcgd->bgrc", q, keys.astype(query.dtype), precision=hp,
                         preferred_element_type=jnp.float32) * scale
-    if hb == g:
-        scores = scores + add[:, :, None]
-    else:
-        scores = scores + add.reshape(b, g, r, c)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bgrc,bcgd->bgrd", probs, values.astype(query.dtype).astype(jnp.float32), precision=hp)
+    bias = bias[:, :, None] if hb == g else bias.reshape(b, g, r, c)  # [b, G, 1 | r, C]
+    probs = dynamic_mask_softmax(scores[..., None, :], bias, allowed[:, None, None, None, :], keep_window_size)
+    out = jnp.einsum("bgrc,bcgd->bgrd", probs[..., 0, :], values.astype(query.dtype).astype(jnp.float32),
+                     precision=hp)
     return out.reshape(b, 1, h, d).astype(query.dtype)
 
 
@@ -315,7 +298,5 @@ def _is_axes(x):
 def cache_shardings(cache, mesh, rules):
     """NamedShardings for `cache` on `mesh` under flax logical `rules` (e.g. train.sharding.flax_rules()):
     batch over the data axes, kv heads over the tensor axis, like the activations in training."""
-    import flax.linen as nn
-    from jax.sharding import NamedSharding
     return jax.tree_util.tree_map(lambda names: NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules)),
                                   cache_logical_axes(cache), is_leaf=_is_axes)

@@ -296,7 +296,7 @@ _COMMON = dict(vocab_size=32768, head_dim=128, max_position_embeddings=2048, kee
                rope_theta=10000.0, rope_type="dynamic", rope_factor=4.0, tie_word_embeddings=True,
                bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
-# Published configs (shared/research/doge.md section 7; SmallDoge training recipes).
+# Published configs (docs/DOGE.md, Published configs; SmallDoge training recipes).
 PRESETS: dict[str, dict[str, Any]] = {
     "Doge-20M": dict(_COMMON, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                      num_attention_heads=2, num_key_value_heads=1),

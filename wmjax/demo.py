@@ -15,6 +15,15 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from wmjax.config import DogeConfig
+from wmjax.convert import flatten_params, load_hf, save_hf
+from wmjax.models.doge import DogeForCausalLM, init_params
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m wmjax.demo", description=__doc__.split("\n\n")[1])
@@ -23,24 +32,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--keep-window", type=int, default=None,
                     help="override keep_window_size (< seq exercises the dynamic-mask top-k)")
+    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (fewer: faster)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tol", type=float, default=1e-4)
     args = ap.parse_args(argv)
 
-    import jax
-
     jax.config.update("jax_default_matmul_precision", "highest")
-    import jax.numpy as jnp
-    import numpy as np
-
-    from wmjax.config import DogeConfig
-    from wmjax.convert import flatten_params, load_hf, save_hf
-    from wmjax.models.doge import DogeForCausalLM, init_params
-
-    try:
+    try:  # optional: the test extra
         import torch
         import transformers
-        from safetensors import safe_open
     except ImportError as e:
         print(f"the demo compares against transformers: install the test extra (pip install -e '.[test]'): {e}",
               file=sys.stderr)
@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     transformers.utils.logging.disable_progress_bar()
 
     over = {} if args.keep_window is None else {"keep_window_size": args.keep_window}
+    if args.layers is not None:
+        over["num_hidden_layers"] = args.layers
     cfg = DogeConfig.preset(args.preset, **over)
     t0 = time.time()
     rows: list[tuple[str, str, bool]] = []
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
             layer["self_attn"]["A"] = jnp.asarray(rng.normal(size=a.shape), a.dtype)
     n_params = sum(int(np.prod(v.shape)) for v in flatten_params(params).values())
 
-    # a right-padded batch of distinct tokens per row (repeated tokens tie the layer-0 biases; doge.md s4.2)
+    # a right-padded batch of distinct tokens per row (repeated tokens tie the layer-0 biases; docs/DOGE.md, Ties in practice)
     b, s = args.batch, args.seq
     ids = np.stack([rng.permutation(cfg.vocab_size)[:s] for _ in range(b)]).astype(np.int64)
     mask = np.ones((b, s), np.int64)

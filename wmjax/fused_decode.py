@@ -1,8 +1,8 @@
-"""Decode-specialized Doge step for `wmjax.sampling.generate(decode="fused" | "fused_xla")`.
+"""Decode-specialized Doge step for `wmjax.sampling.generate(decode="fused")`.
 
 One token per row through the whole model in five kernels per layer (`pallas_kernels.decode`), where the Flax
 model's decode step launches ~25 (measured on an H100: at batch 1 a decode step is bound by the number of small
-dependent kernels, not by bytes; docs/BENCHMARKS.md, Sampling):
+dependent kernels, not by bytes; docs/KERNELS.md, Decode):
 
     qkv  = rms_norm(x; input_norm) @ [W_q; W_k; W_v]^T                    decode_linear, RMSNorm prologue
     att, cache = attention(qkv, cache)      q/k RMSNorm, RoPE, dt_proj -> key bias, softmax over the cache and
@@ -15,9 +15,8 @@ and once per step the embedding gather, RoPE cos/sin, the visibility mask and th
 decode_linear). The weights are stored [out, in] (each kernel program reads contiguous rows), transposed and
 concatenated once per `generate` call inside the jit, before the decode loop (`prepare_decode_params`). Rows are
 padded to a multiple of 16 (tensor-core dots); only the real rows touch the cache. At batch 1 there is one row:
-the projections run decode_linear's gemv form, and the attention may split the cache over programs with the split
-results combined in the o projection's prologue; the attention kernel also pulls the next projections' weights
-into L2 while it runs (`FusedDecodeOptions`).
+the projections run decode_linear's gemv form. The attention kernel also pulls the next projections' weights into
+L2 while it runs. Blocks, warps and stages: `pallas_kernels.decode.tuning`.
 
 The cache is per layer: keys / values [b, G, C, D] (C rounded up to the attention kernel's block), key bias
 [b, G, C] f32, and one position / mask [b, C] shared by every layer (`decode_state_from_cache`).
@@ -25,77 +24,29 @@ The cache is per layer: keys / values [b, G, C, D] (C rounded up to the attentio
 Applies to dense Doge with a full cache no longer than keep_window_size (every visible key is kept, no per-step
 top-k): `fused_decode_supported`. Same math as the model's decode step (`wmjax.sampling.decode_step`), with each
 elementwise step rounded to the compute dtype as the model's jnp code; tests/test_sampling.py checks logits and
-tokens against it. implementation "pallas" runs the kernels, "interpret" the kernels in Pallas interpret mode
-(tests), "reference" their plain-jnp references (XLA; `decode="fused_xla"`).
+tokens against it. implementation "pallas" runs the kernels, "interpret" the kernels in Pallas interpret mode,
+"reference" their plain-jnp references (XLA); None (`decode="fused"`) is "pallas" on GPU and
+"interpret" elsewhere, so `generate` runs the kernels' code on a CPU too (tests).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
+                                   decode_linear_reference)
+from pallas_kernels.decode.tuning import DecodeTuning
+from pallas_kernels.decode.tuning import current as current_tuning
 from wmjax.config import DogeConfig
+from wmjax.layers.rope import rope_cos_sin
 
 __all__ = ["fused_decode_supported", "prepare_decode_params", "decode_state_from_cache", "fused_decode_step",
-           "DECODE_IMPLS", "FusedDecodeOptions"]
+           "DECODE_IMPLS"]
 
 DECODE_IMPLS = ("pallas", "reference", "interpret")
 
 _ROWS = 16          # rows are padded to a multiple of this (tensor-core dots need M >= 16)
-_CACHE_BLOCK = 128  # attention kernel's cache block (H100 bs 1: 10.7 us vs 12.6 at 64); caches padded to a multiple
-_LOGITS_BLOCK = 64  # output columns per program of the LM head (vocab padded to a multiple of it)
-_GEMV_BLOCK_N, _GEMV_LOGITS_BLOCK = 4, 8  # gemv form's output columns per program (projections, LM head)
-_ATTENTION_PROGRAMS = 64                  # attention_splits=0: split until kv heads x splits reaches ~this
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedDecodeOptions:
-    """Kernel choices of `fused_decode_step` (implementation "pallas" / "interpret"); every choice computes the same
-    math (tests/test_sampling.py). The defaults are the fastest measured on an H100 (docs/BENCHMARKS.md, Sampling).
-
-    prefetch: the attention kernel gets extra programs that read the layer's o / gate / up / down weights and the
-      next layer's q/k/v weights while the attention runs (at batch 1 it runs batch x kv heads programs on a
-      132-SM GPU), so the projections after it find their weights in L2 instead of HBM.
-    gemv: at batch 1, the projections in `decode_linear`'s gemv form on one row (else the dot form on 16 padded
-      rows); gemv_warps: its warps per program (4 output columns per program, 8 for the LM head).
-    attention_splits: at batch 1, cache-block splits per (row, kv head) of the attention (flash-decoding), combined
-      in the o projection's prologue; 1 = none, 0 = as many as reach ~64 programs (`_attention_splits`); the largest
-      divisor of the cache's block count <= the value is used. Above batch 1 the attention is not split."""
-    prefetch: bool = True
-    gemv: bool = True
-    gemv_warps: int = 1
-    attention_splits: int = 1
-
-    def __post_init__(self):
-        if self.gemv_warps not in (1, 2, 4, 8):
-            raise ValueError(f"FusedDecodeOptions: gemv_warps={self.gemv_warps!r} must be 1, 2, 4 or 8")
-        if type(self.attention_splits) is not int or self.attention_splits < 0:
-            raise ValueError(f"FusedDecodeOptions: attention_splits={self.attention_splits!r} must be an int >= 0")
-
-    @classmethod
-    def parse(cls, text: str) -> "FusedDecodeOptions":
-        """'prefetch=0 gemv=1 gemv_warps=4 attention_splits=3' (space-separated name=value; '' = the defaults)."""
-        kw = {}
-        for item in text.split():
-            name, sep, value = item.partition("=")
-            field = {f.name: f for f in dataclasses.fields(cls)}.get(name)
-            if not sep or field is None:
-                raise ValueError(f"FusedDecodeOptions.parse: {item!r} is not name=value with name one of "
-                                 f"{[f.name for f in dataclasses.fields(cls)]}")
-            kw[name] = bool(int(value)) if field.type in ("bool", bool) else int(value)
-        return cls(**kw)
-
-
-def _attention_splits(batch: int, kv_heads: int, n_blocks: int, requested: int = 0) -> int:
-    """Cache-block splits per (row, kv head) for the decode attention: 1 above batch 1 (batch x kv heads programs
-    already; the combine would read [splits, 16 padded rows, H D] partials in every o-projection program); at batch
-    1 the largest divisor of n_blocks <= requested (0: ceil(_ATTENTION_PROGRAMS / kv_heads))."""
-    if batch != 1:
-        return 1
-    target = min(n_blocks, requested or -(-_ATTENTION_PROGRAMS // kv_heads))
-    return max(s for s in range(1, target + 1) if n_blocks % s == 0)
 
 
 def fused_decode_supported(config, cache_kind: str, cache_length: int) -> bool:
@@ -122,12 +73,13 @@ def _block(n: int, prefer: int) -> int:
     return blk
 
 
-def prepare_decode_params(config, params, dtype):
+def prepare_decode_params(config, params, dtype, tuning: DecodeTuning | None = None):
     """The model's params -> the decode kernels' operands: per layer the q/k/v kernels concatenated and
     transposed to [(H + 2G) D, hidden], o [hidden, H D], gate / up [F, hidden], down [hidden, F], dt_proj
     transposed to [G, G D] (all in the compute dtype, as nn.Dense casts them), norms, residual scales, A, biases;
     the LM head [V', hidden] (the tied embedding or the untied head, transposed; V' = vocab rounded up to the
-    head's block). Runs inside the jit, once per `generate` call, before the decode loop."""
+    head's block, `tuning.logits_block_n`). Runs inside the jit, once per `generate` call, before the decode loop."""
+    tuning = current_tuning() if tuning is None else tuning
     m = params["model"]
     cast = lambda x: jnp.asarray(x).astype(dtype)
     t = lambda x: cast(x).T
@@ -155,15 +107,16 @@ def prepare_decode_params(config, params, dtype):
         layers.append(layer)
     head = (cast(m["embed_tokens"]["embedding"]) if config.tie_word_embeddings
             else t(params["lm_head"]["kernel"]))
-    head = jnp.pad(head, ((0, -head.shape[0] % _LOGITS_BLOCK), (0, 0)))
+    head = jnp.pad(head, ((0, -head.shape[0] % tuning.logits_block_n), (0, 0)))
     return dict(embedding=cast(m["embed_tokens"]["embedding"]), norm=m["norm"]["weight"], lm_head=head,
                 layers=tuple(layers))
 
 
-def decode_state_from_cache(cache, block: int = _CACHE_BLOCK):
+def decode_state_from_cache(cache, tuning: DecodeTuning | None = None):
     """The model's full cache (after prefill) -> the fused decode state: per layer keys / values
     [b, G, C', D] and key bias [b, G, C'] f32, one position / mask [b, C'] (identical in every layer), length;
-    C' = C rounded up to `block` (the extra slots are never valid)."""
+    C' = C rounded up to the attention kernel's block (`tuning.cache_block`; the extra slots are never valid)."""
+    block = (current_tuning() if tuning is None else tuning).cache_block
     layers = cache["layers"]
     pad = -layers[0].key.shape[1] % block
     padc = lambda x, axis: jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
@@ -175,51 +128,46 @@ def decode_state_from_cache(cache, block: int = _CACHE_BLOCK):
 
 
 def fused_decode_step(config, dtype, fparams, state, tokens, positions, implementation=None,
-                      options: FusedDecodeOptions | None = None):
+                      tuning: DecodeTuning | None = None):
     """One token per row (tokens [b]) at `positions` [b] through the whole model (see the module docstring);
-    `fparams` from `prepare_decode_params`, `state` from `decode_state_from_cache`.
+    `fparams` from `prepare_decode_params`, `state` from `decode_state_from_cache` (with the same `tuning`).
     Returns (logits [b, V] f32, new state). implementation: "pallas" | "reference" | "interpret" | None (pallas
-    on GPU, else reference). options: the kernels' choices (FusedDecodeOptions(); the reference ignores them)."""
-    from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
-                                       decode_linear_reference)
-    from wmjax.layers.rope import rope_cos_sin
+    on GPU, else interpret). tuning: the kernels' blocks / warps / stages (None: `pallas_kernels.decode.tuning`'s
+    current values; the reference ignores them)."""
     cfg = config
+    tune = current_tuning() if tuning is None else tuning
     if implementation is None:
-        implementation = "pallas" if jax.default_backend() == "gpu" else "reference"
+        implementation = "pallas" if jax.default_backend() == "gpu" else "interpret"
     if implementation not in DECODE_IMPLS:
         raise ValueError(f"fused_decode_step: implementation={implementation!r}; expected one of {DECODE_IMPLS} "
                          "or None")
     if implementation == "reference":
-        linear, gemv = decode_linear_reference, False
+        gemv = False
+
+        def linear(x, w, head=False, **kw):
+            return decode_linear_reference(x, w, **kw)
 
         def attention(*args, prefetch=(), **kw):  # the reference reads no weights ahead
             return decode_layer_attention_reference(*args, **kw)
     else:
         interpret = implementation == "interpret"
-        opts = FusedDecodeOptions() if options is None else options
-        gemv = tokens.shape[0] == 1 and opts.gemv
+        gemv = tokens.shape[0] == 1  # batch 1: the gemv form on one row
 
-        def linear(x, w, **kw):
-            # blocks from `bench/sample.py --decode-kernels` on an H100 (docs/BENCHMARKS.md, Sampling): dot form 16
-            # output columns per program, 32 for the two-weight SwiGLU projection, 4 warps; gemv form (batch 1) 4, 8
-            # for the LM head. K in chunks of 256 through the kernel's fori_loop with 3 pipeline stages (0.2-1.2 us
-            # less per call than 1 stage on the H100)
-            block_n = kw.pop("block_n", 32 if "up_weight" in kw else 16)
-            warps = 4
+        def linear(x, w, head=False, **kw):
             if gemv:
-                block_n = _GEMV_LOGITS_BLOCK if block_n == _LOGITS_BLOCK else _GEMV_BLOCK_N
-                kw["real_rows"], warps = 1, opts.gemv_warps
+                block_n = tune.gemv_logits_block_n if head else tune.gemv_block_n
+                kw.update(real_rows=1)
+            elif head:
+                block_n = tune.logits_block_n
             else:
-                block_n = _block(w.shape[0], block_n)
-            return decode_linear(x, w, block_n=block_n, block_k=256, num_warps=warps, num_stages=3,
-                                 interpret=interpret, **kw)
+                block_n = _block(w.shape[0], tune.block_n_swiglu if "up_weight" in kw else tune.block_n)
+            return decode_linear(x, w, block_n=block_n, block_k=tune.block_k,
+                                 num_warps=tune.gemv_warps if gemv else tune.linear_warps,
+                                 num_stages=tune.linear_stages, interpret=interpret, **kw)
 
-        b_, g_, c_, _ = state["keys"][0].shape  # the same for every layer
-        splits = _attention_splits(b_, g_, c_ // _CACHE_BLOCK, opts.attention_splits)
-
-        def attention(*args, prefetch=(), **kw):
-            return decode_layer_attention(*args, block_c=_CACHE_BLOCK, num_stages=3, interpret=interpret,
-                                          num_splits=splits, prefetch=prefetch if opts.prefetch else (), **kw)
+        def attention(*args, **kw):
+            return decode_layer_attention(*args, block_c=tune.cache_block, num_warps=tune.attention_warps,
+                                          num_stages=tune.attention_stages, interpret=interpret, **kw)
     b = tokens.shape[0]
     rows = 1 if gemv else -(-b // _ROWS) * _ROWS
     d, eps = cfg.head_dim, cfg.rms_norm_eps
@@ -234,22 +182,18 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
     layers = fparams["layers"]
     for li, lp in enumerate(layers):
         qkv = linear(x, lp["qkv"], norm_weight=lp["input_norm"], eps=eps, bias=lp.get("qkv_bias"))
-        # the weights read after this attention, pulled into L2 while it runs (FusedDecodeOptions.prefetch)
+        # the weights read after this attention, pulled into L2 while it runs
         prefetch = (lp["o"], lp["gate"], lp["up"], lp["down"]) + (
             (layers[li + 1]["qkv"],) if li + 1 < len(layers) else ())
         att, keys[li], values[li], biases[li] = attention(
             qkv, cos, sin, valid, slot, lp["q_norm"], lp["k_norm"], lp["dt"], lp.get("dt_bias"), lp["A"],
             keys[li], values[li], biases[li], num_heads=cfg.num_attention_heads, eps=eps, scale=d ** -0.5,
             qk_norm=cfg.qk_norm, prefetch=prefetch)
-        att, att_lse = att if isinstance(att, tuple) else (att, None)     # split attention: (partials, lse)
-        x = linear(att, lp["o"], bias=lp.get("o_bias"), residual=x, residual_scale=lp["input_residual"],
-                   x_lse=att_lse)
+        x = linear(att, lp["o"], bias=lp.get("o_bias"), residual=x, residual_scale=lp["input_residual"])
         hid = linear(x, lp["gate"], up_weight=lp["up"], norm_weight=lp["post_norm"], eps=eps,
                      bias=lp.get("gate_bias"), up_bias=lp.get("up_bias"))
         x = linear(hid, lp["down"], bias=lp.get("down_bias"), residual=x, residual_scale=lp["post_residual"])
-    head = fparams["lm_head"]
-    extra = dict(block_n=_LOGITS_BLOCK) if implementation != "reference" else {}
-    logits = linear(x, head, norm_weight=fparams["norm"], eps=eps, out_dtype=jnp.float32, **extra)
+    logits = linear(x, fparams["lm_head"], head=True, norm_weight=fparams["norm"], eps=eps, out_dtype=jnp.float32)
     zero = jnp.zeros((), jnp.int32)
     new_state = dict(
         keys=tuple(keys), values=tuple(values), biases=tuple(biases),

@@ -24,12 +24,11 @@ every row has stopped or max_new_tokens were generated.
 
 Decode path (`decode=`): "model" runs every decode step through the Flax model (`decode_step`); "fused" through
 `wmjax.fused_decode.fused_decode_step`, a decode-specialized step for dense Doge with a full cache that fits
-keep_window_size (five `pallas_kernels.decode` kernels per layer on GPU: projections with the norm / residual /
-SwiGLU fused in, and the layer's attention with q/k norm, RoPE, key bias and the cache write fused in);
-"fused_xla" is the same step through the kernels' jnp references (XLA). "auto" (default) is "fused" on GPU where
-`fused_decode_supported` says it applies (H100, Doge-160M: 1,573 vs 898 tok/s at bs=1, 20,885 vs 14,419 at bs=16,
-one process; docs/BENCHMARKS.md, Sampling), else "model". `fused_options` (`wmjax.fused_decode.FusedDecodeOptions`)
-picks the fused path's kernel variants; the defaults are the fastest measured.
+keep_window_size (five `pallas_kernels.decode` kernels per layer: projections with the norm / residual / SwiGLU
+fused in, and the layer's attention with q/k norm, RoPE, key bias and the cache write fused in; off the GPU the
+kernels run in Pallas interpret mode, slow, for tests). "auto" (default) is "fused" on GPU where
+`fused_decode_supported` says it applies (measured faster at batch 1 and 16: docs/BENCHMARKS.md, Sampling), else
+"model". The fused kernels' blocks / warps / stages are `pallas_kernels.decode.tuning`'s tuned defaults.
 
 Streaming: `callback(step, tokens [b] np.int32, active [b] np.bool)` is called on the host once per generated
 token position (through `jax.debug.callback`; `active` is False for rows already stopped before this step).
@@ -40,21 +39,25 @@ measuring throughput.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.decode.tuning import current as current_decode_tuning
 from wmjax.cache import init_cache
+from wmjax.fused_decode import (decode_state_from_cache, fused_decode_step, fused_decode_supported,
+                                prepare_decode_params)
+from wmjax.models.doge import DogeForCausalLM
 
 __all__ = ["SamplingParams", "GenerateOutput", "generate", "process_logits", "prefill", "decode_step",
            "pad_prompts", "positions_from_mask", "DECODE_PATHS"]
 
 # generate(decode=...): "model" = the Flax model's decode step; "fused" = wmjax.fused_decode on the
-# pallas_kernels.decode kernels on GPU (their jnp references elsewhere); "fused_xla" = the references everywhere.
-DECODE_PATHS = ("auto", "model", "fused", "fused_xla")
+# pallas_kernels.decode kernels (Pallas interpret mode off the GPU).
+DECODE_PATHS = ("auto", "model", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,19 +192,12 @@ def decode_step(model, params, cache, tokens, positions):
 
 
 _STATIC = ("model", "max_new_tokens", "cache_kind", "cache_length", "sampling", "return_logprobs", "callback",
-           "cache_dtype", "pad_id", "decode", "fused_options")
-
-
-@functools.lru_cache(maxsize=None)
-def _generate_with_options(options: tuple = ()):
-    """The jitted generate, compiled with XLA options (sorted (name, value) pairs, jax.jit's compiler_options;
-    () = XLA's defaults)."""
-    return jax.jit(_generate_impl, static_argnames=_STATIC, compiler_options=dict(options) if options else None)
+           "cache_dtype", "pad_id", "decode", "decode_tuning")
 
 
 def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, max_new_tokens, cache_kind,
                   cache_length, sampling, return_logprobs, callback, cache_dtype, pad_id, decode="model",
-                  fused_options=None):
+                  decode_tuning=None):
     cfg = model.config
     b, s = input_ids.shape
     vocab = cfg.vocab_size
@@ -239,13 +235,11 @@ def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, m
         i, done = st[0], st[4]
         return (i < max_new_tokens) & ~jnp.all(done)
 
-    if decode in ("fused", "fused_xla"):
-        from wmjax.fused_decode import decode_state_from_cache, fused_decode_step, prepare_decode_params
-        impl = "reference" if decode == "fused_xla" else None
-        fparams = prepare_decode_params(cfg, params, model.dtype)
-        cache = decode_state_from_cache(cache)
-        step = lambda cache, tok, pos: fused_decode_step(cfg, model.dtype, fparams, cache, tok, pos, impl,
-                                                         fused_options)
+    if decode == "fused":
+        fparams = prepare_decode_params(cfg, params, model.dtype, decode_tuning)
+        cache = decode_state_from_cache(cache, decode_tuning)
+        step = lambda cache, tok, pos: fused_decode_step(cfg, model.dtype, fparams, cache, tok, pos,
+                                                         tuning=decode_tuning)
     else:
         step = lambda cache, tok, pos: decode_step(model, params, cache, tok, pos)
 
@@ -262,7 +256,7 @@ def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, m
     return toks, lengths, (lps if return_logprobs else None), steps
 
 
-_generate_jit = _generate_with_options()
+_generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC)
 
 
 def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max_new_tokens: int,
@@ -271,18 +265,15 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
              stop_tokens: Optional[Union[Sequence[int], Sequence[Sequence[int]]]] = None, rng=None,
              cache: str = "auto", max_cache_length: Optional[int] = None, cache_dtype=None,
              return_logprobs: bool = False, callback: Optional[Callable] = None, pad_id: Optional[int] = None,
-             pad_to_multiple_of: int = 1, decode: str = "auto",
-             compiler_options: Optional[dict] = None, fused_options=None) -> GenerateOutput:
+             pad_to_multiple_of: int = 1, decode: str = "auto") -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row; see the module docstring.
 
     model: a DogeForCausalLM (its dtype is the compute dtype); params: its params.
     max_cache_length: for cache="full", the cache size (default: padded prompt length + max_new_tokens); a
-    prompt that does not fit with max_new_tokens is an error.
-    decode: "model", "fused" / "fused_xla" (wmjax.fused_decode; an error where `fused_decode_supported` says it does
-    not apply) or "auto" ("fused" on GPU where it applies, else "model"; see the module docstring).
-    compiler_options: XLA options for this call's compile (jax.jit's `compiler_options`, e.g.
-    {"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,WHILE"}); None = XLA's defaults.
-    fused_options: `wmjax.fused_decode.FusedDecodeOptions` for the fused path's kernels (None = its defaults).
+    prompt that does not fit with max_new_tokens is an error. A prompt that, with max_new_tokens, runs past
+    config.max_position_embeddings gets a UserWarning naming the lengths.
+    decode: "model", "fused" (wmjax.fused_decode; an error where `fused_decode_supported` says it does not apply)
+    or "auto" ("fused" on GPU where it applies, else "model"; see the module docstring).
     """
     cfg = model.config
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
@@ -312,6 +303,12 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
         raise ValueError(f"generate: token ids must be in [0, vocab_size={cfg.vocab_size}); got "
                          f"[{real.min()}, {real.max()}]")
     b, s = ids.shape
+    longest, limit = int(mask.sum(1).max()), cfg.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        what = (f"a prompt of {longest} tokens" if longest > limit else
+                f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens}")
+        warnings.warn(f"generate: {what} is longer than max_position_embeddings={limit}; the model was not made "
+                      "for positions past it", stacklevel=2)
 
     total = s + max_new_tokens
     kind = _cache_kind(cache, cfg, total)
@@ -348,24 +345,16 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
     cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
     if decode not in DECODE_PATHS:
         raise ValueError(f"generate: decode={decode!r}; expected one of {DECODE_PATHS}")
-    from wmjax.fused_decode import fused_decode_supported
-    from wmjax.models.doge import DogeForCausalLM
     fused_ok = isinstance(model, DogeForCausalLM) and fused_decode_supported(cfg, kind, int(length))
-    if decode in ("fused", "fused_xla") and not fused_ok:
+    if decode == "fused" and not fused_ok:
         raise ValueError(f"generate: decode={decode!r} needs a dense Doge with a full cache no longer than "
                          "keep_window_size, no sliding window and bias heads = kv heads (fused_decode_supported)")
     if decode == "auto":  # the fused kernels on GPU (measured faster at bs 1 and 16 on an H100), else the model
         # (the GPU attention kernel's tensor-core dots need head_dim >= 32)
         decode = "fused" if fused_ok and jax.default_backend() == "gpu" and cfg.head_dim >= 32 else "model"
-    if fused_options is not None:
-        from wmjax.fused_decode import FusedDecodeOptions
-        if not isinstance(fused_options, FusedDecodeOptions):
-            raise ValueError(f"generate: fused_options must be a wmjax.fused_decode.FusedDecodeOptions, got "
-                             f"{type(fused_options).__name__}")
-    run = _generate_with_options(tuple(sorted((str(k), str(v)) for k, v in (compiler_options or {}).items())))
-    toks, lengths, lps, steps = run(
+    toks, lengths, lps, steps = _generate_jit(
         params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stop), rng, model=model,
         max_new_tokens=int(max_new_tokens), cache_kind=kind, cache_length=int(length), sampling=sp,
         return_logprobs=bool(return_logprobs), callback=callback, cache_dtype=cache_dtype, pad_id=pad_id,
-        decode=decode, fused_options=fused_options)
+        decode=decode, decode_tuning=current_decode_tuning() if decode == "fused" else None)
     return GenerateOutput(toks, lengths, lps, steps)

@@ -1,56 +1,20 @@
 """Pallas (Triton backend) decode attention of one Doge layer: from the fused q/k/v projection to the attention
-output, with the layer's new key/value/bias written into its cache in place.
+output, with the new key/value/bias written into the layer's cache in place (`input_output_aliases`).
 
-One query token per row. Per (row, kv head g) one program (or num_splits programs, below) does, for the Doge layer of `wmjax.layers.attention`
-(HF `DogeAttention`) with a full KV cache no longer than keep_window_size (every visible key is kept):
+One query token per row, a full cache no longer than keep_window_size (every visible key is kept):
 
-    q_h = rope(rms_norm(q_h; q_norm)),  k_g = rope(rms_norm(k_g; k_norm))     h = g R .. g R + R - 1
-    dt_g = v . W_dt[g] (+ b_dt[g]),     bias_g = exp(A_g * softplus(dt_g))    (v = all kv heads' values)
-    s_c  = (q_h . K_c) * scale + (bias_c if valid_c else finfo(f32).min)        c = cached slots
-    s_n  = (q_h . k_g) * scale + bias_g                                         (the new token, always visible)
-    out_h = softmax([s, s_n]) @ [V; v_g]
+    q_h = rope(rms_norm(q_h; q_norm)),  k_g = rope(rms_norm(k_g; k_norm))     h = g R .. g R + R - 1, R = H / G
+    bias_g = exp(A_g * softplus(v . W_dt[g] + b_dt[g]))                       (v = all kv heads' values)
+    out_h = softmax([s_c ; s_n]) @ [V ; v_g],  s_c = scale q_h . K_c + (bias_c if valid_c else finfo(f32).min),
+            s_n = scale q_h . k_g + bias_g        (the new token, always visible)
     cache[slot] <- (k_g, v_g, bias_g)
 
-rope(x) = x * cos + rotate_half(x) * sin, worked on the two halves of head_dim so there is no concatenate; each
-elementwise step is rounded to the compute dtype as the model's jnp code is. Scores use exact f32 products of the
-(compute-dtype) inputs with f32 sums, like the model's HIGHEST-precision einsums; the softmax is the online
-(flash-decoding) form over blocks of `block_c` slots, started from the new token.
-
-The group's R = H/G query heads are one 2-D tile of TR = max(16, next_pow2(R)) rows per half of head_dim
-([TR, D/2], read by a masked load from qkv viewed as [rows, H + 2G, D]; rows >= R are zeros, stay finite through
-norm and rope, and are never stored). q RMSNorm is one row reduction over the tile, dt_proj one f32 sum over all kv
-heads' values as one [G D] vector (zero-padded to a power of two by masked loads), the new token's scores one row
-reduction; per cache block the scores are two tensor-core dots qa Ka^T + qb Kb^T ([TR, D/2] x [BC, D/2]^T ->
-[TR, BC], f32 accumulation: exact products for bf16, precision HIGHEST for f32) and p @ V is, for a 16-bit compute
-dtype, two tensor-core dots p_hi @ V + p_lo @ V with p_hi = p and p_lo = p - p_hi rounded to that dtype: for bf16
-p is kept to ~16 of its 24 bits (relative error ~2^-17 per weight, against the reference's exact f32 products),
-and for f32 one HIGHEST-precision dot. m, l are [TR] and the accumulators [TR, D/2] loop carries; the attention
-output is written by masked [TR, D/2] stores into att viewed as [rows, H, D]. Needs head_dim >= 32 on the GPU
-(Triton's dots need D/2 >= 16; interpret mode takes >= 8).
-
-Measured on an H100 (Doge-160M, cache 384, bs 1, bf16, the call alone with XLA's 3 copies of the un-donated caches;
-docs/BENCHMARKS.md, Sampling): 12.6 us at block_c 64 and 10.7 at block_c 128, against 17.1 for the earlier body
-that worked on each query head as 1-D vectors (15 reductions before the cache loop and 12 per block, against 5 and
-2 + 6 tensor-core dots here, in the Triton IR); that body is gone.
-
-Grid: one 1-D grid of programs. The first batch x G x num_splits are the attention programs, (row, kv head, split)
-row-major. With num_splits = S > 1 (flash-decoding) split s walks cache blocks s B .. s B + B - 1 (B = blocks / S),
-split 0 also takes the new token and writes the cache, and each split stores its f32 normalized output and
-log-sum-exp for `pallas_kernels.decode.linear.combine_partials` (done in the o projection's prologue). After them
-come the prefetch programs (`prefetch=`): each walks 3 tiles of 64 x 256 of the weights read next (the layer's o /
-gate / up / down and the next layer's q/k/v in `wmjax.fused_decode`) through a pipelined loop whose tiles feed a
-tensor-core dot with a ones tile, and stores one unused f32 so the loads stay. At batch 1 the attention runs G
-programs on a 132-SM GPU; the prefetch uses the idle SMs so that the projections after the attention read their
-weights from L2 (H100, Doge-160M, bs 1, in the decode step: the attention 7.6 -> 9.3 us, the four projections after
-it 15.4 us less per layer; docs/BENCHMARKS.md, Sampling, session 5).
-
-Layouts: qkv [rows, (H + 2G) D] (the fused projection's output: q heads, k heads, v heads; only the first
-`batch` rows are read); cos, sin [batch, D]; valid [batch, C] int32 (1 = slot holds a token visible to this
-query; the slot being written is not valid); slot [1] int32; q_norm, k_norm [D]; dt_weight [G, G D] (the
-transpose of dt_proj's kernel); dt_bias [G] or None; A [G]; key/value caches [batch, G, C, D]; bias cache
-[batch, G, C] f32. C a multiple of block_c. Output: att [rows, H D] in the compute dtype (rows >= batch are not
-written) and the three caches (aliased to the inputs: updated in place on GPU).
-`decode_layer_attention_reference` is the same computation in plain jnp and defines its meaning.
+Grid: one 1-D grid; programs 0 .. batch G - 1 are (row, kv head) attention programs: the group's R query heads as
+one [max(16, R), D/2] tile per half of head_dim, an online softmax over blocks of block_c cached slots (tensor-core
+dots, f32 accumulation; p @ V as two dots p_hi + p_lo for 16-bit dtypes). After them the prefetch programs
+(`prefetch=`) read weights used next (3 tiles of 64 x 256 each) so that they are in L2 when read again.
+Layouts: see `decode_layer_attention`. `reference.decode_layer_attention_reference` defines the meaning;
+measured figures: docs/KERNELS.md, Decode.
 """
 
 from __future__ import annotations
@@ -63,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-__all__ = ["decode_layer_attention", "decode_layer_attention_reference"]
+__all__ = ["decode_layer_attention"]
 
 _F32 = jnp.float32
 
@@ -77,8 +41,8 @@ def _next_pow2(n):
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _kernel(*refs, n_inputs, kv_heads, num_splits, n_attention, has_dt_bias, prefetch_plan, **static):
-    """One 1-D grid: programs 0 .. n_attention - 1 = (row, kv head, split) attention programs (row-major), then the
+def _kernel(*refs, n_inputs, kv_heads, n_attention, has_dt_bias, prefetch_plan, **static):
+    """One 1-D grid: programs 0 .. n_attention - 1 = (row, kv head) attention programs (row-major), then the
     prefetch programs (`prefetch_plan`), which only load their share of the prefetch inputs."""
     refs = list(refs)
     n_pre = len(prefetch_plan)
@@ -86,11 +50,10 @@ def _kernel(*refs, n_inputs, kv_heads, num_splits, n_attention, has_dt_bias, pre
     pre_refs, ins = ins[len(ins) - n_pre:], ins[:len(ins) - n_pre]
     touch_ref = outs.pop() if n_pre else None
     pid = pl.program_id(0)
-    g, split_id = (pid // num_splits) % kv_heads, pid % num_splits
+    g = pid % kv_heads
 
     def attention():
-        _attention_program(*ins, *outs, g=g, split_id=split_id, kv_heads=kv_heads, num_splits=num_splits,
-                           has_dt_bias=has_dt_bias, **static)
+        _attention_program(*ins, *outs, g=g, kv_heads=kv_heads, has_dt_bias=has_dt_bias, **static)
 
     if not n_pre:
         attention()
@@ -121,20 +84,14 @@ def _kernel(*refs, n_inputs, kv_heads, num_splits, n_attention, has_dt_bias, pre
 
 
 def _attention_program(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, qn_ref, kn_ref, wdt_ref, *rest, g,
-                       split_id, heads_per_group, kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm,
-                       has_dt_bias, tile_rows, dt_len, num_splits):
-    """The group's R query heads as one [tile_rows, D/2] tile per half of head_dim
-    (rows >= R are zeros, never written), scores and p @ V as tensor-core dots; see the module docstring.
-    Program (row, kv head g, split): split s walks cache blocks s B .. s B + B - 1 (B = n_blocks / num_splits);
-    split 0 also takes the new token and writes the cache."""
+                       heads_per_group, kv_heads, head_dim, eps, scale, block_c, n_blocks, qk_norm, has_dt_bias,
+                       tile_rows, dt_len):
+    """Program (row, kv head g): the group's R query heads as one [tile_rows, D/2] tile per half of head_dim
+    (rows >= R are zeros, never written), scores and p @ V as tensor-core dots; see the module docstring."""
     rest = list(rest)
     dtb_ref = rest.pop(0) if has_dt_bias else None
     a_ref, k_ref, v_ref, b_ref = rest[:4]
-    if num_splits == 1:
-        att_ref, k_out, v_out, b_out = rest[4:]
-    else:
-        att_ref, lse_out, k_out, v_out, b_out = rest[4:]
-    blocks_per_split = n_blocks // num_splits
+    att_ref, k_out, v_out, b_out = rest[4:]
     d, half, r_n, tr = head_dim, head_dim // 2, heads_per_group, tile_rows
     dtype = cos_ref.dtype
     cdt = k_out.dtype
@@ -198,19 +155,12 @@ def _attention_program(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, q
         dt = rnd(dt.astype(_F32) + dt_b.astype(dtype).astype(_F32))                 # [1]
     bias_new = jnp.exp(a_g.astype(_F32) * _softplus(dt.astype(_F32)))                 # [1]
 
-    # cache writes (split 0 of row i, kv head g; the slot is not read as valid this step, so the other splits may
-    # read it before or after the write: its score is masked either way)
-    def write_cache():
-        k_out[pl.ds(slot, 1), lo] = ka[None, :]
-        k_out[pl.ds(slot, 1), hi] = kb[None, :]
-        v_out[pl.ds(slot, 1), lo] = va[None, :]
-        v_out[pl.ds(slot, 1), hi] = vb[None, :]
-        b_out[pl.ds(slot, 1)] = bias_new
-
-    if num_splits == 1:
-        write_cache()
-    else:
-        pl.when(split_id == 0)(write_cache)
+    # cache writes (the slot is not read as valid this step: its score is masked either way)
+    k_out[pl.ds(slot, 1), lo] = ka[None, :]
+    k_out[pl.ds(slot, 1), hi] = kb[None, :]
+    v_out[pl.ds(slot, 1), lo] = va[None, :]
+    v_out[pl.ds(slot, 1), hi] = vb[None, :]
+    b_out[pl.ds(slot, 1)] = bias_new
 
     # q tiles: zero rows stay finite through the norm (rstd = 1/sqrt(eps)) and rope, so padding scores are the
     # biases alone: no NaN/inf in any row
@@ -222,11 +172,6 @@ def _attention_program(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, q
             jnp.broadcast_to(vb.astype(dtype).astype(_F32)[None, :], (tr, half)))
     neg = jnp.finfo(_F32).min
     l0 = jnp.ones((tr,), _F32)
-    if num_splits > 1:  # the new token is split 0's; the others start empty (m = finfo.min: weight 0 until a key)
-        first = split_id == 0
-        m0 = jnp.where(first, m0, neg)
-        l0 = jnp.where(first, l0, 0.0)
-        acc0 = tuple(jnp.where(first, a, 0.0) for a in acc0)
     split_p = jnp.dtype(dtype) != jnp.dtype(_F32)  # p @ V as p_hi @ V + p_lo @ V
 
     def pv(p, vc):
@@ -241,7 +186,7 @@ def _attention_program(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, q
 
     def body(j, carry):
         m, l, acc_a, acc_b = carry
-        cols = pl.ds(pl.multiple_of((split_id * blocks_per_split + j) * block_c, block_c), block_c)
+        cols = pl.ds(pl.multiple_of(j * block_c, block_c), block_c)
         kc_a, kc_b = k_ref[cols, lo].astype(dtype), k_ref[cols, hi].astype(dtype)      # [BC, D/2]
         vc_a, vc_b = v_ref[cols, lo].astype(dtype), v_ref[cols, hi].astype(dtype)
         add = jnp.where(valid_ref[cols] != 0, b_ref[cols], neg)                        # [BC]
@@ -253,20 +198,14 @@ def _attention_program(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, q
         return (m_new, l * alpha + jnp.sum(p, axis=1), acc_a * alpha[:, None] + pv(p, vc_a),
                 acc_b * alpha[:, None] + pv(p, vc_b))
 
-    m, l, acc_a, acc_b = lax.fori_loop(0, blocks_per_split, body, (m0, l0) + acc0)
-    # only the R real heads' rows are stored (masked rows are never written); with splits the f32 partial output
-    # and its log-sum-exp (broadcast over head_dim) for `combine_partials`
+    m, l, acc_a, acc_b = lax.fori_loop(0, n_blocks, body, (m0, l0) + acc0)
+    # only the R real heads' rows are stored (masked rows are never written)
     out_a, out_b = acc_a / l[:, None], acc_b / l[:, None]
-    if num_splits > 1:
-        lse = jnp.broadcast_to((m + jnp.log(l))[:, None], (tr, half))
-        pltr.store(lse_out.at[q_rows, lo], lse, mask=real)
-        pltr.store(lse_out.at[q_rows, hi], lse, mask=real)
     pltr.store(att_ref.at[q_rows, lo], out_a.astype(att_ref.dtype), mask=real)
     pltr.store(att_ref.at[q_rows, hi], out_b.astype(att_ref.dtype), mask=real)
 
 
-def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret,
-           num_splits=1):
+def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret):
     b, g, c, d = key_cache.shape
     problems = []
     if qkv.shape[1] != (num_heads + 2 * g) * d or qkv.shape[0] < b:
@@ -286,9 +225,6 @@ def _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_hea
         problems.append(f"head_dim {d} must be a power of two >= {min_d}")
     if block_c < 16 or block_c & (block_c - 1) or c % block_c:
         problems.append(f"cache length {c} must be a multiple of block_c={block_c} (a power of two >= 16)")
-    elif type(num_splits) is not int or num_splits < 1 or (c // block_c) % num_splits:
-        problems.append(f"num_splits={num_splits!r} must be an int >= 1 dividing the {c // block_c} cache blocks "
-                        f"(cache length {c} / block_c {block_c})")
     if problems:
         raise ValueError("decode_layer_attention: " + "; ".join(problems))
 
@@ -312,19 +248,22 @@ def _prefetch_plan(prefetch, start, rows=64, col_chunk=256, per_program=3):
 
 def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A, key_cache,
                            value_cache, bias_cache, *, num_heads: int, eps: float, scale: float, qk_norm=True,
-                           block_c: int = 128, num_warps: int = 4, num_stages: int = 2, num_splits: int = 1,
-                           prefetch=(), interpret: bool = False):
-    """Returns (att [rows, H D] in cos.dtype, key_cache, value_cache, bias_cache) with slot `slot` (int32 [1])
-    of every (row, kv head) written. See the module docstring for the layouts.
+                           block_c: int = 128, num_warps: int = 4, num_stages: int = 2, prefetch=(),
+                           interpret: bool = False):
+    """Returns (att [rows, H D] in cos.dtype, key_cache, value_cache, bias_cache) with slot `slot` of every
+    (row, kv head) written; att rows >= batch are not written.
 
-    num_splits > 1 (flash-decoding): the cache blocks are split over num_splits programs per (row, kv head), and
-    att is a pair (partials [S, rows, H D] f32, lse [S, rows, H D] f32) for `combine_partials` (done by the
-    consuming projection: `decode_linear(partials, ..., x_lse=lse)`); rows >= batch are not written.
+    Layouts: qkv [rows, (H + 2G) D] (the fused projection's output: q heads, k heads, v heads; only the first
+    `batch` rows are read); cos, sin [batch, D]; valid [batch, C] int32 (1 = slot holds a token visible to this
+    query; the slot being written is not valid); slot int32 scalar or [1]; q_norm, k_norm [D]; dt_weight [G, G D]
+    (the transpose of dt_proj's kernel); dt_bias [G] or None; A [G]; key/value caches [batch, G, C, D]; bias
+    cache [batch, G, C] f32; C a multiple of block_c. The caches are aliased to the outputs (in place on GPU).
+    head_dim a power of two >= 32 on the GPU (Triton's dots need D/2 >= 16; interpret mode takes >= 8).
 
-    prefetch: 2-D arrays (the weights of the projections that run next) that extra programs of this kernel read,
-    ~96 KB each as 3 pipelined 32 KB tiles (`_prefetch_plan`), while the attention programs run (batch x kv heads x splits programs: a few SMs at batch 1), so
-    that those weights are in L2 when their projections read them. Nothing is computed from them."""
-    _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret, num_splits)
+    prefetch: 2-D arrays (the weights of the projections that run next) that extra programs of this kernel read
+    (`_prefetch_plan`) while the batch x kv heads attention programs run, so that those weights are in L2 when
+    their projections read them. Nothing is computed from them."""
+    _check(qkv, cos, valid, q_norm, dt_weight, A, key_cache, bias_cache, num_heads, block_c, interpret)
     prefetch = tuple(prefetch)
     for w in prefetch:
         if w.ndim != 2 or w.shape[0] % 16 or w.shape[1] % 16:
@@ -333,19 +272,17 @@ def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight
     b, g, c, d = key_cache.shape
     rows, width = qkv.shape
     has_dt_bias = dt_bias is not None
-    n_attention = b * g * num_splits
+    n_attention = b * g
     plan = _prefetch_plan(prefetch, n_attention)
     n_programs = n_attention + sum(p[1] for p in plan)
     kern = functools.partial(_kernel, heads_per_group=num_heads // g, kv_heads=g, head_dim=d, eps=float(eps),
                              scale=float(scale), block_c=block_c, n_blocks=c // block_c, qk_norm=bool(qk_norm),
                              has_dt_bias=has_dt_bias, tile_rows=max(16, _next_pow2(num_heads // g)),
-                             dt_len=_next_pow2(g * d), num_splits=num_splits, n_attention=n_attention,
-                             prefetch_plan=plan)
-    # one 1-D grid: program p < n_attention is (row i, kv head j, split s) row-major; the prefetch programs after
-    # them see row / head / split indices clamped into range (they touch none of those blocks)
-    i_ = lambda p: jnp.minimum(p // (g * num_splits), b - 1)
-    j_ = lambda p: (p // num_splits) % g
-    s_ = lambda p: p % num_splits
+                             dt_len=_next_pow2(g * d), n_attention=n_attention, prefetch_plan=plan)
+    # one 1-D grid: program p < n_attention is (row i, kv head j) row-major; the prefetch programs after them see
+    # row indices clamped into range (they touch none of those blocks)
+    i_ = lambda p: jnp.minimum(p // g, b - 1)
+    j_ = lambda p: p % g
     row = lambda n: pl.BlockSpec((None, n), lambda p: (i_(p), 0))
     heads = lambda n: pl.BlockSpec((None, n, d), lambda p: (i_(p), 0, 0))   # [rows, heads, D] view, row i
     full = lambda n: pl.BlockSpec((n,), lambda p: (0,))
@@ -364,71 +301,21 @@ def decode_layer_attention(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight
     n_cache_end = len(operands)
     specs += [pl.BlockSpec(w.shape, lambda p: (0, 0)) for w in prefetch]
     operands += list(prefetch)
-    # att written as [rows, H, D] (masked [TR, D/2] tile stores), reshaped back (a bitcast); with splits the
-    # partials and their lse as [S, rows, H, D] f32
-    if num_splits == 1:
-        att_shapes = [jax.ShapeDtypeStruct((rows, num_heads, d), cos.dtype)]
-        att_specs = [heads(num_heads)]
-    else:
-        att_shapes = 2 * [jax.ShapeDtypeStruct((num_splits, rows, num_heads, d), _F32)]
-        att_specs = 2 * [pl.BlockSpec((None, None, num_heads, d), lambda p: (s_(p), i_(p), 0, 0))]
-    n_att = len(att_shapes)
-    out_shapes = [*att_shapes, jax.ShapeDtypeStruct(key_cache.shape, key_cache.dtype),
+    # att written as [rows, H, D] (masked [TR, D/2] tile stores), reshaped back (a bitcast)
+    out_shapes = [jax.ShapeDtypeStruct((rows, num_heads, d), cos.dtype),
+                  jax.ShapeDtypeStruct(key_cache.shape, key_cache.dtype),
                   jax.ShapeDtypeStruct(value_cache.shape, value_cache.dtype),
                   jax.ShapeDtypeStruct(bias_cache.shape, bias_cache.dtype)]
-    out_specs = [*att_specs, cache_spec, cache_spec, bias_spec]
+    out_specs = [heads(num_heads), cache_spec, cache_spec, bias_spec]
     if prefetch:  # one f32 per program: the prefetch programs' sums (unused; keeps their loads alive)
         out_shapes.append(jax.ShapeDtypeStruct((n_programs,), _F32))
         out_specs.append(pl.BlockSpec((1,), lambda p: (p,)))
     outs = pl.pallas_call(
-        functools.partial(kern, n_inputs=len(operands)), out_shape=tuple(out_shapes), grid=(n_programs,), in_specs=specs, out_specs=tuple(out_specs),
-        input_output_aliases={n_cache_end - 3: n_att, n_cache_end - 2: n_att + 1, n_cache_end - 1: n_att + 2},
+        functools.partial(kern, n_inputs=len(operands)), out_shape=tuple(out_shapes), grid=(n_programs,),
+        in_specs=specs, out_specs=tuple(out_specs),
+        input_output_aliases={n_cache_end - 3: 1, n_cache_end - 2: 2, n_cache_end - 1: 3},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="wmjax_decode_layer_attention",
     )(*operands)
-    att, (kc, vc, bc) = outs[:n_att], outs[n_att:n_att + 3]
-    if num_splits == 1:
-        return att[0].reshape(rows, num_heads * d), kc, vc, bc
-    parts, lse = (a.reshape(num_splits, rows, num_heads * d) for a in att)
-    return (parts, lse), kc, vc, bc
-
-
-def decode_layer_attention_reference(qkv, cos, sin, valid, slot, q_norm, k_norm, dt_weight, dt_bias, A,
-                                     key_cache, value_cache, bias_cache, *, num_heads: int, eps: float,
-                                     scale: float, qk_norm=True):
-    """Plain-jnp `decode_layer_attention` (same arguments; rows >= batch of att are zeros)."""
-    from wmjax.layers.norm import rms_norm
-    from wmjax.layers.rope import apply_rope
-    b, g, c, d = key_cache.shape
-    rows = qkv.shape[0]
-    h, dtype, cdt = num_heads, cos.dtype, key_cache.dtype
-    x = qkv[:b]
-    q = x[:, :h * d].reshape(b, 1, h, d).astype(dtype)
-    k = x[:, h * d:(h + g) * d].reshape(b, 1, g, d).astype(dtype)
-    v = x[:, (h + g) * d:].astype(dtype)                                          # [b, G D]
-    if qk_norm:
-        q, k = rms_norm(q, q_norm, eps, dtype), rms_norm(k, k_norm, eps, dtype)
-    q = apply_rope(q, cos[:, None], sin[:, None])[:, 0]                            # [b, H, D]
-    k = apply_rope(k, cos[:, None], sin[:, None])[:, 0].astype(cdt)               # [b, G, D]
-    dt = lax.dot_general(v, dt_weight.astype(dtype), (((1,), (1,)), ((), ())),
-                         precision=lax.Precision.HIGHEST, preferred_element_type=_F32).astype(dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(dtype)
-    bias_new = jnp.exp(A.astype(_F32) * jax.nn.softplus(dt.astype(_F32)))          # [b, G]
-    v_new = v.reshape(b, g, d).astype(cdt)
-    s0 = jnp.reshape(jnp.asarray(slot, jnp.int32), ())
-    zero = jnp.zeros((), jnp.int32)
-    key_cache = lax.dynamic_update_slice(key_cache, k[:, :, None], (zero, zero, s0, zero))
-    value_cache = lax.dynamic_update_slice(value_cache, v_new[:, :, None], (zero, zero, s0, zero))
-    bias_cache = lax.dynamic_update_slice(bias_cache, bias_new[:, :, None], (zero, zero, s0))
-    visible = (valid != 0).at[:, s0].set(True)                                     # the new token is visible
-    r = h // g
-    qg = q.reshape(b, g, r, d)
-    hp = lax.Precision.HIGHEST
-    s = jnp.einsum("bgrd,bgcd->bgrc", qg, key_cache.astype(dtype), precision=hp, preferred_element_type=_F32)
-    s = s * scale + jnp.where(visible[:, None], bias_cache, jnp.finfo(_F32).min)[:, :, None]
-    p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("bgrc,bgcd->bgrd", p, value_cache.astype(dtype).astype(_F32), precision=hp)
-    att = out.reshape(b, h * d).astype(dtype)
-    att = jnp.pad(att, ((0, rows - b), (0, 0)))
-    return att, key_cache, value_cache, bias_cache
+    att, kc, vc, bc = outs[:4]
+    return att.reshape(rows, num_heads * d), kc, vc, bc

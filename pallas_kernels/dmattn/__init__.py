@@ -1,21 +1,18 @@
-"""Flash dynamic-mask attention (Doge's top-k key-bias attention) as GPU Pallas kernels (Triton backend).
+"""Flash dynamic-mask attention (Doge's top-k key-bias attention): GPU Pallas kernels (Triton backend) and the
+plain-jnp definition they compute.
 
-Same meaning as `wmjax.ops.dmattn.dynamic_mask_attention_reference` on the calls `supports` accepts, in O(L)
-memory: a key-centric pre-pass gives each key one expiry row e_j (key j is kept by rows [j, e_j), the top-w
-rule per row rewritten per key), the forward and dq kernels gather per query block only the keys still kept
-(at most w + block_q per row block), and the dk/dv/d_bias kernel regroups keys by e_j. Backward via
-`jax.custom_vjp` (dq, dk, dv, d_bias; the top-k choice is held constant, as in HF).
-
-Conventions: ties at tau_i are all kept (as the reference); a row with no allowed key (a padding query)
-outputs zeros (the reference: the uniform average). GQA is native (query heads of a group share k, v, bias and
-the pre-pass). L <= w skips the pre-pass (plain causal + key bias).
-
-Modules: `prepass` (sort, key-expiry kernel, per-query-block key lists, dk/dv key order), `forward` (forward
-kernel + the key iteration shared with dq), `backward` (dq and dk/dv/d_bias kernels), `api` (`supports`,
-custom_vjp wiring, padding), `config` (tile sizes / warps per head dim; `interpret` for CPU tests only).
+Modules: `reference` (the definition: threshold, masked softmax, O(L^2) attention), `prepass` (sort, key-expiry
+kernel, per-query-block key lists, dk/dv key order), `forward` (forward kernel + the key iteration shared with dq),
+`backward` (dq and dk/dv/d_bias kernels), `ops` (`supports`, custom_vjp wiring, padding), `config` (the static
+tile/warp configuration), `tuning` (the tuned defaults and the benchmarks' override hook). The algorithm, its
+conventions and the measured figures: docs/KERNELS.md, Dynamic mask attention.
 """
 
-from .api import dynamic_mask_attention_pallas, prepare_mask, supports
-from .config import DmattnConfig, default_config
+from pallas_kernels.dmattn.config import DmattnConfig
+from pallas_kernels.dmattn.ops import dynamic_mask_attention_pallas, prepare_mask, supports
+from pallas_kernels.dmattn.reference import (dynamic_mask_attention_reference, dynamic_mask_softmax,
+                                             keep_threshold)
+from pallas_kernels.dmattn.tuning import default_config
 
-__all__ = ["supports", "dynamic_mask_attention_pallas", "prepare_mask", "DmattnConfig", "default_config"]
+__all__ = ["supports", "dynamic_mask_attention_pallas", "prepare_mask", "DmattnConfig", "default_config",
+           "dynamic_mask_attention_reference", "dynamic_mask_softmax", "keep_threshold"]

@@ -23,19 +23,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from .config import DmattnConfig, compiler_params, dot_precision
-from .forward import LOG2E, _dot_nn, _dot_nt, query_block_index, query_block_inputs, visit_keys
+from pallas_kernels.dmattn.config import DmattnConfig, compiler_params, dot_precision
+from pallas_kernels.dmattn.forward import LOG2E, _dot_nn, _dot_nt, query_block_index, query_block_inputs, visit_keys
 
 
-def _dq_kernel(*refs, scale, block_q, block_k, cap, mode, prec, nq, heavy_first):
+def _dq_kernel(*refs, scale, block_q, block_k, cap, sparse, prec, nq):
     meta_ref = lst_ref = cnt_ref = None
-    if mode == "sparse":
+    if sparse:
         q_ref, k_ref, v_ref, bias_ref, e_ref, do_ref, lse_ref, delta_ref, lst_ref, cnt_ref, dq_ref = refs
-    elif mode == "meta":
-        q_ref, k_ref, v_ref, bias_ref, e_ref, do_ref, lse_ref, delta_ref, meta_ref, dq_ref = refs
     else:
-        q_ref, k_ref, v_ref, bias_ref, e_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    t = query_block_index(nq, heavy_first)(pl.program_id(2))
+        q_ref, k_ref, v_ref, bias_ref, e_ref, do_ref, lse_ref, delta_ref, meta_ref, dq_ref = refs
+    t = query_block_index(nq)(pl.program_id(2))
     i0 = t * block_q
     rows = i0 + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
     q = q_ref[...]
@@ -59,7 +57,7 @@ def _dq_kernel(*refs, scale, block_q, block_k, cap, mode, prec, nq, heavy_first)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, scale, block_q, block_k, r, length, regrouped, prec, nk, clean_tiles):
+def _dkv_kernel(*refs, scale, block_q, block_k, r, length, regrouped, prec, nk):
     qk_scale = scale * LOG2E
     if regrouped:
         (q_ref, k_ref, v_ref, bias_ref, e_ref, do_ref, lse_ref, delta_ref, perm_ref,
@@ -81,7 +79,7 @@ def _dkv_kernel(*refs, scale, block_q, block_k, r, length, regrouped, prec, nk, 
     bias2 = bias * LOG2E
     t_lo = j_lo // block_q
     t_hi = (jnp.minimum(jnp.max(e), length) + block_q - 1) // block_q
-    if clean_tiles:
+    if not regrouped:
         # contiguous key block: query blocks past the diagonal whose rows all precede every key's expiry need no
         # mask; [t_lo, t_diag) and [t_clean, t_hi) are masked
         t_diag = jnp.minimum((j_lo + block_k + block_q - 1) // block_q, t_hi)
@@ -139,18 +137,16 @@ def flash_backward(q, k, v, bias, e, o, lse, do, lists, counts, perm, *, scale, 
     prec = dot_precision(q.dtype)
     delta = jnp.einsum("blhd,blhd->bhl", o, do, preferred_element_type=jnp.float32,
                        precision=jax.lax.Precision.HIGHEST)
-    mode = "sparse" if lists is not None else ("meta" if cfg.dense_meta else "dense")
 
     # ---- dq
     bq, bk = cfg.block_q_dq, cfg.block_k_dq
     nq = length // bq
-    qb = query_block_index(nq, cfg.heavy_first)
-    kernel = functools.partial(_dq_kernel, scale=scale, block_q=bq, block_k=bk, cap=cap, mode=mode, prec=prec,
-                               nq=nq, heavy_first=cfg.heavy_first)
+    qb = query_block_index(nq)
+    kernel = functools.partial(_dq_kernel, scale=scale, block_q=bq, block_k=bk, cap=cap, sparse=lists is not None,
+                               prec=prec, nq=nq)
     qspec = pl.BlockSpec((None, bq, None, d), lambda bi, hi, t: (bi, qb(t), hi, 0))
     rowspec = pl.BlockSpec((None, None, bq), lambda bi, hi, t: (bi, hi, qb(t)))
-    in_specs, args = query_block_inputs(q, k, v, bias, e, lists, counts, mode=mode, qb=qb, block_q=bq, block_k=bk,
-                                        r=r)
+    in_specs, args = query_block_inputs(q, k, v, bias, e, lists, counts, qb=qb, block_q=bq, block_k=bk, r=r)
     # the kernel's refs: q, k, v, bias, e, do, lse, delta, then the mode's lists / metadata
     in_specs[5:5] = [qspec, rowspec, rowspec]
     args[5:5] = [do, lse, delta]
@@ -170,7 +166,7 @@ def flash_backward(q, k, v, bias, e, o, lse, do, lists, counts, perm, *, scale, 
     regrouped = perm is not None
     nk = length // bk
     kernel = functools.partial(_dkv_kernel, scale=scale, block_q=bq, block_k=bk, r=r, length=length,
-                               regrouped=regrouped, prec=prec, nk=nk, clean_tiles=not regrouped and cfg.dense_meta)
+                               regrouped=regrouped, prec=prec, nk=nk)
     # grid (b, G, nk): key blocks slowest, in ascending order = the longest causal row ranges start first
     qgspec = pl.BlockSpec((None, length, r, d), lambda bi, gi, kb: (bi, 0, gi, 0))
     kvspec = pl.BlockSpec((None, length, None, d), lambda bi, gi, kb: (bi, 0, gi, 0))

@@ -1,4 +1,6 @@
-"""Block sizes, warps and shared helpers of the flash dynamic-mask-attention kernels (Pallas, Triton backend)."""
+"""Static configuration (tiles, warps, stages) and shared helpers of the flash dynamic-mask-attention kernels.
+
+The tuned values per head dim live in `tuning.py` (`default_config`)."""
 
 from __future__ import annotations
 
@@ -23,13 +25,7 @@ class DmattnConfig:
     list_chunk:                 keys scanned per step when building the per-query-block key lists.
     dkv_group:                  keys regrouped (by expiry row) within aligned groups of this many keys for the
                                 dk/dv kernel, so a key block's row range is short; 0 = no regrouping.
-    dkv_order_packed:           build that order with one sort of short rows (one per group) of a packed int32 key
-                                instead of a two-key sort over whole rows (the same permutation).
     num_warps_* / num_stages_*: Triton compiler parameters per kernel.
-    dense_meta:                 dense mode (no key lists): skip the key blocks expired before a query block and run
-                                tiles whose keys are all kept by all rows without a mask (per-block metadata from
-                                e); in the dk/dv kernel, unmasked tiles for query blocks before every key's expiry.
-    heavy_first:                launch order: the longest query blocks (fwd, dq) first.
     interpret:                  Pallas interpret mode (CPU tests only; never the GPU default).
     """
 
@@ -43,7 +39,6 @@ class DmattnConfig:
     expiry_block_x: int = 256
     list_chunk: int = 512
     dkv_group: int = 512
-    dkv_order_packed: bool = False
     num_warps_fwd: int = 4
     num_stages_fwd: int = 2
     num_warps_dq: int = 4
@@ -51,8 +46,6 @@ class DmattnConfig:
     num_warps_dkv: int = 4
     num_stages_dkv: int = 2
     num_warps_aux: int = 4
-    dense_meta: bool = True
-    heavy_first: bool = True
     interpret: bool = False
 
     @property
@@ -63,25 +56,6 @@ class DmattnConfig:
                   self.block_k_dkv, self.expiry_block_j):
             m = max(m, v)
         return m
-
-
-def default_config(head_dim: int, dtype, dense: bool = False) -> DmattnConfig:
-    """GPU defaults by head dim (H100, Triton backend). dense: L <= w (no pre-pass, contiguous key blocks; the
-    training shape of every published Doge). d=128 sparse picked by the bench/dmattn.py --sweep of 2026-11-23:
-    fwd 64x64 / 4 warps, dq 4 warps, dk/dv 4 warps beat 128-row / 8-warp tiles by 10-30% per kernel; dk/dv with
-    2 stages instead of 3 (--tune-sparse 2x8192=cur+s1+s2, H100, 2026-11-23): dk/dv 0.917 -> 0.578 ms, b2 L8192
-    fwd+bwd 1.963 -> 1.624 ms (64x128 / 8 warps / 2 stages: 1.802)."""
-    if head_dim <= 128 and dense:
-        # bench/dmattn.py --tune 4x2048,16x2048 (H100, 2026-11-23, per-kernel profile): fwd 128x64 / 8 warps /
-        # 3 stages 0.090 ms, dq 64x64 / 4 / 2 0.098, dk/dv 64x64 / 4 warps / 2 stages 0.141 (3 stages: 0.252)
-        return DmattnConfig(block_q=128, block_k=64, num_warps_fwd=8, num_stages_fwd=3, block_q_dq=64, block_k_dq=64,
-                            num_warps_dq=4, num_stages_dq=2, block_q_dkv=64, block_k_dkv=64, num_warps_dkv=4,
-                            num_stages_dkv=2)
-    if head_dim <= 128:
-        return DmattnConfig()
-    return DmattnConfig(block_q=64, block_k=32, num_warps_fwd=8, block_q_dq=64, block_k_dq=32, num_warps_dq=8,
-                        block_q_dkv=32, block_k_dkv=64, num_warps_dkv=8, num_stages_fwd=1, num_stages_dq=1,
-                        num_stages_dkv=1)
 
 
 def compiler_params(num_warps: int, num_stages: int):

@@ -1,7 +1,7 @@
 """Forward flash kernel (Pallas, Triton backend) and the key iteration shared with the dq kernel.
 
-One program per (batch, query head, query block t), query blocks slowest and, by default, the longest (last)
-blocks launched first. Row i keeps key j iff j <= i < e_j (e from the pre-pass; padding keys have e_j = j). Keys
+Grid (b, H, L / block_q): one program per (batch, query head, query block t), query blocks slowest and the
+longest (last) blocks launched first. Row i keeps key j iff j <= i < e_j (e from the pre-pass; padding keys have e_j = j). Keys
 are visited in three parts, online softmax in f32 and base 2 (exp2, log2(e) folded into the scale):
   * sparse mode, list fits: the earlier keys j < i0 kept at row i0 (the block's first row), gathered by index
     from the pre-pass list (at most w of them without ties): work O(w + block_q) per row, not O(i);
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .config import BIG, DmattnConfig, compiler_params, dot_precision
+from pallas_kernels.dmattn.config import BIG, DmattnConfig, compiler_params, dot_precision
 
 NEG_INF = float("-inf")
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
@@ -110,23 +110,19 @@ def visit_keys(tile, carry, *, i0, block_q, block_k, rows, k_ref, v_ref, bias_re
     return jax.lax.fori_loop(0, block_q // block_k, diagonal, carry)
 
 
-def query_block_index(nq: int, heavy_first: bool):
-    """Grid (b, heads, nq) with the query block slowest, so programs start in block order; heavy_first: the
-    last (longest causal) query blocks start first (longest-processing-time-first over the SMs)."""
-    if heavy_first:
-        return lambda t: nq - 1 - t
-    return lambda t: t
+def query_block_index(nq: int):
+    """Grid (b, heads, nq) with the query block slowest, so programs start in block order: the last (longest
+    causal) query blocks start first (longest-processing-time-first over the SMs)."""
+    return lambda t: nq - 1 - t
 
 
-def _fwd_kernel(*refs, scale, block_q, block_k, cap, mode, prec, nq, heavy_first):
+def _fwd_kernel(*refs, scale, block_q, block_k, cap, sparse, prec, nq):
     meta_ref = lst_ref = cnt_ref = None
-    if mode == "sparse":
+    if sparse:
         q_ref, k_ref, v_ref, bias_ref, e_ref, lst_ref, cnt_ref, o_ref, lse_ref = refs
-    elif mode == "meta":
-        q_ref, k_ref, v_ref, bias_ref, e_ref, meta_ref, o_ref, lse_ref = refs
     else:
-        q_ref, k_ref, v_ref, bias_ref, e_ref, o_ref, lse_ref = refs
-    t = query_block_index(nq, heavy_first)(pl.program_id(2))
+        q_ref, k_ref, v_ref, bias_ref, e_ref, meta_ref, o_ref, lse_ref = refs
+    t = query_block_index(nq)(pl.program_id(2))
     i0 = t * block_q
     rows = i0 + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
     q = q_ref[...]
@@ -157,22 +153,22 @@ def _fwd_kernel(*refs, scale, block_q, block_k, cap, mode, prec, nq, heavy_first
     lse_ref[...] = jnp.where(nonempty, (m + jnp.log2(l_safe)) * LN2, jnp.inf)  # natural-log units
 
 
-def query_block_inputs(q, k, v, bias, e, lists, counts, *, mode, qb, block_q, block_k, r):
+def query_block_inputs(q, k, v, bias, e, lists, counts, *, qb, block_q, block_k, r):
     """BlockSpecs and operands shared by the kernels with one program per (batch, query head, query block t):
-    q's block [block_q, D], the whole k / v / bias / e of the head's kv group, then per mode the block's key list
-    and count ("sparse") or its dense-mode metadata ("meta", `dense_block_meta`). qb(t) = the block index."""
+    q's block [block_q, D], the whole k / v / bias / e of the head's kv group, then the block's key list and count
+    (sparse mode: lists given) or its dense-mode metadata (`dense_block_meta`). qb(t) = the block index."""
     length, d = q.shape[1], q.shape[3]
     kvspec = pl.BlockSpec((None, length, None, d), lambda bi, hi, t: (bi, 0, hi // r, 0))
     gspec = pl.BlockSpec((None, None, length), lambda bi, hi, t: (bi, hi // r, 0))
     specs = [pl.BlockSpec((None, block_q, None, d), lambda bi, hi, t: (bi, qb(t), hi, 0)), kvspec, kvspec,
              gspec, gspec]
     args = [q, k, v, bias, e]
-    if mode == "sparse":
+    if lists is not None:
         width = lists.shape[-1]
         specs += [pl.BlockSpec((None, None, None, width), lambda bi, hi, t: (bi, hi // r, qb(t), 0)),
                   pl.BlockSpec((None, None, 1), lambda bi, hi, t: (bi, hi // r, qb(t)))]
         args += [lists, counts]
-    elif mode == "meta":
+    else:
         specs.append(pl.BlockSpec((None, None, 2), lambda bi, hi, t: (bi, qb(t), 0)))
         args.append(dense_block_meta(e, block_q, block_k))
     return specs, args
@@ -186,12 +182,10 @@ def flash_forward(q, k, v, bias, e, lists, counts, *, scale, cap, cfg: DmattnCon
     r = h // g
     bq, bk = cfg.block_q, cfg.block_k
     nq = length // bq
-    mode = "sparse" if lists is not None else ("meta" if cfg.dense_meta else "dense")
-    qb = query_block_index(nq, cfg.heavy_first)
-    kernel = functools.partial(_fwd_kernel, scale=scale, block_q=bq, block_k=bk, cap=cap, mode=mode,
-                               prec=dot_precision(q.dtype), nq=nq, heavy_first=cfg.heavy_first)
-    in_specs, args = query_block_inputs(q, k, v, bias, e, lists, counts, mode=mode, qb=qb, block_q=bq,
-                                        block_k=bk, r=r)
+    qb = query_block_index(nq)
+    kernel = functools.partial(_fwd_kernel, scale=scale, block_q=bq, block_k=bk, cap=cap, sparse=lists is not None,
+                               prec=dot_precision(q.dtype), nq=nq)
+    in_specs, args = query_block_inputs(q, k, v, bias, e, lists, counts, qb=qb, block_q=bq, block_k=bk, r=r)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, length), jnp.float32)),

@@ -1,23 +1,13 @@
 """The tau pre-pass, key-centric: one expiry row e_j per key instead of an [L, L] mask.
 
-Row i keeps key j (j <= i, both real) iff fewer than w real keys k <= i have bias_k > bias_j: that is exactly
-bias_j >= tau_i with tau_i the w-th largest real bias of row i (ties at tau_i are all kept, -inf while fewer than
-w keys are allowed). The count only grows with i, so key j is kept by the contiguous rows [j, e_j), where
-p_j = the w-th smallest index among {k : bias_k > bias_j} (BIG if there are fewer than w such keys) and
-e_j = max(j, p_j). Padding keys get e_j = j (kept by no row).
-
-Computation, all O(L) memory per (batch, kv head):
-  1. XLA sort of the biases (descending, stable) -> srank_k (rank of key k) and R (number of keys strictly
-     larger than the key at each rank; ties share the first rank of their group), so bias_k > bias_j iff
-     srank_k < R_j.
-  2. `_expiry_kernel` (Pallas): one program per block of consecutive ranks scans the keys in index order,
-     counting srank_k < R_j per key until every key of the block has seen w larger keys (early exit; keys with
-     R_j < w never expire and skip the scan). The scan of a key of rank R stops after ~w L / R keys.
-  3. `_lists_kernel` (Pallas): for the flash kernels' gather formulation, per query block starting at row i0,
-     the indices of the earlier keys j < i0 still kept at row i0 (e_j > i0), in index order, at most w of them
-     without ties (count returned; a block whose count exceeds the capacity falls back to a dense scan).
-  4. `dkv_key_order`: within aligned groups of keys, the keys sorted by e_j, so that a block of the dk/dv
-     kernel covers a short range of query rows.
+Row i keeps key j (j <= i, both real) iff fewer than w real keys k <= i have bias_k > bias_j (= bias_j >= tau_i, ties
+kept), so key j is kept by the contiguous rows [j, e_j), e_j = max(j, p_j), p_j the w-th smallest index among the
+keys with a larger bias (BIG if fewer than w); padding keys get e_j = j. All O(L) memory per (batch, kv head):
+  `sort_ranks` (XLA sort: rank of each key, count of strictly larger keys), `key_expiry` (`_expiry_kernel`, grid
+  (L / expiry_block_j, n): a block of consecutive ranks scans the keys in index order until each has seen w larger
+  keys), `query_block_lists` (`_lists_kernel`, grid (L / block_q, n): per query block at row i0 the earlier keys
+  with e_j > i0, at most w of them without ties), `dkv_key_order` (keys sorted by e_j within aligned groups).
+Details: docs/KERNELS.md, Dynamic mask attention.
 """
 
 from __future__ import annotations
@@ -29,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from .config import BIG, DmattnConfig, compiler_params, round_up
+from pallas_kernels.dmattn.config import BIG, DmattnConfig, compiler_params, round_up
 
 __all__ = ["key_expiry", "query_block_lists", "dkv_key_order", "sort_ranks"]
 
@@ -182,20 +172,9 @@ def query_block_lists(e, block_q: int, cap: int, cfg: DmattnConfig):
     return lists, counts
 
 
-def dkv_key_order(e, group: int, packed: bool = False):
-    """e [n, L] -> perm [n, L] int32: keys sorted by e within aligned groups of `group` keys (stable).
-    packed: the same permutation from one sort of short rows (one row per group) of a single int32 key
-    e * group + offset (unique, so stability is implied) instead of a two-key sort over whole rows; needs
-    (L + 1) * group < 2^31."""
+def dkv_key_order(e, group: int):
+    """e [n, L] -> perm [n, L] int32: keys sorted by e within aligned groups of `group` keys (stable)."""
     n, length = e.shape
     iota = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
-    if not packed or (length + 1) * group >= 2 ** 31:
-        _, _, perm = jax.lax.sort((iota // group, e, iota), dimension=1, num_keys=2, is_stable=True)
-        return perm
-    lg = round_up(length, group)
-    key = jnp.minimum(e, length) * group + iota % group
-    key = jnp.pad(key, ((0, 0), (0, lg - length)), constant_values=(length + 1) * group - 1)  # sorts last
-    key = jax.lax.sort(key.reshape(n * (lg // group), group), dimension=1)
-    base = (jnp.arange(lg // group, dtype=jnp.int32) * group)[None, :, None]
-    perm = (key.reshape(n, lg // group, group) % group + base).reshape(n, lg)
-    return perm[:, :length]
+    _, _, perm = jax.lax.sort((iota // group, e, iota), dimension=1, num_keys=2, is_stable=True)
+    return perm

@@ -1,9 +1,9 @@
-"""Pallas GPU (Triton backend) kernels for the Mamba-2 SSD chunked scan, forward and backward.
-
-``ssd_pallas(x, dt, A, B, C, *, chunk_size, D, z, initial_state, segment_ids, interpret)`` -> (y, final_state);
-use ``wmjax.ops.ssd.ssd`` (the dispatcher) in model code.
+"""Mamba-2 SSD chunked scan: the plain-jnp definition (`reference`), the Pallas GPU kernels (Triton backend,
+`kernels`), the custom-VJP op (`ops.ssd_pallas`) and its tuned defaults (`tuning`). Model code calls the
+dispatcher `wmjax.ops.ssd.ssd`.
 """
 
 from pallas_kernels.ssd.ops import ssd_pallas
+from pallas_kernels.ssd.reference import segment_reset_counts, ssd_chunked, ssd_naive, ssd_step
 
-__all__ = ["ssd_pallas"]
+__all__ = ["ssd_pallas", "ssd_naive", "ssd_chunked", "ssd_step", "segment_reset_counts"]

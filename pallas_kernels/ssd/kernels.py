@@ -1,28 +1,17 @@
-"""Pallas (Triton backend) kernels of the chunked SSD scan, forward and backward.
+"""Pallas (Triton backend) kernels of the chunked SSD scan, forward and backward (the glue: ``ops.py``).
 
-Three differentiable primitives; what lies between them (chunk-local cumulative decay, per-token weights, the
-z gate and D skip) is small [b, h, L]-sized (or elementwise) jnp glue in ``ops.py`` that JAX differentiates:
+* ``chunk_states(x, B, w) -> S``: S_c = sum_s w_s x_s B_s^T per chunk c (p x n, f32), w_s = exp(cs_end - cs_s)
+  dt_s [same document as the chunk's last token]. fwd grid (b, nc, h); bwd grid (b, nc, h/hs, Q/T).
+* ``state_passing(S, E, h0) -> (Hin, final)``: Hin_0 = h0, Hin_{c+1} = E_c Hin_c + S_c; grid (b, h, p*n/1024),
+  sequential over chunks; bwd = the reverse recurrence.
+* ``chunk_scan(x, B, C, dt, cs, e, H) -> y'``: y'_t = sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + e_t H_c C_t
+  (e_t = exp(cs_t), 0 after a reset in the chunk). fwd grid (b, nc, h, Q/T), flash-attention style over column
+  blocks j <= i; bwd grid (b, nc, h/hs, Q/T): hs heads of one group per program, dB/dC summed in registers.
 
-* ``chunk_states(x, B, w) -> S``: per chunk c, S_c = sum_s w_s x_s B_s^T  (p x n, f32), with
-  w_s = exp(cs_end - cs_s) dt_s [same document as the chunk's last token].
-  fwd grid (b, nc, h): one program loops over the chunk's T-row blocks.
-  bwd grid (b, nc, h/hs, Q/T): dx, dw per head, dB summed over the hs heads of the program.
-* ``state_passing(S, E, h0) -> (Hin, final)``: Hin_0 = h0, Hin_{c+1} = E_c Hin_c + S_c; grid
-  (b, h, p*n/1024), sequential loop over chunks; bwd = the reverse recurrence (dS, dE, dh0).
-* ``chunk_scan(x, B, C, dt, cs, e, H) -> y'``: per chunk, the intra-chunk quadratic form plus the inter-chunk
-  term, y'_t = sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + e_t H_c C_t with e_t = exp(cs_t) [no reset
-  before t in the chunk].  fwd grid (b, nc, h, Q/T): one program per T-row block, looping over the column
-  blocks j <= i (flash-attention style).  bwd grid (b, nc, h/hs, Q/T): program k loops over hs heads of one
-  group; per head it computes the column-side gradients of block k (dx, dB, ddt; loop over row blocks i >= k)
-  and the row-side ones (dC, de; loop over j <= k) and the intra-chunk row term of d cs; dB/dC are summed over
-  the heads in registers; program k = 0 also computes dH_c.
-
-Layouts: x [b, Lp, h, p]; B, C [b, Lp, g, n] (x's dtype); dt, cs, e, w [b, h, Lp] f32; H, S [b, h, nc, p, n]
-f32; cnt [b, Lp] int32 (document-reset counts, only with packed sequences); optional CB [b, nc, g, Q, Q] f32.
-Lp = nc * Q, Q and T powers of two >= 16, p and n powers of two >= 16 (the wrapper pads).  Matmul operands are
-in the input dtype (bf16 or f32; f32 dots use IEEE precision, not TF32) with f32 accumulation; decays, weights
-and states are f32.  Every ``pallas_call`` names the Triton backend explicitly (``CompilerParams``), so jax
-0.10 (whose default GPU lowering is Mosaic) and 0.11 lower the same way.
+Layouts: x [b, Lp, h, p]; B, C [b, Lp, g, n] (x's dtype); dt, cs, e, w [b, h, Lp] f32; H, S [b, h, nc, p, n] f32;
+cnt [b, Lp] int32 (document-reset counts, packed sequences only). Lp = nc Q; Q, T, p, n powers of two >= 16 (the
+wrapper pads). Matmul operands in the input dtype (f32: IEEE, not TF32) with f32 accumulation; decays, weights
+and states f32. Every ``pallas_call`` names the Triton backend (``CompilerParams``): jax 0.10 and 0.11 lower alike.
 """
 
 from __future__ import annotations
@@ -150,10 +139,9 @@ def chunk_states_bwd(x, B, w, dS, *, hg, Q, T, interpret, hs=1, num_warps=4, num
 # ------------------------------------------------------------------------------------------------------------
 # chunk_scan
 # ------------------------------------------------------------------------------------------------------------
-def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T, prec, has_seg, has_cb):
+def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T, prec, has_seg):
     rest = list(rest)
     cnt_ref = rest.pop(0) if has_seg else None
-    cb_ref = rest.pop(0) if has_cb else None
     (y_ref,) = rest
     i = pl.program_id(3)
     r0 = pl.multiple_of(i * T, T)
@@ -168,7 +156,7 @@ def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T
         c0 = pl.multiple_of(j * T, T)
         cols = pl.ds(c0, T)
         xj = x_ref[cols, :]
-        CB = cb_ref[rows, cols] if has_cb else _dot(Ci, b_ref[cols, :], _NT, prec)   # [T, T]
+        CB = _dot(Ci, b_ref[cols, :], _NT, prec)                                     # [T, T]
         dec = _decay(cs_i, cs_ref[cols], r0, c0, T, cnt_i, cnt_ref[cols] if has_seg else None)
         W = CB * dec * dt_ref[cols][None, :]
         return acc + _dot(W.astype(xj.dtype), xj, _NN, prec)
@@ -177,14 +165,13 @@ def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T
     y_ref[...] = acc.astype(y_ref.dtype)
 
 
-def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, CB=None, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
-    """y' [b, Lp, h, P] in x.dtype.  CB: optional precomputed C B^T per chunk and group [b, nc, g, Q, Q] f32."""
+def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
+    """y' [b, Lp, h, P] in x.dtype."""
     b, Lp, h, P = x.shape
     N = B.shape[3]
     nc, K = Lp // Q, Q // T
     has_seg = cnt is not None
-    has_cb = CB is not None
-    kern = functools.partial(_scan_fwd_kernel, T=T, prec=_prec(x.dtype), has_seg=has_seg, has_cb=has_cb)
+    kern = functools.partial(_scan_fwd_kernel, T=T, prec=_prec(x.dtype), has_seg=has_seg)
     chunk_x = pl.BlockSpec((None, Q, None, P), lambda ib, ic, ih, i: (ib, ic, ih, 0))
     chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ic, ih, i: (ib, ic, ih // hg, 0))
     chunk_v = pl.BlockSpec((None, None, Q), lambda ib, ic, ih, i: (ib, ih, ic))
@@ -194,9 +181,6 @@ def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, CB=None, *, hg, Q, T, interpret, 
     if has_seg:
         in_specs.append(pl.BlockSpec((None, Q), lambda ib, ic, ih, i: (ib, ic)))
         args.append(cnt)
-    if has_cb:
-        in_specs.append(pl.BlockSpec((None, None, None, Q, Q), lambda ib, ic, ih, i: (ib, ic, ih // hg, 0, 0)))
-        args.append(CB)
     return pl.pallas_call(
         kern,
         out_shape=jax.ShapeDtypeStruct((b, Lp, h, P), x.dtype),
@@ -209,11 +193,9 @@ def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, CB=None, *, hg, Q, T, interpret, 
     )(*args)
 
 
-def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, *rest, T, K, hs, prec, has_seg,
-                     has_cb):
+def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, *rest, T, K, hs, prec, has_seg):
     rest = list(rest)
     cnt_ref = rest.pop(0) if has_seg else None
-    cb_ref = rest.pop(0) if has_cb else None
     outs = rest
     dx_ref, db_ref, dc_ref, ddt_ref, rt_ref, de_ref, dh_ref = outs
     P, N = h_ref.shape[-2:]
@@ -240,7 +222,7 @@ def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, 
             Ci = c_ref[rows, :]
             dyi = dy_ref[rows, hh, :]
             dec = _decay(cs_ref[hh, rows], csk, r0, k0, T, seg(rows), cntk)   # [Ti, Tk]
-            CB = cb_ref[rows, blk] if has_cb else _dot(Ci, Bk, _NT, prec)
+            CB = _dot(Ci, Bk, _NT, prec)
             Wt = (CB * dec).astype(dyi.dtype)
             gx = gx + _dot(Wt, dyi, _TN, prec)                                  # [Tk, P]
             G = (_dot(dyi, xk, _NT, prec) * dec).astype(Ci.dtype)
@@ -290,17 +272,14 @@ def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, 
         lax.fori_loop(0, hs, dh_head, 0)
 
 
-def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, CB=None, *, hg, Q, T, interpret, hs=1, num_warps=4,
-                   num_stages=2):
+def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, *, hg, Q, T, interpret, hs=1, num_warps=4, num_stages=2):
     """Returns dx [b,Lp,h,P]; dB, dC summed over blocks of hs heads [b,Lp,h//hs,N]; ddt, rowterm, de [b,h,Lp];
     dH [b,h,nc,P,N]; all f32.  rowterm_t = C_t . (intra-chunk part of dC_t); d cs_t = rowterm_t - dt_t ddt_t."""
     b, Lp, h, P = x.shape
     N = B.shape[3]
     nc, K = Lp // Q, Q // T
     has_seg = cnt is not None
-    has_cb = CB is not None
-    kern = functools.partial(_scan_bwd_kernel, T=T, K=K, hs=hs, prec=_prec(x.dtype), has_seg=has_seg,
-                             has_cb=has_cb)
+    kern = functools.partial(_scan_bwd_kernel, T=T, K=K, hs=hs, prec=_prec(x.dtype), has_seg=has_seg)
     chunk_x = pl.BlockSpec((None, Q, hs, P), lambda ib, ic, ih, k: (ib, ic, ih, 0))
     chunk_bc = pl.BlockSpec((None, Q, None, N), lambda ib, ic, ih, k: (ib, ic, (ih * hs) // hg, 0))
     chunk_v = pl.BlockSpec((None, hs, Q), lambda ib, ic, ih, k: (ib, ih, ic))
@@ -310,9 +289,6 @@ def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, CB=None, *, hg, Q, T, interpr
     if has_seg:
         in_specs.append(pl.BlockSpec((None, Q), lambda ib, ic, ih, k: (ib, ic)))
         args.append(cnt)
-    if has_cb:
-        in_specs.append(pl.BlockSpec((None, None, None, Q, Q), lambda ib, ic, ih, k: (ib, ic, (ih * hs) // hg, 0, 0)))
-        args.append(CB)
     blk_p = pl.BlockSpec((None, T, hs, P), lambda ib, ic, ih, k: (ib, ic * K + k, ih, 0))
     blk_n = pl.BlockSpec((None, T, None, N), lambda ib, ic, ih, k: (ib, ic * K + k, ih, 0))
     blk_v = pl.BlockSpec((None, hs, T), lambda ib, ic, ih, k: (ib, ih, ic * K + k))

@@ -1,11 +1,10 @@
-"""SSD with Pallas kernels: jnp glue + custom_vjp wiring around ``kernels.py``.
+"""The public op ``ssd_pallas``: jnp glue + custom_vjp wiring around ``kernels.py``.
 
 Forward:  pad -> chunk-local cumsum cs of dt*A (jnp) -> S = chunk_states(x, B, w) (kernel)
-          -> H = state passing across chunks (one batched matmul with a (nc+1)^2 decay matrix, jnp)
+          -> H = state_passing(S, E, h0) across chunks (kernel)
           -> y' = chunk_scan(x, B, C, dt, cs, e, H) (kernel) -> y = (y' + D x) * silu(z) (jnp, fused by XLA).
-Backward: JAX differentiates the glue; the two kernels carry ``jax.custom_vjp`` rules whose backward passes are
-the Pallas kernels ``chunk_scan_bwd`` and ``chunk_states_bwd``.  That gives dx, ddt, dA, dB, dC, dD, dz and
-d initial_state.
+Backward: JAX differentiates the glue; the three kernels carry ``jax.custom_vjp`` rules whose backward passes are
+Pallas kernels. That gives dx, ddt, dA, dB, dC, dD, dz and d initial_state.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.ssd import kernels as K
+from pallas_kernels.ssd.reference import check_shapes, finish, segment_reset_counts
+from pallas_kernels.ssd.tuning import SsdTuning, current
 
 _F32 = jnp.float32
 
@@ -44,36 +45,22 @@ def _heads_per_program(hg, cap):
     return hs
 
 
-def _warps(P, N, bwd):
-    big = max(P, N) >= 128
-    return 8 if (bwd and big) else 4
-
-
-def _launch_params(tune, name, P, N, bwd):
-    """Triton num_warps / num_stages for kernel `name`, from the tuning overrides or the defaults."""
-    return dict(num_warps=tune.get(name + "_warps", _warps(P, N, bwd)),
-                num_stages=tune.get(name + "_stages", 3 if name == "scan_bwd" else 2))
-
-
 @functools.lru_cache(maxsize=None)
-def _chunk_states_op(hg, Q, T, interpret, tuning=()):
-    tune = dict(tuning)
+def _chunk_states_op(hg, Q, T, interpret, tune: SsdTuning):
     cfg = dict(hg=hg, Q=Q, T=T, interpret=interpret)
-
-    tw = functools.partial(_launch_params, tune)
 
     @jax.custom_vjp
     def f(x, B, w):
-        return K.chunk_states_fwd(x, B, w, **cfg, **tw("states_fwd", x.shape[3], B.shape[3], False))
+        return K.chunk_states_fwd(x, B, w, **cfg, **tune.launch("states_fwd", x.shape[3], B.shape[3]))
 
     def fwd(x, B, w):
         return f(x, B, w), (x, B, w)
 
     def bwd(res, dS):
         x, B, w = res
-        hs = _heads_per_program(hg, tune.get("bwd_heads", 8))
+        hs = _heads_per_program(hg, tune.bwd_heads)
         dx, dB, dw = K.chunk_states_bwd(x, B, w, dS, **cfg, hs=hs,
-                                        **tw("states_bwd", x.shape[3], B.shape[3], True))
+                                        **tune.launch("states_bwd", x.shape[3], B.shape[3]))
         return dx.astype(x.dtype), _reduce_groups(dB, B.shape[2]).astype(B.dtype), dw
 
     f.defvjp(fwd, bwd)
@@ -81,32 +68,26 @@ def _chunk_states_op(hg, Q, T, interpret, tuning=()):
 
 
 @functools.lru_cache(maxsize=None)
-def _chunk_scan_op(hg, Q, T, interpret, tuning=()):
-    tune = dict(tuning)
+def _chunk_scan_op(hg, Q, T, interpret, tune: SsdTuning):
     cfg = dict(hg=hg, Q=Q, T=T, interpret=interpret)
 
-    tw = functools.partial(_launch_params, tune)
-
     @jax.custom_vjp
-    def f(x, B, C, dt, cs, e, H, cnt, CB):
-        return K.chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, CB, **cfg,
-                                **tw("scan_fwd", x.shape[3], B.shape[3], False))
+    def f(x, B, C, dt, cs, e, H, cnt):
+        return K.chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, **cfg, **tune.launch("scan_fwd", x.shape[3], B.shape[3]))
 
-    def fwd(x, B, C, dt, cs, e, H, cnt, CB):
-        return f(x, B, C, dt, cs, e, H, cnt, CB), (x, B, C, dt, cs, e, H, cnt, CB)
+    def fwd(x, B, C, dt, cs, e, H, cnt):
+        return f(x, B, C, dt, cs, e, H, cnt), (x, B, C, dt, cs, e, H, cnt)
 
     def bwd(res, dy):
-        # CB (if given) is a cache of C B^T: dB and dC below already contain its contribution, so its own
-        # cotangent is zero (the caller passes it through stop_gradient).
-        x, B, C, dt, cs, e, H, cnt, CB = res
-        hs = _heads_per_program(hg, tune.get("bwd_heads", 8))
-        dx, dB, dC, ddt, rowterm, de, dH = K.chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, CB, **cfg, hs=hs,
-                                                            **tw("scan_bwd", x.shape[3], B.shape[3], True))
+        x, B, C, dt, cs, e, H, cnt = res
+        hs = _heads_per_program(hg, tune.bwd_heads)
+        dx, dB, dC, ddt, rowterm, de, dH = K.chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, **cfg, hs=hs,
+                                                            **tune.launch("scan_bwd", x.shape[3], B.shape[3]))
         dcs = rowterm - dt * ddt
         g = B.shape[2]
         dcnt = None if cnt is None else jnp.zeros(cnt.shape, jax.dtypes.float0)
         return (dx.astype(x.dtype), _reduce_groups(dB, g).astype(B.dtype), _reduce_groups(dC, g).astype(C.dtype),
-                ddt, dcs, de, dH, dcnt, None if CB is None else jnp.zeros_like(CB))
+                ddt, dcs, de, dH, dcnt)
 
     f.defvjp(fwd, bwd)
     return f
@@ -136,51 +117,30 @@ def _state_passing_op(interpret):
     return f
 
 
-def _state_passing_kernel(S, cs_end, keep, h0, interpret):
-    """Same as ``_state_passing`` with the sequential Pallas kernels (one pass over the states)."""
+def _state_passing(S, cs_end, keep, h0, interpret):
+    """H_c (state entering chunk c) for c = 0..nc-1 and the final state, where H_0 = h0 and
+    H_{c+1} = keep_c exp(cs_end_c) H_c + S_c. S [b, h, nc, P, N], cs_end [b, h, nc], keep [b, nc] bool (no
+    document boundary inside chunk c), h0 [b, h, P, N]; the sequential Pallas kernels."""
     E = jnp.exp(cs_end) * keep[:, None, :].astype(_F32)
     return _state_passing_op(interpret)(S, E, h0)
 
 
-def _state_passing(S, cs_end, keep, h0):
-    """H_c (state entering chunk c) for c = 0..nc, where H_0 = h0, H_{c+1} = keep_c exp(cs_end_c) H_c + S_c.
-
-    S [b, h, nc, P, N], cs_end [b, h, nc], keep [b, nc] bool (no document boundary inside chunk c), h0
-    [b, h, P, N].  Computed as one batched matmul H = W @ [h0, S_0, ..., S_{nc-1}] with
-    W[c, j] = exp(sum_{k=j}^{c-1} cs_end_k) * prod keep_k (a stable masked segment sum, as in ssd_minimal).
-    """
-    b, h, nc = cs_end.shape
-    kk = jnp.arange(nc)[:, None]
-    jj = jnp.arange(nc + 1)[None, :]
-    tri = kk >= jj                                                     # [nc, nc+1]
-    Z = jnp.where(tri, cs_end[..., :, None], 0.0)                      # [b, h, nc, nc+1]
-    seg = jnp.concatenate([jnp.zeros((b, h, 1, nc + 1), _F32), jnp.cumsum(Z, axis=2)], axis=2)
-    Zm = jnp.where(tri, (~keep)[:, :, None].astype(jnp.int32), 0)     # [b, nc, nc+1]
-    zc = jnp.concatenate([jnp.zeros((b, 1, nc + 1), jnp.int32), jnp.cumsum(Zm, axis=1)], axis=1)
-    cc = jnp.arange(nc + 1)[:, None]
-    valid = (jj <= cc)[None, None] & (zc == 0)[:, None]               # [b, 1|h, nc+1, nc+1]
-    W = jnp.exp(jnp.where(valid, seg, -jnp.inf))
-    src = jnp.concatenate([h0[:, :, None], S], axis=2)                 # [b, h, nc+1, P, N]
-    Hout = jnp.einsum("bhcj,bhjpn->bhcpn", W, src, precision=jax.lax.Precision.HIGHEST)
-    return Hout[:, :, :nc], Hout[:, :, nc]
-
-
 def ssd_pallas(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=None, segment_ids=None,
-               interpret=False, block_t=None, tuning=None):
-    """SSD scan with the Pallas kernels. Same contract as ``wmjax.ops.ssd.ssd_chunked``: returns
-    (y [b, L, h, p] in x.dtype, final state [b, h, p, n] f32). ``interpret=True`` only for CPU tests."""
-    from wmjax.ops.ssd import _check_shapes, _finish, segment_reset_counts
-
-    _check_shapes(x, dt, A, B, C, D, z, initial_state, segment_ids)
+               interpret=False):
+    """SSD scan with the Pallas kernels. Same contract as ``reference.ssd_chunked``: returns (y [b, L, h, p] in
+    x.dtype, final state [b, h, p, n] f32). chunk_size a power of two >= 16. Tiles, warps and stages:
+    ``tuning.current()``. ``interpret=True`` only for CPU tests."""
+    check_shapes(x, dt, A, B, C, D, z, initial_state, segment_ids)
+    tune = current()
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     hg = h // g
     Q = int(chunk_size)
     if Q < 16 or Q & (Q - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernels, got {Q}")
-    T = min(64, Q) if block_t is None else int(block_t)
+    T = min(tune.block_t, Q)
     if T < 16 or T & (T - 1) or Q % T:
-        raise ValueError(f"block_t must be a power of two >= 16 dividing chunk_size, got {T}")
+        raise ValueError(f"tuning block_t={tune.block_t} must be a power of two >= 16 dividing chunk_size {Q}")
     nc = -(-L // Q)
     Lp = nc * Q
     Pp, Np = _next_pow2(p), _next_pow2(n)
@@ -221,21 +181,11 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state=
     w = (jnp.exp(cs_end[..., None] - cs) * dtc * m_end).reshape(b, h, Lp)
     e = (jnp.exp(cs) * m_prev).reshape(b, h, Lp)
 
-    tuning = tuple(sorted((tuning or {}).items()))
-    S = _chunk_states_op(hg, Q, T, interpret, tuning)(xk, Bk, w)
-    if dict(tuning).get("passing_matmul", False):
-        Hin, final = _state_passing(S, cs_end, keep, h0)
-    else:
-        Hin, final = _state_passing_kernel(S, cs_end, keep, h0, interpret)
-    CB = None
-    if hg > 1 and dict(tuning).get("cb_precompute", False):
-        # C B^T once per chunk and group (shared by the group's heads), f32
-        CB = jax.lax.stop_gradient(jnp.einsum(
-            "bcqgn,bcsgn->bcgqs", Ck.reshape(b, nc, Q, g, Np), Bk.reshape(b, nc, Q, g, Np),
-            preferred_element_type=_F32, precision=jax.lax.Precision.HIGHEST))
-    y = _chunk_scan_op(hg, Q, T, interpret, tuning)(xk, Bk, Ck, dtk, cs.reshape(b, h, Lp), e, Hin, cnt, CB)
+    S = _chunk_states_op(hg, Q, T, interpret, tune)(xk, Bk, w)
+    Hin, final = _state_passing(S, cs_end, keep, h0, interpret)
+    y = _chunk_scan_op(hg, Q, T, interpret, tune)(xk, Bk, Ck, dtk, cs.reshape(b, h, Lp), e, Hin, cnt)
     if Lp > L or Pp > p:
         y = y[:, :L, :, :p]
     if D is not None or z is not None:
-        y = _finish(y.astype(_F32), x, D, z).astype(dtype)
+        y = finish(y.astype(_F32), x, D, z).astype(dtype)
     return y, final[:, :, :p, :n]

@@ -7,9 +7,8 @@ them to the same input as ONE matmul over the concatenated kernels:
 
 Forward: the input is read once by one gemm. Backward (`_concat_matmul`'s custom VJP): dx = sum_i dy_i @ W_i^T
 and dW_i = x^T dy_i, one gemm per projection on the cotangents as they come, exactly what autodiff of separate
-`nn.Dense`s computes. Autodiff of the concatenated gemm instead concatenated the cotangents [dy_1 | dy_2 | ...]
-into one [tokens, sum features] copy per group: on an H100 (Doge-160M b16 L2048 train step) those copies took
-~9.7 ms of a 128.5 ms step while the one-gemm backward saved ~1 ms (docs/BENCHMARKS.md, Training). Same products
+`nn.Dense`s computes (autodiff of the concatenated gemm would concatenate the cotangents [dy_1 | dy_2 | ...] into
+one [tokens, sum features] copy per group, slower on the GPU: docs/benchmarks-history.md, Training). Same products
 per output element as separate `nn.Dense`s (only the gemm's choice of accumulation order may differ).
 """
 

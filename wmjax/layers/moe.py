@@ -1,4 +1,4 @@
-"""CDMoE: Cross-Domain Mixture of Experts (HF `DogeCDMoE`; doge.md s5).
+"""CDMoE: Cross-Domain Mixture of Experts (HF `DogeCDMoE`; docs/DOGE.md, CDMoE).
 
     out = down(silu(gate(x)) * up(x))                                   (dense shared MLP)
         + sum_{t<k} silu(down_embed[e_t] . x) * w_t * up_embed[e_t]     (k of num_experts single-neuron experts)
@@ -8,7 +8,8 @@ expert (i, j) = i*K + j scores Lx[i] + Ly[j]; the top k of the K^2 sums are take
 and of Ly can contribute, so k^2 candidates suffice), w = softmax over the k selected scores.
 
 `router_layout="hf"` reproduces transformers' `router_logits.view(2, N, K)` over the flattened batch: slot m reads
-its x-keys from token m//2 and its y-keys from token (N+m)//2 (doge.md s5.3; all published MoE checkpoints).
+its x-keys from token m//2 and its y-keys from token (N+m)//2 (docs/DOGE.md, CDMoE router layout; all published
+MoE checkpoints).
 `router_layout="per_token"` is the intended split: token m's own logits are [x-keys | y-keys].
 """
 
@@ -48,7 +49,7 @@ def route(logits_x, logits_y, top_k: int):
 
 
 def router_aux_statistics(logits_x, logits_y, expert_ids, token_mask):
-    """Per-layer pieces of HF's load-balancing loss (doge.md s5.4).
+    """Per-layer pieces of HF's load-balancing loss (docs/DOGE.md, CDMoE).
 
     Returns (expert_counts [E], prob_sums [E], num_tokens): counts of selected (token, slot) assignments,
     the sum over tokens of softmax over all K^2 candidate scores (indexed by expert id), and the token count;

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode.reference import rms_normalize
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def scale_by_weight(weight, x, dtype):
@@ -39,11 +41,9 @@ scale_by_weight.defvjp(_scale_fwd, _scale_bwd)
 
 
 def rms_norm(x, weight, eps: float, dtype):
-    """x [..., dim] -> [..., dim]: statistics in f32, cast back to x.dtype, times weight (cast to `dtype`; its
-    gradient summed in f32, `scale_by_weight`)."""
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
-    return scale_by_weight(weight, x32.astype(x.dtype), dtype)
+    """x [..., dim] -> [..., dim]: statistics in f32, cast back to x.dtype (`rms_normalize`, shared with the decode
+    kernels' reference), times weight (cast to `dtype`; its gradient summed in f32, `scale_by_weight`)."""
+    return scale_by_weight(weight, rms_normalize(x, eps), dtype)
 
 
 class RMSNorm(nn.Module):

@@ -11,6 +11,8 @@ as one elementwise expression over the view x [..., 2, D/2] and its pair-swapped
 `reverse`, not the split + `concatenate` of `rotate_half`), so XLA fuses RoPE into its producer (the q/k norm) and
 its transpose (again a `reverse`) into the backward pass without a separate concatenate kernel in either
 direction. Same products and sums per element as the rotate_half formula ((-x2) * s == x2 * (-s) exactly).
+`apply_rope` / `apply_rope_pairs` are defined beside the decode kernels (`pallas_kernels.decode.reference`), which
+apply the same rotation, and imported here.
 
 RoPE types: "default"; "linear" (positions / factor); "dynamic" (NTK-aware, HF `dynamic`): when the largest
 position of the call + 1 = Lp exceeds max_position_embeddings M, theta becomes
@@ -21,6 +23,10 @@ wmjax is functional and uses the current call's Lp (identical for a single forwa
 from __future__ import annotations
 
 import jax.numpy as jnp
+
+from pallas_kernels.decode.reference import apply_rope, apply_rope_pairs
+
+__all__ = ["rope_inv_freq", "rope_cos_sin", "apply_rope", "apply_rope_pairs"]
 
 
 def rope_inv_freq(head_dim: int, theta, rope_type: str = "default", factor: float = 1.0,
@@ -47,20 +53,3 @@ def rope_cos_sin(positions, head_dim: int, theta, rope_type="default", factor=1.
     emb = jnp.broadcast_to(freqs[..., None, :], freqs.shape[:-1] + (2, head_dim // 2)).reshape(
         freqs.shape[:-1] + (head_dim,))                                 # [b, s, D] = [freqs, freqs]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def apply_rope_pairs(x, cos, sin):
-    """x, cos, sin [..., 2, D/2] (the two halves of head_dim; cos/sin broadcastable) -> [..., 2, D/2]:
-
-        [x1 * c1 + x2 * (-s1), x2 * c2 + x1 * s2]   (= x * cos + rotate_half(x) * sin on the flat layout)
-    """
-    sign = jnp.array([[-1], [1]], dtype=sin.dtype)                     # [2, 1]
-    return x * cos + x[..., ::-1, :] * (sin * sign)
-
-
-def apply_rope(x, cos, sin):
-    """x [b, s, heads, head_dim]; cos, sin [b, s, head_dim] (as from `rope_cos_sin`) -> [b, s, heads, head_dim]."""
-    b, s, _, d = x.shape
-    pairs = lambda t: t.reshape(t.shape[:-1] + (2, d // 2))
-    out = apply_rope_pairs(pairs(x), pairs(cos[:, :, None, :]), pairs(sin[:, :, None, :]))
-    return out.reshape(x.shape)

@@ -207,9 +207,9 @@ def init_params(config: DogeConfig, rng, param_dtype=jnp.float32):
     the pad row of embed_tokens zeroed): a plain nested dict.
 
     The decoder layers are drawn by one layer init `vmap`ped over per-layer keys, so the compiled init holds each
-    random draw once instead of once per layer (Doge-160M, XLA:CPU: 2,516 -> 344 fusions, compile 18.4 -> 7.5 s;
-    on an H100 the per-layer version spent over 60 s compiling, docs/BENCHMARKS.md, Training). The embedding,
-    final norm and untied head come from the model's own init with one layer (that layer is discarded)."""
+    random draw once instead of once per layer (fewer fusions to compile: docs/benchmarks-history.md, Training).
+    The embedding, final norm and untied head come from the model's own init with one layer (that layer is
+    discarded)."""
 
     def init(rng):
         rng_model, rng_layers = jax.random.split(rng)

@@ -1,4 +1,4 @@
-"""Public entry points: `supports`, `dynamic_mask_attention_pallas` (custom_vjp wiring, padding, pre-pass)."""
+"""The public op: `supports`, `dynamic_mask_attention_pallas` (custom_vjp wiring, padding, pre-pass)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .backward import flash_backward
-from .config import DmattnConfig, default_config, round_up
-from .forward import flash_forward
-from .prepass import dkv_key_order, key_expiry, query_block_lists, segment_ends
+from pallas_kernels.dmattn.backward import flash_backward
+from pallas_kernels.dmattn.config import DmattnConfig, round_up
+from pallas_kernels.dmattn.forward import flash_forward
+from pallas_kernels.dmattn.prepass import dkv_key_order, key_expiry, query_block_lists, segment_ends
+from pallas_kernels.dmattn.tuning import default_config
 
 __all__ = ["supports", "dynamic_mask_attention_pallas", "prepare_mask"]
 
@@ -135,7 +136,7 @@ def prepare_mask(key_bias, valid, keep_window_size: int, cfg: DmattnConfig, segm
     out["lists_fwd"], out["counts_fwd"] = lists[cfg.block_q]
     out["lists_dq"], out["counts_dq"] = lists[cfg.block_q_dq]
     if cfg.dkv_group > cfg.block_k_dkv:
-        out["perm"] = dkv_key_order(e, cfg.dkv_group, cfg.dkv_order_packed).reshape(b, g, lp)
+        out["perm"] = dkv_key_order(e, cfg.dkv_group).reshape(b, g, lp)
     return out
 
 
@@ -183,12 +184,12 @@ def dynamic_mask_attention_pallas(query, key, value, key_bias, *, keep_window_si
                                   key_positions=None, key_mask=None, query_segment_ids=None, key_segment_ids=None,
                                   sliding_window=None, scale=None, config: Optional[DmattnConfig] = None,
                                   interpret: Optional[bool] = None):
-    """Flash dynamic-mask attention; same meaning as `wmjax.ops.dmattn.dynamic_mask_attention_reference` on
-    the calls `supports` accepts, except that a row with no allowed key outputs zeros (reference: uniform
-    average; such rows are padding queries). Ties: keys whose bias equals tau_i are all kept. O(L) memory.
-    `config` overrides the GPU block sizes. `interpret`: None = auto (interpret mode only when the default
-    backend is the CPU and no GPU target is being lowered for, so that CPU runs of the model work; on a GPU never),
-    True forces Pallas interpret mode (CPU tests), False forces the Triton kernels."""
+    """Flash dynamic-mask attention; same meaning as `reference.dynamic_mask_attention_reference` on the calls
+    `supports` accepts, except that a row with no allowed key outputs zeros (reference: uniform average; such rows
+    are padding queries). Ties: keys whose bias equals tau_i are all kept. O(L) memory. `config` replaces the tuned
+    tiles (`tuning.default_config`). `interpret`: None = auto (interpret mode only when the default backend is the
+    CPU and no GPU target is being lowered for, so that CPU runs of the model work; on a GPU never), True forces
+    Pallas interpret mode (CPU tests), False forces the Triton kernels."""
     if sliding_window is not None:
         raise ValueError("dynamic_mask_attention_pallas: sliding_window is not supported")
     if (query_segment_ids is None) != (key_segment_ids is None):

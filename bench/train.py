@@ -95,7 +95,9 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
     from train import sharding as shd
     from train.config import OptimizerConfig
     from train.optim import make_optimizer
-    from train.trainer import build_grad_fn, make_loss_fn, make_train_step, opt_state_shardings
+    from train.loss import make_loss_fn
+    from train.sharding import opt_state_shardings
+    from train.step import build_grad_fn, make_train_step
     from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes
     from wmjax.random_init import fast_random_compile
 

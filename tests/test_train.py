@@ -4,6 +4,7 @@ SIGKILL (sharded over 8 fake CPU devices), corrupt-checkpoint fallback, NaN stop
 The CLI runs are subprocesses with a tiny model and few steps, so the whole file stays fast on 2 CPU cores.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -16,9 +17,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
 
 from train.config import DEFAULT_CONFIG, ConfigError, load_config, to_dict  # noqa: E402
 from train.data import BatchIterator, PackedDataset, open_token_file, pack, write_token_file  # noqa: E402
+from dmask_stats import assert_mask_removes_keys  # noqa: E402
+from wmjax.checkpoint import load_run  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -26,7 +30,8 @@ from train.data import BatchIterator, PackedDataset, open_token_file, pack, writ
 
 
 def test_config_defaults_overrides_and_errors(tmp_path):
-    cfg = load_config(None, ["optimizer.lr=3e-4", "mesh.fsdp=2", "model.hidden_size=64", "data.paths=[a, b]"])
+    cfg = load_config(None, ["optimizer.lr=3e-4", "mesh.fsdp=2", "model.hidden_size=64", "data.source=text",
+                             "data.paths=[a, b]"])
     assert cfg.optimizer.lr == 3e-4 and cfg.mesh.fsdp == 2 and cfg.model["hidden_size"] == 64
     assert cfg.data.paths == ("a", "b")
     assert cfg.train.steps == DEFAULT_CONFIG["train"]["steps"]
@@ -58,7 +63,7 @@ def test_shipped_configs_load():
 
 
 def test_unknown_model_field_is_an_error():
-    from train.trainer import build_model_config
+    from train.model import build_model_config
 
     with pytest.raises(ConfigError, match=r"model\.hiden_size"):
         build_model_config({"hiden_size": 3}, 256)
@@ -133,7 +138,7 @@ def test_jsonl_and_prepare(tmp_path):
     arr, meta = open_token_file(str(out) + ".bin")
     assert meta["num_documents"] == 200 and arr.shape[0] > 200 * 5
     assert os.path.exists(meta["tokenizer"])
-    from train.tokenizer import Tokenizer
+    from wmjax.tokenizer import Tokenizer
 
     tok = Tokenizer(meta["tokenizer"])
     first = np.asarray(arr[: list(np.asarray(arr)).index(meta["eos_id"]) + 1])
@@ -189,6 +194,9 @@ def _tiny_args(corpus, cache, run_dir, steps, every, extra=()):
             "--set", "model.hidden_size=32", "--set", "model.intermediate_size=64",
             "--set", "model.num_attention_heads=2", "--set", "model.num_key_value_heads=2",
             "--set", "model.head_dim=16", "--set", "model.num_hidden_layers=1",
+            # keep_window_size 8 < seq_len 32, the documents (whole stdlib files) far longer: the top-k is live
+            # once A has left 0 (its init) after the first update; test_cli_outputs checks that it removes keys
+            "--set", "model.keep_window_size=8",
             "--set", "train.global_batch_size=8", "--set", "train.log_every=2", "--set", "train.sample_tokens=12",
             "--set", "optimizer.warmup_steps=2", "--set", f"checkpoint.every={every}", "--set", "checkpoint.keep=3",
             *extra]
@@ -228,7 +236,7 @@ def full_run(corpus, tmp_path_factory):
 
 
 def test_cli_outputs(full_run):
-    base, _, p = full_run
+    base, cache, p = full_run
     run = base / "full"
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 13))
@@ -238,6 +246,12 @@ def test_cli_outputs(full_run):
     assert "[sample]" in p.stdout and "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in p.stdout
     assert "tok/s" in p.stdout  # the progress bar
     assert json.load(open(run / "summary.json"))["steps"] == 12
+    # the dynamic mask is live: with the trained (non-zero) A, every layer's top-k removes keys of the rows that
+    # allow more than keep_window_size = 8 keys
+    trained = load_run(str(run), log=lambda *a: None)
+    assert trained.step == 12 and trained.config.keep_window_size == 8
+    (token_file,) = glob.glob(str(cache / "data" / "*.bin"))
+    assert_mask_removes_keys(trained.config, trained.params, PackedDataset([token_file], 32, seed=0).batch(0, 8))
 
 
 def test_exact_resume_after_sigkill(full_run, corpus):
@@ -292,9 +306,14 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(corpus, tmp_p
     assert f"step {steps[-1]}" in msg
 
 
-def test_cli_dp_fsdp_through_shard_map(corpus, tmp_path):
-    """mesh data=2 x fsdp=4 (tensor=1): the step runs per device through shard_map; same losses as 1 device."""
-    cache = tmp_path / "cache"
+def test_cli_dp_fsdp_through_shard_map(corpus, full_run, tmp_path):
+    """mesh data=2 x fsdp=4 (tensor=1): the step runs per device through shard_map; same losses as 1 device.
+
+    So are the first 2 of the GSPMD dp2 x fsdp2 x tp2 run (same data order and lr at update 1; the loss logged at
+    step s is taken before update s). Not later ones: after two updates A is ~ +-lr, the key biases
+    exp(A softplus(dt)) of a row are near-tied, and the tensor-parallel dt_proj's summation order flips some top-k
+    picks (measured: 2e-5 rel at step 3, 5e-5 at step 4; with keep_window_size >= seq_len, <= 3e-7)."""
+    _, cache, _ = full_run
     one = _run_cli(_tiny_args(corpus, cache, tmp_path / "one", 4, 4))
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     p = _run_cli(_tiny_args(corpus, cache, tmp_path / "sm", 4, 4,
@@ -302,9 +321,12 @@ def test_cli_dp_fsdp_through_shard_map(corpus, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "through shard_map" in p.stdout
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "sm")
+    gspmd = _losses(full_run[0] / "full")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
         assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])
+        if s <= 2:
+            assert abs(a[s] - gspmd[s]) <= 1e-5 * abs(a[s]), (s, a[s], gspmd[s])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -316,7 +338,7 @@ def test_fused_loss_equals_logits_loss(tied, z_loss, chunk):
     import jax
     import jax.numpy as jnp
 
-    from train.trainer import make_loss_fn
+    from train.loss import make_loss_fn
     from wmjax.config import DogeConfig
     from wmjax.models.doge import DogeForCausalLM, init_params
 
@@ -362,7 +384,7 @@ def test_fused_loss_bf16_close_to_logits_loss():
     import jax
     import jax.numpy as jnp
 
-    from train.trainer import make_loss_fn
+    from train.loss import make_loss_fn
     from wmjax.config import DogeConfig
     from wmjax.models.doge import DogeForCausalLM, init_params
 

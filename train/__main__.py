@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import ConfigError, dump_yaml, load_config
+from .trainer import run
+
 # Bad input found while starting a run (missing/unreadable data or tokenizer file, a malformed token file, a
 # corpus too small for the vocabulary, ...): reported as one line, exit status 2.
 INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
@@ -36,8 +39,6 @@ def main(argv=None) -> int:
                     help="on bad input, raise with the full traceback instead of the one-line error")
     args = ap.parse_args(argv)
 
-    from .config import ConfigError, dump_yaml, load_config
-
     overrides = list(args.set)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
@@ -53,8 +54,6 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-
-    from .trainer import run
 
     try:
         res = run(cfg)

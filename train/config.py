@@ -25,9 +25,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A training configuration is invalid; the message names the offending key."""
+from wmjax.config import ConfigError  # the project's one config error type (re-exported for train/)
 
 
 @dataclass(frozen=True)

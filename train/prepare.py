@@ -17,7 +17,13 @@ import os
 import sys
 import time
 
+from tqdm.auto import tqdm
+
 from wmjax.tokenizer import Tokenizer
+
+from .config import TokenizerConfig
+from .data import expand_paths, iter_texts, write_token_file
+from .tokenizer import encode_documents, get_tokenizer
 
 
 def main(argv=None) -> int:
@@ -35,11 +41,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-documents", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from tqdm.auto import tqdm
-
-    from .config import TokenizerConfig
-    from .data import expand_paths, iter_texts, write_token_file
-    from .tokenizer import encode_documents, get_tokenizer
 
     try:
         files = expand_paths(args.input, key="--input")

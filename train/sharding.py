@@ -14,10 +14,11 @@ so the same rules work for any mesh.  An unknown logical name is an error naming
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+import os
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import ConfigError
@@ -85,8 +86,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         raise ConfigError(f"mesh.data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but {where} "
                           f"are available: make the product {n}, or set one axis to -1 to fill")
     try:
-        from jax.experimental import mesh_utils
-
         arr = mesh_utils.create_device_mesh(sizes, devices=devices, allow_split_physical_axes=True)
     except Exception:
         arr = np.asarray(devices).reshape(sizes)
@@ -139,7 +138,8 @@ def logical_to_spec(names, shape, mesh: Mesh, rules=LOGICAL_RULES, where: str = 
     return P(*spec)
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+    """A tree path as 'a/b/c' (dict keys, attribute names or indices)."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -150,10 +150,10 @@ def is_axes_leaf(x) -> bool:
 def param_shardings(logical_axes, shapes, mesh: Mesh, rules=LOGICAL_RULES, warn=print):
     """Pytree of NamedSharding for params given their logical axes and shapes (ShapeDtypeStructs or arrays)."""
     flat_axes = jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=is_axes_leaf)[0]
-    axes_by_path = {_path_str(p): a for p, a in flat_axes}
+    axes_by_path = {path_str(p): a for p, a in flat_axes}
 
     def one(path, x):
-        ps = _path_str(path)
+        ps = path_str(path)
         if ps not in axes_by_path:
             raise ValueError(f"param {ps}: no logical axes given by param_logical_axes")
         return NamedSharding(mesh, logical_to_spec(axes_by_path[ps], x.shape, mesh, rules, where=f"param {ps}",
@@ -181,8 +181,6 @@ def distributed_init(force: bool = False, log=print) -> None:
     JAX itself reads the usual cluster variables (SLURM, Open MPI, GKE/TPU) and the explicit
     ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables.
     """
-    import os
-
     explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
     cluster = (int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
                or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
@@ -199,3 +197,21 @@ def distributed_init(force: bool = False, log=print) -> None:
         jax.distributed.initialize()
     log(f"[dist] process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local / "
         f"{jax.device_count()} global devices")
+
+
+def opt_state_shardings(opt_shapes, params_shapes, param_sh, mesh):
+    """Optimizer-state leaves that mirror a parameter get that parameter's sharding; the rest are replicated."""
+    by_path = {}
+    for (p, x), s in zip(jax.tree_util.tree_flatten_with_path(params_shapes)[0], jax.tree_util.tree_leaves(param_sh)):
+        by_path[tuple(path_str(p).split("/"))] = (x.shape, s)
+    rep = NamedSharding(mesh, P())
+
+    def one(path, x):
+        key = tuple(path_str(path).split("/"))
+        for i in range(len(key)):  # the longest suffix of the optimizer-state path that is a parameter path
+            hit = by_path.get(key[i:])
+            if hit is not None and hit[0] == x.shape:
+                return hit[1]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, opt_shapes)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import time
 from typing import Iterable, Optional
 
 import numpy as np
+import sentencepiece as spm
 
 from wmjax.tokenizer import Tokenizer
 
@@ -105,8 +105,6 @@ def train_tokenizer(
 
 
 def _train_sentencepiece(sentences: list[str], prefix: str, vocab_size: int, model_type: str) -> None:
-    import sentencepiece as spm
-
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_prefix=prefix,

@@ -42,7 +42,7 @@ data/fsdp, heads over tensor), so `nn.logical_to_mesh_sharding` / the training m
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import flax.linen as nn
 import flax.struct

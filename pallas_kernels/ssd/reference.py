@@ -135,7 +135,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, initial_state
     """
     check_shapes(x, dt, A, B, C, D, z, initial_state, segment_ids)
     b, L, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
+    n = B.shape[3]
     Q = int(chunk_size)
     nc = -(-L // Q)
     Lp = nc * Q

@@ -65,11 +65,15 @@ def model_config(tiny: bool):
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def packed_batches(cfg, batch, seq, n=3, seed=0):
+def packed_batches(cfg, batch, seq, n=3, seed=0, data=None):
     """`n` batches as `python -m train` feeds them: random documents `[bos, ids, eos]` of 500-6,000 tokens packed
-    back to back (train.data.pack: segment ids, per-document positions, loss mask)."""
-    from train.data import pack
+    back to back (train.data.pack: segment ids, per-document positions, loss mask), or with ``data`` (a token
+    file from `python -m train.prepare`) the run's own first batches."""
+    from train.data import BatchIterator, PackedDataset, pack
 
+    if data:
+        it = BatchIterator(PackedDataset([data], seq, seed), batch)
+        return [next(it) for _ in range(n)]
     rng = np.random.default_rng(seed)
     bos, eos = cfg.bos_token_id or 0, cfg.eos_token_id if cfg.eos_token_id is not None else 1
     low = max(bos, eos, cfg.pad_token_id or 0) + 1
@@ -87,7 +91,7 @@ def packed_batches(cfg, batch, seq, n=3, seed=0):
 
 
 def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd="auto", loss_impl="auto",
-                chunk_tokens=8192, profile=0, tag="", compiler_options=None, segments=True):
+                chunk_tokens=8192, profile=0, tag="", compiler_options=None, segments=True, data=None):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -124,7 +128,7 @@ def bench_wmjax(cfg, batch, seq, steps, warmup, remat, mesh_shape, devices, spmd
         step_fn = jax.jit(make_train_step(grad_fn, tx, sched, cfg, 0.0),
                           in_shardings=(ssh, {k: bsh for k in BATCH_KEYS}),
                           out_shardings=(ssh, rep), donate_argnums=(0,))
-        batches = [{k: jax.device_put(v, bsh) for k, v in b.items()} for b in packed_batches(cfg, batch, seq)]
+        batches = [{k: jax.device_put(v, bsh) for k, v in b.items()} for b in packed_batches(cfg, batch, seq, data=data)]
         t0 = time.perf_counter()
         print(f"[wmjax] b{batch} loss={loss_fn.impl} spmd={spmd}: lowering + compiling", flush=True)
         lowered = step_fn.lower(state, batches[0])
@@ -379,6 +383,8 @@ def main():
     ap.add_argument("--segments", default="1",
                     help="packed documents with segment ids as `python -m train` runs them (1, the default) and/or "
                          "without (0): e.g. 1,0")
+    ap.add_argument("--data", default=None, help="token file (python -m train.prepare) to take the batches from "
+                                                 "(default: random documents)")
     ap.add_argument("--tag", default="", help="label printed with the results (e.g. the XLA_FLAGS variant)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train.json"))
@@ -421,10 +427,12 @@ def main():
                 for ct, (opts, copts), sg in variants:
                     try:
                         seg = sg.strip() in ("1", "true")
-                        tag = " ".join(x for x in (args.tag, opts, "" if seg else "no-segments") if x)
+                        tag = " ".join(x for x in (args.tag, opts, "" if seg else "no-segments",
+                                                   "data=" + os.path.basename(args.data) if args.data else "") if x)
                         record(bench_wmjax(cfg, b, args.seq, args.steps, args.warmup, remat, (1, 1, 1), devs[:1],
                                            loss_impl=loss, chunk_tokens=int(ct), profile=args.profile,
-                                           tag=tag, compiler_options=copts or None, segments=seg))
+                                           tag=tag, compiler_options=copts or None, segments=seg,
+                                           data=args.data))
                     except Exception as e:
                         traceback.print_exc()
                         print(f"wmjax b={b} remat={remat} loss={loss} failed: {type(e).__name__}: {str(e)[:300]}",

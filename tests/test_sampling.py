@@ -449,6 +449,7 @@ def test_fused_decode_step_equals_model_decode_step(variant, impl):
 _BF16_TIE = 0.06
 
 
+@pytest.mark.slow
 def test_generate_fused_kernels_bf16_equal_model_decode():
     """decode="fused" in bf16 runs the pallas_kernels.decode kernels inside generate (Pallas interpret mode on a
     CPU: a pallas_call in its jaxpr) with decode="model"'s greedy tokens: one row (the projections' gemv form), every

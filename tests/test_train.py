@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
 
+from dmask_stats import assert_mask_removes_keys  # noqa: E402
 from train.config import DEFAULT_CONFIG, ConfigError, load_config, to_dict  # noqa: E402
 from train.data import BatchIterator, PackedDataset, open_token_file, pack, write_token_file  # noqa: E402
-from dmask_stats import assert_mask_removes_keys  # noqa: E402
 from wmjax.checkpoint import load_run  # noqa: E402
 
 
@@ -188,7 +188,7 @@ def corpus(tmp_path_factory):
 
 def _tiny_args(corpus, cache, run_dir, steps, every, extra=()):
     return ["--run-dir", str(run_dir), "--steps", str(steps),
-            "--set", f"data.source=text", "--set", f"data.paths=[{corpus}]", "--set", "data.seq_len=32",
+            "--set", "data.source=text", "--set", f"data.paths=[{corpus}]", "--set", "data.seq_len=32",
             "--set", "data.tokenizer.corpus=data", "--set", "data.tokenizer.vocab_size=512",
             "--set", f"data.tokenizer.cache_dir={cache}/tok", "--set", f"data.cache_dir={cache}/data",
             "--set", "model.hidden_size=32", "--set", "model.intermediate_size=64",

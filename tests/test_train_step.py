@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
 from dmask_stats import assert_mask_removes_keys  # noqa: E402
 from train.config import OptimizerConfig  # noqa: E402
 from train.data import pack  # noqa: E402
-from train.optim import make_optimizer  # noqa: E402
 from train.loss import make_loss_fn  # noqa: E402
+from train.optim import make_optimizer  # noqa: E402
 from train.step import make_grad_fn, make_train_step  # noqa: E402
 from wmjax.config import DogeConfig  # noqa: E402
 from wmjax.models.doge import DogeForCausalLM, init_params  # noqa: E402

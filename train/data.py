@@ -52,7 +52,7 @@ def write_token_file(out_path: str, docs: Iterable[np.ndarray], vocab_size: int,
         out_path += ".bin"
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     dtype = token_dtype(vocab_size)
-    tmp = out_path + ".tmp"
+    tmp = f"{out_path}.{os.getpid()}.tmp"  # per process: two runs tokenizing into one cache dir do not collide
     n_tokens = n_docs = 0
     with open(tmp, "wb") as fh:
         for d in docs:
@@ -67,9 +67,9 @@ def write_token_file(out_path: str, docs: Iterable[np.ndarray], vocab_size: int,
     info = {"format": "wmjax-tokens-v1", "dtype": np.dtype(dtype).name, "num_tokens": n_tokens,
             "num_documents": n_docs, "vocab_size": vocab_size, **(meta or {})}
     os.replace(tmp, out_path)
-    with open(out_path[:-4] + ".json.tmp", "w") as fh:
+    with open(f"{out_path[:-4]}.json.{os.getpid()}.tmp", "w") as fh:
         json.dump(info, fh, indent=1)
-    os.replace(out_path[:-4] + ".json.tmp", out_path[:-4] + ".json")
+    os.replace(f"{out_path[:-4]}.json.{os.getpid()}.tmp", out_path[:-4] + ".json")
     return info
 
 

@@ -1,6 +1,6 @@
 """HLO statistics of one Doge-160M decoder layer, forward + backward, compiled for the local backend (CPU).
 
-    python tests/scripts/layer_hlo_stats.py [B S [TAG [N]]]     (docs/BENCHMARKS.md, "Elementwise changes")
+    python tests/scripts/layer_hlo_stats.py [B S [TAG [N]]]     (docs/benchmarks-history.md, "Elementwise changes")
 
 bf16 compute (CDT=f32 in the environment: f32), f32 params, b=B s=S; attention is an opaque custom call
 (`jax.pure_callback`) that takes q, k, v, bias and saves the Pallas kernel's residuals (o, lse), so only the code

@@ -20,8 +20,7 @@ from pallas_kernels.decode.attention import _prefetch_plan
 from pallas_kernels.decode.linear import _fit_block_k
 from wmjax.cache import init_cache
 from wmjax.config import DogeConfig
-from wmjax.fused_decode import (decode_state_from_cache, fused_decode_step, fused_decode_supported,
-                                prepare_decode_params)
+from wmjax.fused_decode import fused_decode_step, fused_decode_supported, prepare_decode_params
 from wmjax.layers.rope import rope_cos_sin
 from wmjax.models.doge import init_params
 
@@ -302,7 +301,7 @@ def test_fused_decode_step_lowers_for_h100():
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     fparams = jax.eval_shape(lambda p: prepare_decode_params(cfg, p, bf), params)
     for batch, form in ((1, "wmjax_decode_linear_gemv"), (3, "wmjax_decode_linear")):
-        state = jax.eval_shape(lambda: decode_state_from_cache(init_cache(cfg, batch, 300, bf, "full")))
+        state = jax.eval_shape(lambda: init_cache(cfg, batch, 300, bf, "full", multiple_of=128))
         ints = jax.ShapeDtypeStruct((batch,), jnp.int32)
         step = lambda fp, st, tok, pos: fused_decode_step(cfg, bf, fp, st, tok, pos, implementation="pallas")
         with jax.sharding.use_abstract_mesh(h100):

@@ -85,10 +85,11 @@ def _runs_pallas(model, params, prompts, **kw):
 # (the cache lives in the attention layers, so MoE runs with the full cache only: the bounded one is covered by
 # the dense and legacy-bias variants)
 @pytest.mark.parametrize("variant,kind", [("dense", "full"), ("dense", "bounded"), ("moe_per_token", "full"),
-                                          ("dense_legacy_query_bias", "bounded")])
+                                          ("dense_legacy_query_bias", "bounded"), ("dense_sliding_window", "full")])
 def test_prefill_then_decode_equals_full_forward(variant, kind):
     over = {"dense": {}, "moe_per_token": dict(MOE, router_layout="per_token"),
-            "dense_legacy_query_bias": dict(dt_heads="query", qk_norm=False)}[variant]
+            "dense_legacy_query_bias": dict(dt_heads="query", qk_norm=False),
+            "dense_sliding_window": dict(sliding_window=4)}[variant]
     cfg, params, model = _setup(**over)
     apply = jax.jit(model.apply)
     rng = np.random.default_rng(0)
@@ -287,7 +288,8 @@ def test_cache_pytree_kinds_and_axes():
     full, bounded = init_cache(cfg, 2, 16), init_cache(cfg, 2, 16, kind="bounded")
     assert all(isinstance(l, KVCache) for l in full["layers"])
     assert all(isinstance(l, BoundedKVCache) for l in bounded["layers"])
-    assert full["layers"][0]["key"].shape == (2, 16, 2, 8)
+    assert full["layers"][0]["key"].shape == (2, 2, 16, 8)
+    assert init_cache(cfg, 2, 13, multiple_of=8)["layers"][0]["key"].shape == (2, 2, 16, 8)
     assert bounded["layers"][0]["key"].shape == (2, 2, cfg.keep_window_size, 8)
     for c in (full, bounded):
         axes = cache_logical_axes(c)
@@ -303,10 +305,10 @@ def test_cache_pytree_kinds_and_axes():
         placed = jax.device_put(c, cache_shardings(c, make_mesh(), flax_rules()))
         assert type(placed["layers"][0]) is type(c["layers"][0])
     # on a data 2 x fsdp 1 x tensor 2 mesh (abstract: the shapes need no devices) each shard holds half the rows
-    # and half the kv heads (full: key / value [b, C, G, D], bias [b, G, C]; bounded: [b, G, w, ...])
+    # and half the kv heads (full: key / value [b, G, C, D], bias [b, G, C]; bounded: [b, G, w, ...])
     mesh = jax.sharding.AbstractMesh((2, 1, 2), ("data", "fsdp", "tensor"))
     w = cfg.keep_window_size
-    want = {"full": dict(key=(1, 16, 1, 8), value=(1, 16, 1, 8), key_bias=(1, 1, 16), key_position=(1, 16),
+    want = {"full": dict(key=(1, 1, 16, 8), value=(1, 1, 16, 8), key_bias=(1, 1, 16), key_position=(1, 16),
                          key_mask=(1, 16)),
             "bounded": dict(key=(1, 1, w, 8), value=(1, 1, w, 8), key_bias=(1, 1, w), key_position=(1, 1, w),
                             key_mask=(1, 1, w))}
@@ -401,13 +403,12 @@ FUSED = dict(keep_window_size=64)  # the fused path needs a full cache no longer
 @pytest.mark.parametrize("variant,impl", [("dense", "interpret"), ("untied_biases_no_qk_norm", "reference"),
                                           ("dense_batch1", "interpret")])
 def test_fused_decode_step_equals_model_decode_step(variant, impl):
-    """prefill, then step by step through the model's decode step and through fused_decode_step (concatenated
-    projections, layer-stacked cache, the decode attention kernel in Pallas interpret mode or its reference).
+    """prefill, then step by step through the model's decode step and through its fused backend (concatenated
+    projections, the decode attention kernel in Pallas interpret mode or its reference) on the same cache.
     dense_batch1: one row (the projections' gemv form, the attention kernel prefetching the next weights; cache 200
     slots, padded to 256) under the tuned defaults and under other blocks / warps (`pallas_kernels.decode.tuning`:
     4 cache blocks of 64, 4 gemv warps)."""
-    from wmjax.fused_decode import (decode_state_from_cache, fused_decode_step, fused_decode_supported,
-                                    prepare_decode_params)
+    from wmjax.fused_decode import FusedParams, fused_decode_step, fused_decode_supported, prepare_decode_params
     from wmjax.sampling import decode_step, pad_prompts, prefill
     over = (dict(FUSED) if variant == "dense" else dict(keep_window_size=256) if variant == "dense_batch1" else
             dict(FUSED, tie_word_embeddings=False, attention_bias=True, mlp_bias=True, qk_norm=False))
@@ -420,17 +421,17 @@ def test_fused_decode_step_equals_model_decode_step(variant, impl):
     steps = 6
     cache_length = 200 if variant == "dense_batch1" else ids.shape[1] + steps
     assert fused_decode_supported(cfg, "full", cache_length)
-    cache = init_cache(cfg, len(lengths), cache_length, jnp.float32)
+    cache = init_cache(cfg, len(lengths), cache_length, jnp.float32, multiple_of=128)
     logits, pos, cache, _ = jax.jit(lambda c: prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), c))(cache)
     fparams = prepare_decode_params(cfg, params, jnp.float32)
+    assert isinstance(fparams, FusedParams) and len(fparams.layers) == cfg.num_hidden_layers
     model_step = jax.jit(lambda c, t, p: decode_step(model, params, c, t, p))
     tunings = [None]
     if variant == "dense_batch1":
         tunings.append(DecodeTuning(cache_block=64, gemv_warps=4))
     tok0, pos0, cache0 = jnp.argmax(logits, -1).astype(jnp.int32), pos, cache
     for opts in tunings:
-        state = decode_state_from_cache(cache0, opts)
-        assert state["keys"][0].shape[2] % 64 == 0
+        state = cache0  # the model's cache after prefill, as it is
         fused_step = jax.jit(lambda s, t, p, o=opts: fused_decode_step(cfg, jnp.float32, fparams, s, t, p,
                                                                        implementation=impl, tuning=o))
         tok, pos, cache = tok0, pos0, cache0
@@ -441,6 +442,27 @@ def test_fused_decode_step_equals_model_decode_step(variant, impl):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0,
                                        err_msg=f"step {t} {opts}")
             tok = jnp.argmax(want, -1).astype(jnp.int32)
+        # both backends leave the same cache (same type, layout and contents)
+        assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(cache)
+        for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(cache)):
+            np.testing.assert_allclose(np.asarray(got_leaf, np.float32), np.asarray(want_leaf, np.float32),
+                                       atol=1e-5, rtol=0, err_msg=f"cache {opts}")
+
+
+def test_decode_step_backends():
+    """decode_step takes the backend "model" or "fused"; the fused one takes prepare_decode_params' FusedParams and
+    a full cache whose capacity is a multiple of the attention kernel's block; anything else is refused by name."""
+    from wmjax.fused_decode import prepare_decode_params
+    from wmjax.sampling import decode_step
+    cfg, params, model = _setup(**FUSED)
+    tok = pos = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="backend='xla'"):
+        decode_step(model, params, init_cache(cfg, 1, 8), tok, pos, backend="xla")
+    with pytest.raises(TypeError, match="FusedParams"):
+        decode_step(model, params, init_cache(cfg, 1, 8), tok, pos, backend="fused")
+    fparams = prepare_decode_params(cfg, params, jnp.float32)
+    with pytest.raises(ValueError, match=r"multiple_of=128"):
+        decode_step(model, fparams, init_cache(cfg, 1, 8), tok, pos, backend="fused", tuning=DecodeTuning())
 
 
 # bf16: the kernels' logits and the model step's differ by up to ~0.026 here (3 bf16 ulps at |logit| ~1.4,

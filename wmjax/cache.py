@@ -7,12 +7,14 @@ recurrent state). Per-layer caches also read like dicts (`layer_cache["key"]`).
 
 Kinds
 -----
-`KVCache` ("kv", the full cache), per attention layer:
-    key, value      [batch, max_length, kv_heads, head_dim]   (RoPE already applied to keys)
-    key_bias        [batch, bias_heads, max_length] f32       (exp(A * softplus(dt_proj(v))) per cached key)
-    key_position    [batch, max_length] int32                 (position of the token in each slot)
-    key_mask        [batch, max_length] bool                  (slot holds a real token)
+`KVCache` ("kv", the full cache), per attention layer, C = max_length slots (rounded up to `multiple_of`):
+    key, value      [batch, kv_heads, C, head_dim]            (RoPE already applied to keys)
+    key_bias        [batch, bias_heads, C] f32                (exp(A * softplus(dt_proj(v))) per cached key)
+    key_position    [batch, C] int32                          (position of the token in each slot)
+    key_mask        [batch, C] bool                           (slot holds a real token)
   Caching the per-key bias is exact: it depends only on that key's own value vector (docs/DOGE.md, Cached decoding).
+  This is the layout the fused decode kernels read and write in place (`wmjax.fused_decode`), so decoding takes
+  over from prefill on the same cache.
 
 `BoundedKVCache` ("bounded_kv"), per attention layer, w = keep_window_size slots per *bias head*:
     key, value      [batch, bias_heads, w, head_dim]
@@ -97,8 +99,8 @@ class SSMCache(_DictLike):
 # ---------------------------------------------------------------------------------------------------- builders
 def init_kv_layer_cache(batch: int, max_length: int, kv_heads: int, head_dim: int, bias_heads: int, dtype):
     return KVCache(
-        key=jnp.zeros((batch, max_length, kv_heads, head_dim), dtype),
-        value=jnp.zeros((batch, max_length, kv_heads, head_dim), dtype),
+        key=jnp.zeros((batch, kv_heads, max_length, head_dim), dtype),
+        value=jnp.zeros((batch, kv_heads, max_length, head_dim), dtype),
         key_bias=jnp.zeros((batch, bias_heads, max_length), jnp.float32),
         key_position=jnp.zeros((batch, max_length), jnp.int32),
         key_mask=jnp.zeros((batch, max_length), bool),
@@ -132,16 +134,21 @@ def layer_kinds(config) -> tuple:
     return tuple(kinds)
 
 
-def init_cache(config, batch: int, max_length: int, dtype=jnp.float32, kind: str = "full"):
+def init_cache(config, batch: int, max_length: int, dtype=jnp.float32, kind: str = "full", multiple_of: int = 1):
     """An empty cache for `config`: attention layers get a full KV cache of `max_length` slots per row
-    (kind="full") or a bounded dynamic-mask cache of keep_window_size slots per bias head (kind="bounded";
-    `max_length` is then unused). State-space layers (hybrids) get an `SSMCache` via `config.ssm_cache_shape`."""
+    (kind="full"; rounded up to a multiple of `multiple_of`, e.g. the fused decode kernels' cache block; the extra
+    slots are never valid) or a bounded dynamic-mask cache of keep_window_size slots per bias head (kind="bounded";
+    `max_length` and `multiple_of` are then unused). State-space layers (hybrids) get an `SSMCache` via
+    `config.ssm_cache_shape`."""
     if kind not in CACHE_KINDS:
         raise ValueError(f"init_cache: kind={kind!r}; expected one of {CACHE_KINDS}")
     if batch <= 0:
         raise ValueError(f"init_cache: batch={batch} must be positive")
     if kind == "full" and max_length <= 0:
         raise ValueError(f"init_cache: max_length={max_length} must be positive")
+    if multiple_of <= 0:
+        raise ValueError(f"init_cache: multiple_of={multiple_of} must be positive")
+    max_length = -(-max_length // multiple_of) * multiple_of
     if kind == "bounded" and getattr(config, "sliding_window", None) is not None:
         raise ValueError("init_cache: the bounded dynamic-mask cache is exact only without a sliding window "
                          f"(config.sliding_window={config.sliding_window}); use kind='full'")
@@ -169,9 +176,9 @@ def cache_logical_axes(cache):
     """Same structure as `cache`; each array leaf replaced by a tuple of logical axis names."""
     def layer_axes(lc):
         if isinstance(lc, KVCache):
-            hb = "activation_kv_heads" if lc.key_bias.shape[1] == lc.key.shape[2] else "activation_heads"
-            return KVCache(key=("activation_batch", None, "activation_kv_heads", None),
-                           value=("activation_batch", None, "activation_kv_heads", None),
+            hb = "activation_kv_heads" if lc.key_bias.shape[1] == lc.key.shape[1] else "activation_heads"
+            return KVCache(key=("activation_batch", "activation_kv_heads", None, None),
+                           value=("activation_batch", "activation_kv_heads", None, None),
                            key_bias=("activation_batch", hb, None), key_position=("activation_batch", None),
                            key_mask=("activation_batch", None))
         if isinstance(lc, BoundedKVCache):
@@ -195,8 +202,8 @@ def write_kv(layer_cache, key, value, key_bias, positions, token_mask, length):
     """Write s new tokens into slots [length, length + s). key/value [b, s, G, D], key_bias [b, Hb, s]."""
     upd = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), length, axis)
     return KVCache(
-        key=upd(layer_cache["key"], key, 1),
-        value=upd(layer_cache["value"], value, 1),
+        key=upd(layer_cache["key"], key.transpose(0, 2, 1, 3), 2),
+        value=upd(layer_cache["value"], value.transpose(0, 2, 1, 3), 2),
         key_bias=upd(layer_cache["key_bias"], key_bias, 2),
         key_position=upd(layer_cache["key_position"], positions.astype(jnp.int32), 1),
         key_mask=upd(layer_cache["key_mask"], token_mask.astype(bool), 1),
@@ -266,7 +273,8 @@ def bounded_kv_attention(cache: BoundedKVCache, query, key, value, key_bias, pos
     return out, new_cache
 
 
-def kv_decode_attention(cache: KVCache, query, query_positions, *, keep_window_size: int, scale: float):
+def kv_decode_attention(cache: KVCache, query, query_positions, *, keep_window_size: int, scale: float,
+                        sliding_window: Optional[int] = None):
     """One query per row over a full KV cache (already holding the new token): the DMA semantics
     (`pallas_kernels.dmattn.reference.dynamic_mask_softmax`) for Sq = 1, written for decode: the cache read in
     its own layout with f32 accumulation (exact products of bf16/f32 inputs, as the reference's f32 upcast).
@@ -274,19 +282,21 @@ def kv_decode_attention(cache: KVCache, query, query_positions, *, keep_window_s
     query [b, 1, H, D]; query_positions [b, 1]. Returns [b, 1, H, D] in query.dtype.
     """
     b, _, h, d = query.shape
-    keys, values = cache.key, cache.value  # [b, C, G, D]
-    c, g = keys.shape[1], keys.shape[2]
+    keys, values = cache.key, cache.value  # [b, G, C, D]
+    g, c = keys.shape[1], keys.shape[2]
     bias = cache.key_bias  # [b, Hb, C] f32
     hb = bias.shape[1]
     allowed = cache.key_mask & (cache.key_position <= query_positions)  # [b, C]
+    if sliding_window is not None:
+        allowed = allowed & (cache.key_position > query_positions - sliding_window)
     r = h // g
     q = query.reshape(b, g, r, d)
     hp = jax.lax.Precision.HIGHEST
-    scores = jnp.einsum("bgrd,bcgd->bgrc", q, keys.astype(query.dtype), precision=hp,
+    scores = jnp.einsum("bgrd,bgcd->bgrc", q, keys.astype(query.dtype), precision=hp,
                         preferred_element_type=jnp.float32) * scale
     bias = bias[:, :, None] if hb == g else bias.reshape(b, g, r, c)  # [b, G, 1 | r, C]
     probs = dynamic_mask_softmax(scores[..., None, :], bias, allowed[:, None, None, None, :], keep_window_size)
-    out = jnp.einsum("bgrc,bcgd->bgrd", probs[..., 0, :], values.astype(query.dtype).astype(jnp.float32),
+    out = jnp.einsum("bgrc,bgcd->bgrd", probs[..., 0, :], values.astype(query.dtype).astype(jnp.float32),
                      precision=hp)
     return out.reshape(b, 1, h, d).astype(query.dtype)
 

@@ -1,4 +1,5 @@
-"""Decode-specialized Doge step for `wmjax.sampling.generate(decode="fused")`.
+"""Decode-specialized Doge step: the "fused" backend of the model's decode step (`wmjax.sampling.decode_step(...,
+backend="fused")`, `generate(decode="fused")`).
 
 One token per row through the whole model in five kernels per layer (`pallas_kernels.decode`), where the Flax
 model's decode step launches ~25 (measured on an H100: at batch 1 a decode step is bound by the number of small
@@ -18,8 +19,10 @@ padded to a multiple of 16 (tensor-core dots); only the real rows touch the cach
 the projections run decode_linear's gemv form. The attention kernel also pulls the next projections' weights into
 L2 while it runs. Blocks, warps and stages: `pallas_kernels.decode.tuning`.
 
-The cache is per layer: keys / values [b, G, C, D] (C rounded up to the attention kernel's block), key bias
-[b, G, C] f32, and one position / mask [b, C] shared by every layer (`decode_state_from_cache`).
+The decode state is the model's full cache (`wmjax.cache.KVCache` per layer: keys / values [b, G, C, D], key bias
+[b, G, C] f32, positions / mask [b, C]), read and written in place by the attention kernel, so decoding takes over
+from the model's prefill on the same cache; its capacity C must be a multiple of the attention kernel's block
+(`init_cache(..., multiple_of=tuning.cache_block)`). The params are a `FusedParams` (`prepare_decode_params`).
 
 Applies to dense Doge with a full cache no longer than keep_window_size (every visible key is kept, no per-step
 top-k): `fused_decode_supported`. Same math as the model's decode step (`wmjax.sampling.decode_step`), with each
@@ -31,6 +34,8 @@ tokens against it. implementation "pallas" runs the kernels, "interpret" the ker
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -41,12 +46,46 @@ from pallas_kernels.decode.tuning import current as current_tuning
 from wmjax.config import DogeConfig
 from wmjax.layers.rope import rope_cos_sin
 
-__all__ = ["fused_decode_supported", "prepare_decode_params", "decode_state_from_cache", "fused_decode_step",
+__all__ = ["fused_decode_supported", "FusedLayerParams", "FusedParams", "prepare_decode_params", "fused_decode_step",
            "DECODE_IMPLS"]
 
 DECODE_IMPLS = ("pallas", "reference", "interpret")
 
 _ROWS = 16          # rows are padded to a multiple of this (tensor-core dots need M >= 16)
+
+
+class FusedLayerParams(NamedTuple):
+    """One layer's decode-kernel operands (weights [out, in] in the compute dtype; biases None where the config
+    has none): qkv [(H + 2G) D, hidden], o [hidden, H D], gate / up [F, hidden], down [hidden, F], dt [G, G D],
+    A [G], norms [hidden] / [D] (q/k norms are ones without qk_norm), residual scales [hidden]."""
+    input_norm: jax.Array
+    post_norm: jax.Array
+    input_residual: jax.Array
+    post_residual: jax.Array
+    qkv: jax.Array
+    o: jax.Array
+    dt: jax.Array
+    A: jax.Array
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+    q_norm: jax.Array
+    k_norm: jax.Array
+    qkv_bias: Optional[jax.Array] = None
+    o_bias: Optional[jax.Array] = None
+    dt_bias: Optional[jax.Array] = None
+    gate_bias: Optional[jax.Array] = None
+    up_bias: Optional[jax.Array] = None
+    down_bias: Optional[jax.Array] = None
+
+
+class FusedParams(NamedTuple):
+    """The whole model's decode-kernel operands: embedding [V, hidden], final norm [hidden], LM head [V', hidden]
+    (V' = vocab rounded up to the head's block), one `FusedLayerParams` per layer."""
+    embedding: jax.Array
+    norm: jax.Array
+    lm_head: jax.Array
+    layers: tuple
 
 
 def fused_decode_supported(config, cache_kind: str, cache_length: int) -> bool:
@@ -104,36 +143,22 @@ def prepare_decode_params(config, params, dtype, tuning: DecodeTuning | None = N
         if config.mlp_bias:
             layer["gate_bias"], layer["up_bias"] = cast(mlp["gate_proj"]["bias"]), cast(mlp["up_proj"]["bias"])
             layer["down_bias"] = cast(mlp["down_proj"]["bias"])
-        layers.append(layer)
+        layers.append(FusedLayerParams(**layer))
     head = (cast(m["embed_tokens"]["embedding"]) if config.tie_word_embeddings
             else t(params["lm_head"]["kernel"]))
     head = jnp.pad(head, ((0, -head.shape[0] % tuning.logits_block_n), (0, 0)))
-    return dict(embedding=cast(m["embed_tokens"]["embedding"]), norm=m["norm"]["weight"], lm_head=head,
-                layers=tuple(layers))
-
-
-def decode_state_from_cache(cache, tuning: DecodeTuning | None = None):
-    """The model's full cache (after prefill) -> the fused decode state: per layer keys / values
-    [b, G, C', D] and key bias [b, G, C'] f32, one position / mask [b, C'] (identical in every layer), length;
-    C' = C rounded up to the attention kernel's block (`tuning.cache_block`; the extra slots are never valid)."""
-    block = (current_tuning() if tuning is None else tuning).cache_block
-    layers = cache["layers"]
-    pad = -layers[0].key.shape[1] % block
-    padc = lambda x, axis: jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
-    return dict(keys=tuple(padc(lc.key.transpose(0, 2, 1, 3), 2) for lc in layers),
-                values=tuple(padc(lc.value.transpose(0, 2, 1, 3), 2) for lc in layers),
-                biases=tuple(padc(lc.key_bias, 2) for lc in layers),
-                position=padc(layers[0].key_position, 1), mask=padc(layers[0].key_mask, 1),
-                length=cache["length"])
+    return FusedParams(embedding=cast(m["embed_tokens"]["embedding"]), norm=m["norm"]["weight"], lm_head=head,
+                       layers=tuple(layers))
 
 
 def fused_decode_step(config, dtype, fparams, state, tokens, positions, implementation=None,
                       tuning: DecodeTuning | None = None):
     """One token per row (tokens [b]) at `positions` [b] through the whole model (see the module docstring);
-    `fparams` from `prepare_decode_params`, `state` from `decode_state_from_cache` (with the same `tuning`).
-    Returns (logits [b, V] f32, new state). implementation: "pallas" | "reference" | "interpret" | None (pallas
-    on GPU, else interpret). tuning: the kernels' blocks / warps / stages (None: `pallas_kernels.decode.tuning`'s
-    current values; the reference ignores them)."""
+    `fparams` a `FusedParams` (`prepare_decode_params`); `state` the model's full cache (`wmjax.cache.init_cache`,
+    capacity a multiple of `tuning.cache_block`, e.g. after the model's prefill). Returns (logits [b, V] f32, new
+    cache). implementation: "pallas" | "reference" | "interpret" | None (pallas on GPU, else interpret). tuning: the
+    kernels' blocks / warps / stages (None: `pallas_kernels.decode.tuning`'s current values; the reference ignores
+    them). This is the "fused" backend of `wmjax.sampling.decode_step`."""
     cfg = config
     tune = current_tuning() if tuning is None else tuning
     if implementation is None:
@@ -168,37 +193,41 @@ def fused_decode_step(config, dtype, fparams, state, tokens, positions, implemen
         def attention(*args, **kw):
             return decode_layer_attention(*args, block_c=tune.cache_block, num_warps=tune.attention_warps,
                                           num_stages=tune.attention_stages, interpret=interpret, **kw)
+    cache_layers = state["layers"]
+    capacity = cache_layers[0].key.shape[2]
+    if implementation != "reference" and capacity % tune.cache_block:
+        raise ValueError(f"fused_decode_step: cache capacity {capacity} is not a multiple of the attention kernel's "
+                         f"block {tune.cache_block}; build it with init_cache(..., multiple_of={tune.cache_block})")
     b = tokens.shape[0]
     rows = 1 if gemv else -(-b // _ROWS) * _ROWS
     d, eps = cfg.head_dim, cfg.rms_norm_eps
-    x = jnp.take(fparams["embedding"], jnp.pad(tokens, (0, rows - b)), axis=0)                # [rows, hidden]
+    x = jnp.take(fparams.embedding, jnp.pad(tokens, (0, rows - b)), axis=0)                   # [rows, hidden]
     cos, sin = rope_cos_sin(positions[:, None], d, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
                             cfg.max_position_embeddings, dtype=dtype)
     cos, sin = cos[:, 0], sin[:, 0]                                                            # [b, D]
     # cached slots visible to this token (the token itself is handled inside the attention)
-    valid = (state["mask"] & (state["position"] <= positions[:, None])).astype(jnp.int32)
+    # (every layer's positions / mask are the same: the model writes each token into every layer's same slot)
+    valid = (cache_layers[0].key_mask & (cache_layers[0].key_position <= positions[:, None])).astype(jnp.int32)
     slot = state["length"]
-    keys, values, biases = list(state["keys"]), list(state["values"]), list(state["biases"])
-    layers = fparams["layers"]
-    for li, lp in enumerate(layers):
-        qkv = linear(x, lp["qkv"], norm_weight=lp["input_norm"], eps=eps, bias=lp.get("qkv_bias"))
-        # the weights read after this attention, pulled into L2 while it runs
-        prefetch = (lp["o"], lp["gate"], lp["up"], lp["down"]) + (
-            (layers[li + 1]["qkv"],) if li + 1 < len(layers) else ())
-        att, keys[li], values[li], biases[li] = attention(
-            qkv, cos, sin, valid, slot, lp["q_norm"], lp["k_norm"], lp["dt"], lp.get("dt_bias"), lp["A"],
-            keys[li], values[li], biases[li], num_heads=cfg.num_attention_heads, eps=eps, scale=d ** -0.5,
-            qk_norm=cfg.qk_norm, prefetch=prefetch)
-        x = linear(att, lp["o"], bias=lp.get("o_bias"), residual=x, residual_scale=lp["input_residual"])
-        hid = linear(x, lp["gate"], up_weight=lp["up"], norm_weight=lp["post_norm"], eps=eps,
-                     bias=lp.get("gate_bias"), up_bias=lp.get("up_bias"))
-        x = linear(hid, lp["down"], bias=lp.get("down_bias"), residual=x, residual_scale=lp["post_residual"])
-    logits = linear(x, fparams["lm_head"], head=True, norm_weight=fparams["norm"], eps=eps, out_dtype=jnp.float32)
     zero = jnp.zeros((), jnp.int32)
-    new_state = dict(
-        keys=tuple(keys), values=tuple(values), biases=tuple(biases),
-        position=jax.lax.dynamic_update_slice(state["position"], positions[:, None].astype(jnp.int32),
-                                              (zero, slot)),
-        mask=jax.lax.dynamic_update_slice(state["mask"], jnp.ones((b, 1), bool), (zero, slot)),
-        length=slot + 1)
-    return logits[:b, :cfg.vocab_size], new_state
+    new_position = positions[:, None].astype(jnp.int32)
+    new_layers = []
+    layers = fparams.layers
+    for li, (lp, lc) in enumerate(zip(layers, cache_layers)):
+        qkv = linear(x, lp.qkv, norm_weight=lp.input_norm, eps=eps, bias=lp.qkv_bias)
+        # the weights read after this attention, pulled into L2 while it runs
+        prefetch = (lp.o, lp.gate, lp.up, lp.down) + ((layers[li + 1].qkv,) if li + 1 < len(layers) else ())
+        att, keys, values, biases = attention(
+            qkv, cos, sin, valid, slot, lp.q_norm, lp.k_norm, lp.dt, lp.dt_bias, lp.A,
+            lc.key, lc.value, lc.key_bias, num_heads=cfg.num_attention_heads, eps=eps, scale=d ** -0.5,
+            qk_norm=cfg.qk_norm, prefetch=prefetch)
+        new_layers.append(lc.replace(
+            key=keys, value=values, key_bias=biases,
+            key_position=jax.lax.dynamic_update_slice(lc.key_position, new_position, (zero, slot)),
+            key_mask=jax.lax.dynamic_update_slice(lc.key_mask, jnp.ones((b, 1), bool), (zero, slot))))
+        x = linear(att, lp.o, bias=lp.o_bias, residual=x, residual_scale=lp.input_residual)
+        hid = linear(x, lp.gate, up_weight=lp.up, norm_weight=lp.post_norm, eps=eps, bias=lp.gate_bias,
+                     up_bias=lp.up_bias)
+        x = linear(hid, lp.down, bias=lp.down_bias, residual=x, residual_scale=lp.post_residual)
+    logits = linear(x, fparams.lm_head, head=True, norm_weight=fparams.norm, eps=eps, out_dtype=jnp.float32)
+    return logits[:b, :cfg.vocab_size], {"length": slot + 1, "layers": tuple(new_layers)}

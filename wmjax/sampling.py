@@ -22,7 +22,8 @@ Stop tokens: `stop_tokens` = None (config.eos_token_id, if any), a list of ids f
 (one per row). A row stops after emitting a stop token (which is counted in its length); the loop ends when
 every row has stopped or max_new_tokens were generated.
 
-Decode path (`decode=`): "model" runs every decode step through the Flax model (`decode_step`); "fused" through
+Decode path (`decode=`): the backend of the one decode step (`decode_step(..., backend=)`), on the cache the
+prefill filled: "model" runs every decode step through the Flax model; "fused" through
 `wmjax.fused_decode.fused_decode_step`, a decode-specialized step for dense Doge with a full cache that fits
 keep_window_size (five `pallas_kernels.decode` kernels per layer: projections with the norm / residual / SwiGLU
 fused in, and the layer's attention with q/k norm, RoPE, key bias and the cache write fused in; off the GPU the
@@ -48,12 +49,11 @@ import numpy as np
 
 from pallas_kernels.decode.tuning import current as current_decode_tuning
 from wmjax.cache import init_cache
-from wmjax.fused_decode import (decode_state_from_cache, fused_decode_step, fused_decode_supported,
-                                prepare_decode_params)
+from wmjax.fused_decode import FusedParams, fused_decode_step, fused_decode_supported, prepare_decode_params
 from wmjax.models.doge import DogeForCausalLM
 
 __all__ = ["SamplingParams", "GenerateOutput", "generate", "process_logits", "prefill", "decode_step",
-           "pad_prompts", "positions_from_mask", "DECODE_PATHS"]
+           "pad_prompts", "positions_from_mask", "DECODE_PATHS", "DECODE_BACKENDS"]
 
 # generate(decode=...): "model" = the Flax model's decode step; "fused" = wmjax.fused_decode on the
 # pallas_kernels.decode kernels (Pallas interpret mode off the GPU).
@@ -185,8 +185,23 @@ def prefill(model, params, input_ids, attention_mask, cache):
     return logits[rows, last], positions[rows, last], cache, logits
 
 
-def decode_step(model, params, cache, tokens, positions):
-    """Feed one token per row ([b]) at `positions` [b]. Returns (logits [b, V], cache)."""
+DECODE_BACKENDS = ("model", "fused")
+
+
+def decode_step(model, params, cache, tokens, positions, *, backend: str = "model", tuning=None):
+    """Feed one token per row ([b]) at `positions` [b]. Returns (logits [b, V], cache).
+
+    backend "model": the Flax model, `params` its params, any cache kind. "fused": the decode kernels
+    (`wmjax.fused_decode.fused_decode_step`), `params` the model's params prepared once by `prepare_decode_params`
+    (a `FusedParams`), a full cache whose capacity is a multiple of `tuning.cache_block` (tuning: the kernels'
+    `DecodeTuning`, None = the tuned defaults)."""
+    if backend == "fused":
+        if not isinstance(params, FusedParams):
+            raise TypeError(f"decode_step: backend='fused' takes prepare_decode_params' FusedParams, got "
+                            f"{type(params).__name__}")
+        return fused_decode_step(model.config, model.dtype, params, cache, tokens, positions, tuning=tuning)
+    if backend != "model":
+        raise ValueError(f"decode_step: backend={backend!r}; expected one of {DECODE_BACKENDS}")
     logits, cache = model.apply({"params": params}, tokens[:, None], positions=positions[:, None], cache=cache)
     return logits[:, 0], cache
 
@@ -201,7 +216,10 @@ def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, m
     cfg = model.config
     b, s = input_ids.shape
     vocab = cfg.vocab_size
-    cache = init_cache(cfg, b, cache_length, cache_dtype, cache_kind)
+    fused = decode == "fused"
+    # the fused kernels read the cache in blocks: its capacity is rounded up (the extra slots are never valid)
+    block = (decode_tuning or current_decode_tuning()).cache_block if fused else 1
+    cache = init_cache(cfg, b, cache_length, cache_dtype, cache_kind, multiple_of=block)
     logits, pos, cache, _ = prefill(model, params, input_ids, attention_mask, cache)
     rows = jnp.arange(b)
     use_seen = sampling.repetition_penalty != 1.0
@@ -235,18 +253,13 @@ def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, m
         i, done = st[0], st[4]
         return (i < max_new_tokens) & ~jnp.all(done)
 
-    if decode == "fused":
-        fparams = prepare_decode_params(cfg, params, model.dtype, decode_tuning)
-        cache = decode_state_from_cache(cache, decode_tuning)
-        step = lambda cache, tok, pos: fused_decode_step(cfg, model.dtype, fparams, cache, tok, pos,
-                                                         tuning=decode_tuning)
-    else:
-        step = lambda cache, tok, pos: decode_step(model, params, cache, tok, pos)
+    # the decode step's params: the model's, or (fused) its kernels' operands, prepared once before the loop
+    step_params = prepare_decode_params(cfg, params, model.dtype, decode_tuning) if fused else params
 
     def body(st):
         i, cache, tok, pos, done, seen, toks, lps, lengths, key = st
         pos = pos + 1
-        logits, cache = step(cache, tok, pos)
+        logits, cache = decode_step(model, step_params, cache, tok, pos, backend=decode, tuning=decode_tuning)
         tok, seen, done, toks, lps, lengths, key = emit(i, logits, seen, done, toks, lps, lengths, key)
         return i + 1, cache, tok, pos, done, seen, toks, lps, lengths, key
 

@@ -74,13 +74,15 @@ class DynamicMaskAttention(nn.Module):
             return mk(cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out), layer_cache
         if layer_cache is not None:
             layer_cache = write_kv(layer_cache, k, v, key_bias, positions, token_mask, cache_length)
-            if s == 1 and segment_ids is None and cfg.sliding_window is None:
+            if s == 1 and segment_ids is None:
                 # single-token decode: same semantics as the op, without its [Sq, Sk] machinery
                 out = kv_decode_attention(layer_cache, q, positions, keep_window_size=cfg.keep_window_size,
-                                          scale=d ** -0.5)
+                                          scale=d ** -0.5, sliding_window=cfg.sliding_window)
                 out = out.reshape(b, s, h * d)
                 return mk(cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out), layer_cache
-            keys, values, kbias = layer_cache["key"], layer_cache["value"], layer_cache["key_bias"]
+            # several tokens (prefill): the op reads keys / values [b, C, G, D]; the cache holds [b, G, C, D]
+            keys, values = layer_cache["key"].transpose(0, 2, 1, 3), layer_cache["value"].transpose(0, 2, 1, 3)
+            kbias = layer_cache["key_bias"]
             kpos, kmask = layer_cache["key_position"], layer_cache["key_mask"]
             qseg = kseg = None
             if segment_ids is not None:

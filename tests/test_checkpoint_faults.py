@@ -160,6 +160,8 @@ def test_nan_stop_names_the_newest_step_that_passes_its_checks(full, monkeypatch
     assert train_main(full.args(run, steps=12, every=1, extra=["--set", "optimizer.lr=30"]) + ["--resume"]) == 3
     out = capsys.readouterr().out
     assert "non-finite loss at step 8" in out, out[-3000:]
+    # the stop message names the parameters whose gradient is not finite, in forward order
+    assert "non-finite gradient in" in out and "parameters, first model/embed_tokens/embedding" in out, out[-3000:]
     assert f"The last good checkpoint is kept: step 6 in {run / 'checkpoints'}" in out, out[-3000:]
     _fallback_line(out, run / "checkpoints", 7)
 

@@ -1,5 +1,5 @@
 """Training (``python -m train``): config, data packing/order, optimizer, CLI end to end, exact resume after
-SIGKILL (sharded over 8 fake CPU devices), corrupt-checkpoint fallback, NaN stop.
+SIGKILL (sharded over 8 fake CPU devices). Checkpoint faults and the NaN stop: tests/test_checkpoint_faults.py.
 
 The CLI runs are subprocesses with a tiny model and few steps, so the whole file stays fast on 2 CPU cores.
 """
@@ -271,39 +271,8 @@ def test_exact_resume_after_sigkill(full_run, corpus):
         assert resumed[s] == full[s], (s, resumed[s], full[s])  # bitwise (floats round-trip through JSON)
 
 
-def test_corrupt_latest_checkpoint_falls_back(full_run, corpus):
-    base, cache, _ = full_run
-    run = base / "corrupt"
-    shutil.copytree(base / "full", run)
-    # corrupt step 12: truncate every array data file of its state
-    n = 0
-    for root, _, files in os.walk(run / "checkpoints" / "12" / "state"):
-        for f in files:
-            if not f.endswith(".json") and "METADATA" not in f and not f.startswith("_"):
-                with open(os.path.join(root, f), "r+b") as fh:
-                    fh.truncate(3)
-                n += 1
-    assert n > 0
-    p = _run_cli(_tiny_args(corpus, cache, run, 12, 4, MESH) + ["--resume"], devices=8)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    assert "step 12" in p.stdout and "corrupt or partial" in p.stdout, p.stdout[-3000:]
-    assert "resumed from step 8" in p.stdout
-    full, again = _losses(base / "full"), _losses(run)
-    assert all(again[s] == full[s] for s in range(9, 13))
 
 
-def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(corpus, tmp_path):
-    run = tmp_path / "nan"
-    p = _run_cli(_tiny_args(corpus, tmp_path / "cache", run, 30, 1,
-                            ["--set", "optimizer.lr=1e30", "--set", "optimizer.clip_norm=0",
-                             "--set", "optimizer.warmup_steps=0", "--set", "optimizer.schedule=constant"]))
-    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
-    msg = p.stdout + p.stderr
-    assert "non-finite" in msg and "at step" in msg, msg[-2000:]
-    bad_step = int(msg.split("at step ")[1].split()[0])
-    steps = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
-    assert steps and steps[-1] < bad_step, (steps, bad_step)
-    assert f"step {steps[-1]}" in msg
 
 
 def test_cli_dp_fsdp_through_shard_map(corpus, full_run, tmp_path):
@@ -333,7 +302,7 @@ def test_cli_dp_fsdp_through_shard_map(corpus, full_run, tmp_path):
 # fused LM head + cross-entropy (wmjax.ops.cross_entropy) == the logits path
 
 
-@pytest.mark.parametrize("tied,z_loss,chunk", [(True, 0.0, 24), (False, 1e-3, 16), (True, 1e-3, 10_000)])
+@pytest.mark.parametrize("tied,z_loss,chunk", [(True, 0.0, 24), (False, 1e-3, 10_000)])
 def test_fused_loss_equals_logits_loss(tied, z_loss, chunk):
     import jax
     import jax.numpy as jnp

@@ -42,8 +42,9 @@ def _args(token_file, run_dir, *extra):
     return [a for s in sets for a in ("--set", s)]
 
 
-# Doge-preset-shaped special ids (bos 0, eos 1, pad 2) on a deep, narrow model: 24 layers overflowed in f32.
-DEEP = ["model.preset=Doge-20M", f"model.vocab_size={VOCAB}", "model.num_hidden_layers=24", "model.hidden_size=32",
+# Doge-preset-shaped special ids (bos 0, eos 1, pad 2) on a narrow model (24 layers overflowed in f32 before the
+# fix; the refusals need no depth, and the ids check below runs 4 layers).
+DEEP = ["model.preset=Doge-20M", f"model.vocab_size={VOCAB}", "model.num_hidden_layers=4", "model.hidden_size=32",
         "model.intermediate_size=64", "model.num_attention_heads=2", "model.num_key_value_heads=1",
         "model.head_dim=16"]
 
@@ -63,9 +64,8 @@ def test_pad_id_on_a_document_boundary_is_refused(token_file, tmp_path, capsys):
     assert rc == 2 and "model.pad_token_id=2" in err and "eos_id" in err, err
 
 
-@pytest.mark.slow
-def test_preset_ids_follow_the_data_and_the_deep_model_trains(token_file, tmp_path, capsys):
-    """The preset's pad 2 (zero row) is replaced by the data's ids: finite losses at 24 layers."""
+def test_preset_ids_follow_the_data(token_file, tmp_path, capsys):
+    """The preset's pad 2 (zero row) is replaced by the data's ids; the run trains with finite losses."""
     run = tmp_path / "run"
     rc = main(_args(token_file, run, *DEEP, "data.bos_id=1", "data.eos_id=2"))
     out = capsys.readouterr()
@@ -78,13 +78,3 @@ def test_preset_ids_follow_the_data_and_the_deep_model_trains(token_file, tmp_pa
     ids = {k: meta["model_config"][k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     assert ids == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}, ids
 
-
-def test_divergence_names_the_parameters(tmp_path, capsys):
-    """A diverging run stops with the names of the parameters whose gradient is not finite."""
-    rc = main(["--set", f"run_dir={tmp_path / 'run'}", "--set", "train.steps=3", "--set", "train.progress=false",
-               "--set", "train.sample_tokens=0", "--set", "train.log_every=1", "--set", "optimizer.lr=1e30",
-               "--set", "optimizer.warmup_steps=0", "--set", "optimizer.clip_norm=0", "--set", "data.seq_len=32",
-               "--set", "train.global_batch_size=2", "--set", "train.plot=false", "--set", "train.tensorboard=false"])
-    err = capsys.readouterr().err
-    assert rc == 3, err
-    assert "non-finite gradient in" in err and "parameters, first model/embed_tokens/embedding" in err, err

@@ -353,7 +353,8 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
         with open(os.path.join(run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
         log0(f"[run] done: {json.dumps(summary)}")
-        log0(f"[run] outputs: {run_dir}/metrics.jsonl, {run_dir}/tb/, {png or '(no plot)'}, "
+        tb = f"{run_dir}/tb/, " if os.path.isdir(os.path.join(run_dir, "tb")) else ""
+        log0(f"[run] outputs: {run_dir}/metrics.jsonl, {tb}{png or '(no plot)'}, "
              f"checkpoints in {cfg.checkpoint_dir} (steps {_ckpt_steps(cfg.checkpoint_dir)})")
         if sample is not None:
             log0(f"[sample] ({how}; prompt {tc.sample_prompt!r}, T={tc.sample_temperature}, top_k={tc.sample_top_k}):")

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .sharding import path_str
+
 # Parameters whose path matches this never get weight decay, whatever their rank.
 NO_DECAY_RE = re.compile(r"(norm|bias|residual|scale|(^|/)A$|/A/|_A$)", re.IGNORECASE)
 
@@ -35,15 +37,11 @@ def make_schedule(cfg, total_steps: int):
     return wsd
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def decay_mask(params):
     """True where weight decay applies: matrices/embeddings; False for norms, biases, residual scales, A."""
 
     def one(path, x):
-        p = _path_str(path)
+        p = path_str(path)
         return bool(x.ndim >= 2 and not NO_DECAY_RE.search(p))
 
     return jax.tree_util.tree_map_with_path(one, params)

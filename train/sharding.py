@@ -140,7 +140,7 @@ def logical_to_spec(names, shape, mesh: Mesh, rules=LOGICAL_RULES, where: str = 
 
 def path_str(path) -> str:
     """A tree path as 'a/b/c' (dict keys, attribute names or indices)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def is_axes_leaf(x) -> bool:

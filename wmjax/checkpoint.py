@@ -53,7 +53,7 @@ class CheckpointCorrupt(CheckpointError):
 
 def _path_str(path) -> str:
     """'params/model/layers_0/...' for a tree path (dict keys, attributes and indices alike, as orbax names them)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _words(x):

@@ -3,7 +3,8 @@
 The whole run is described by one :class:`TrainConfig` tree::
 
     run_dir, seed
-    model:      preset + any ``wmjax.config.DogeConfig`` field (checked against the dataclass)
+    model:      family (doge | cheems | otce | om; default doge) + preset + any field of that family's config
+                (checked against the dataclass)
     data:       source (stdlib | text | jsonl | tokens), paths, seq_len, packing, tokenizer
     train:      steps, global batch, grad accumulation, dtypes, z-loss, logging, sampling
     optimizer:  AdamW + schedule (wsd | cosine | constant) + clipping
@@ -126,7 +127,8 @@ class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
     resume: bool = False
-    # ``model`` holds ``preset`` (a DogeConfig preset name or null) and any DogeConfig field; ``vocab_size:
+    # ``model`` holds ``family`` (wmjax.models.registry; default doge), ``preset`` (one of the family's preset
+    # names or null) and any field of the family's config; ``vocab_size:
     # tokenizer`` (the default) takes the vocabulary size from the tokenizer.
     model: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -282,7 +284,9 @@ def deep_merge(base: dict, over: dict) -> dict:
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and k == "model":
             # A config file's model section replaces the default model wholesale when it names a preset;
             # otherwise it is merged field by field.
-            out[k] = dict(v) if v.get("preset") else {**out[k], **v}
+            # so does one that names another model family (the default's fields are Doge's).
+            other_family = (v.get("family") or "doge") != (out[k].get("family") or "doge")
+            out[k] = dict(v) if v.get("preset") or other_family else {**out[k], **v}
         else:
             out[k] = v
     return out

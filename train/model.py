@@ -1,4 +1,7 @@
-"""The model of a run: DogeConfig from the ``model`` section and the data's special ids, compute dtypes."""
+"""The model of a run: the family's config from the ``model`` section and the data's special ids, compute dtypes.
+
+``model.family`` names the model family (wmjax.models.registry: doge (default), cheems, otce, om);
+``model.preset`` one of that family's published sizes; every other key is a field of the family's config."""
 
 from __future__ import annotations
 
@@ -9,18 +12,23 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from wmjax.config import ConfigError, DogeConfig
+from wmjax.config import ConfigError
+from wmjax.models.registry import get_family
 
 
 def build_model_config(model_section: dict, vocab_size: Optional[int] = None, special: Optional[dict] = None):
-
+    """The model config of a run: ``model_section`` (family, preset, fields), ``vocab_size`` from the tokenizer
+    when the section says 'tokenizer' (or gives neither a preset nor a size), ``special`` bos/eos/pad ids unless
+    the section sets them."""
     fields = dict(model_section)
     preset = fields.pop("preset", None)
-    known = {f.name for f in dataclasses.fields(DogeConfig)}
+    family = get_family(fields.pop("family", "doge") or "doge")
+    cls = family.config_cls
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ConfigError(f"model: unknown DogeConfig field(s) {', '.join('model.' + u for u in unknown)}; "
-                          f"known: {', '.join(sorted(known))}")
+        raise ConfigError(f"model: unknown {cls.__name__} field(s) {', '.join('model.' + u for u in unknown)} "
+                          f"(model.family={family.name}); known: {', '.join(sorted(known))}")
     if fields.get("vocab_size", None) == "tokenizer" or (not preset and "vocab_size" not in fields):
         if vocab_size is None:
             raise ConfigError("model.vocab_size is 'tokenizer' but no tokenizer is available")
@@ -29,8 +37,8 @@ def build_model_config(model_section: dict, vocab_size: Optional[int] = None, sp
         fields.setdefault(k, v)
     try:
         if preset:
-            return DogeConfig.preset(preset, **fields)
-        return DogeConfig(**fields)
+            return cls.preset(preset, **fields)
+        return cls(**fields)
     except Exception as e:
         raise ConfigError(f"model: {e}") from None
 

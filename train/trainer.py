@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from wmjax.checkpoint import CheckpointCorrupt, Checkpointer, abstract_like
 from wmjax.config import ConfigError
-from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes
+from wmjax.models.registry import family_of
 from wmjax.random_init import fast_random_compile
 from wmjax.sampling import generate
 from wmjax.tokenizer import Tokenizer
@@ -142,15 +142,23 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
 
     compute_dtype = resolve_dtype(tc.compute_dtype)
     param_dtype = resolve_dtype(tc.param_dtype)
+    family = family_of(model_cfg)
+    model_cls = family.model_cls
     model_kw = {}
     if tc.remat:
         model_kw["remat"] = True
     if tc.attention_impl:
+        if "attention_impl" not in getattr(model_cls, "__dataclass_fields__", {}):
+            raise ConfigError(f"train.attention_impl={tc.attention_impl!r}: the {family.name} model has no attention "
+                              "implementation choice; leave it null")
         model_kw["attention_impl"] = tc.attention_impl
-    model = DogeForCausalLM(model_cfg, dtype=compute_dtype, param_dtype=param_dtype, **model_kw)
-    use_segments = cfg.data.segment_ids and model_accepts(DogeForCausalLM, "segment_ids")
+    model = model_cls(model_cfg, dtype=compute_dtype, param_dtype=param_dtype, **model_kw)
+    use_segments = (cfg.data.segment_ids and model_accepts(model_cls, "segment_ids")
+                    and getattr(model_cls, "accepts_segment_ids", True))
     if cfg.data.segment_ids and not use_segments:
-        log0("[data] the model takes no segment_ids: packed documents attend across boundaries (plain causal)")
+        log0(f"[data] the {family.name} model takes no segment_ids: packed documents are read as one stream "
+             "(no reset at document starts)")
+    init_params, param_logical_axes = family.init_params, family.param_logical_axes
 
     data_it = BatchIterator(ds, tc.global_batch_size, jax.process_index(), jax.process_count())
 
@@ -215,8 +223,7 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
             data_it.samples_seen = 0
 
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params_shapes))
-        log0(f"[run] Doge {n_params / 1e6:.2f}M params (d={model_cfg.hidden_size}, layers={model_cfg.num_hidden_layers}, "
-             f"vocab={model_cfg.vocab_size}{', MoE' if model_cfg.is_moe else ''}); mesh {dict(mesh.shape)} on "
+        log0(f"[run] {n_params / 1e6:.2f}M params ({family.summary(model_cfg)}); mesh {dict(mesh.shape)} on "
              f"{jax.device_count()} {jax.default_backend()} device(s); compute {jnp.dtype(compute_dtype).name}, "
              f"params {jnp.dtype(param_dtype).name}; data {ds.num_tokens:,} tokens, {ds.num_windows:,} windows of "
              f"{cfg.data.seq_len}")
@@ -288,7 +295,7 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
         def save(step_no):
             meta = {"step": step_no, "data": data_it.state().to_json(), "config": to_dict(cfg),
                     "tokenizer": os.path.abspath(tok.path) if tok is not None else None,
-                    "model_config": dataclasses.asdict(model_cfg)}
+                    "model_config": dataclasses.asdict(model_cfg), "model_family": family.name}
             ckpt.save(step_no, state, meta)
 
         try:

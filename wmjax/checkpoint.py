@@ -34,6 +34,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from wmjax.config import DogeConfig
+from wmjax.models import registry
 
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointCorrupt", "RunCheckpoint", "abstract_like", "load_run",
            "find_checkpoints", "tree_checksums"]
@@ -376,5 +377,6 @@ def load_run(path: str, step: Optional[int] = None, log: Callable = print) -> Ru
     if tok and not os.path.isfile(tok):
         log(f"[checkpoint] the run's tokenizer {tok} no longer exists")
         tok = None
-    return RunCheckpoint(DogeConfig.from_dict(meta["model_config"]), state["params"], tok or None, s,
+    family = registry.get_family(meta.get("model_family", "doge"))  # runs written before the families: Doge
+    return RunCheckpoint(family.config_cls.from_dict(meta["model_config"]), state["params"], tok or None, s,
                          f"{ckpt_dir} step {s}")

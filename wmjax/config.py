@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any, Optional
 
 __all__ = ["DogeConfig", "PRESETS", "ConfigError"]
@@ -260,7 +261,18 @@ class DogeConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }
+        if self.router_layout != "hf" and self.is_moe:
+            # transformers keeps unknown config.json keys as plain attributes (and ignores this one); from_hf_dict
+            # reads it back
+            d["router_layout"] = self.router_layout
+            warnings.warn("router_layout='per_token': transformers ignores this and routes with its view(2, N, K) "
+                          "layout (docs/DOGE.md, CDMoE router layout), so its outputs differ from wmjax's for N > 1 "
+                          "tokens; wmjax.convert.load_hf reads the layout back from config.json", stacklevel=2)
         return d
+
+    # the names the model-family registry uses for the upstream (here: transformers) config.json
+    from_upstream_dict = from_hf_dict
+    to_upstream_dict = to_hf_dict
 
     @classmethod
     def from_hf_json(cls, path: str, **overrides) -> "DogeConfig":

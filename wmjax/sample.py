@@ -1,10 +1,10 @@
-"""Sample from a Doge checkpoint, streaming the text to the terminal.
+"""Sample from a checkpoint of any model family (Doge, Cheems, OTCE, Om), streaming the text to the terminal.
 
     python -m wmjax.sample --hf DIR --prompt "Once upon a time" [--max-new-tokens 128] [--temperature 0.8 --top-p 0.9]
     python -m wmjax.sample --checkpoint DIR --prompt "..."
 
---hf DIR: a `transformers` Doge checkpoint (config.json + safetensors/bin, read by wmjax.convert.load_hf), with
-  its tokenizer.json (HF `tokenizers`) or tokenizer.model (sentencepiece) in DIR.
+--hf DIR: an upstream checkpoint (a `transformers` Doge, or a Cheems / OTCE / Om one: config.json +
+  safetensors/bin, read by wmjax.convert.load_hf), with its tokenizer.json (HF `tokenizers`) or tokenizer.model (sentencepiece) in DIR.
 --checkpoint DIR, any of:
   * a wmjax-native directory (wmjax.convert.save_wmjax: wmjax_config.json + params.safetensors);
   * a training run directory or its checkpoints/ directory (train/: orbax steps holding `state` and `meta`):
@@ -28,7 +28,7 @@ import numpy as np
 
 from wmjax import convert
 from wmjax.checkpoint import CheckpointError, load_run
-from wmjax.models.doge import DogeForCausalLM
+from wmjax.models.registry import family_of
 from wmjax.sampling import DECODE_PATHS, generate
 from wmjax.tokenizer import Tokenizer, find_tokenizer
 
@@ -55,7 +55,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="wmjax-native dir, or a train/ run / checkpoints / step dir")
-    src.add_argument("--hf", help="transformers Doge checkpoint dir")
+    src.add_argument("--hf", help="upstream checkpoint dir (transformers Doge; Cheems / OTCE / Om state dict + "
+                                  "config.json)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch; the first one streams")
     p.add_argument("--tokenizer", help="tokenizer.json or sentencepiece .model (default: found with the weights)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -96,13 +97,14 @@ def main(argv=None) -> int:
     params = jax.tree_util.tree_map(
         lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x),
         params)
-    model = DogeForCausalLM(config, dtype=dtype, param_dtype=dtype)
+    family = family_of(config)
+    model = family.model_cls(config, dtype=dtype, param_dtype=dtype)
     prompts = [tok.encode(t, add_bos=True) for t in args.prompt]
     for t, ids in zip(args.prompt, prompts):
         if not ids:
             print(f"error: prompt {t!r} encodes to no tokens", file=sys.stderr)
             return 2
-    print(f"[{desc}: Doge {config.num_hidden_layers} layers, d={config.hidden_size}, {dtype.name}; "
+    print(f"[{desc}: {family.summary(config)}, {dtype.name}; "
           f"tokenizer {tok_path}]", file=sys.stderr, flush=True)
 
     # decode prompt + new tokens together and print the growth past the prompt's own text, so the spacing at

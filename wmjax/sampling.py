@@ -48,9 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.decode.tuning import current as current_decode_tuning
-from wmjax.cache import init_cache
 from wmjax.fused_decode import FusedParams, fused_decode_step, fused_decode_supported, prepare_decode_params
 from wmjax.models.doge import DogeForCausalLM
+from wmjax.models.registry import family_of
 
 __all__ = ["SamplingParams", "GenerateOutput", "generate", "process_logits", "prefill", "decode_step",
            "pad_prompts", "positions_from_mask", "DECODE_PATHS", "DECODE_BACKENDS"]
@@ -160,6 +160,11 @@ def _choose(raw_logits, sp: SamplingParams, seen, key):
 
 
 def _cache_kind(kind: str, config, total: int) -> str:
+    if not hasattr(config, "keep_window_size"):  # no dynamic-mask attention: only the full cache applies
+        if kind not in ("auto", "full"):
+            raise ValueError(f"cache={kind!r}: the bounded cache is for dynamic-mask attention, which "
+                             f"{type(config).__name__} has not; use 'auto' or 'full'")
+        return "full"
     if kind == "auto":
         if config.sliding_window is not None or total <= config.keep_window_size:
             return "full"
@@ -219,7 +224,7 @@ def _generate_impl(params, input_ids, attention_mask, stop_ids, key, *, model, m
     fused = decode == "fused"
     # the fused kernels read the cache in blocks: its capacity is rounded up (the extra slots are never valid)
     block = (decode_tuning or current_decode_tuning()).cache_block if fused else 1
-    cache = init_cache(cfg, b, cache_length, cache_dtype, cache_kind, multiple_of=block)
+    cache = family_of(cfg).init_cache(cfg, b, cache_length, cache_dtype, cache_kind, multiple_of=block)
     logits, pos, cache, _ = prefill(model, params, input_ids, attention_mask, cache)
     rows = jnp.arange(b)
     use_seen = sampling.repetition_penalty != 1.0
@@ -281,7 +286,7 @@ def generate(model, params, prompts: Union[Sequence[Sequence[int]], Any], *, max
              pad_to_multiple_of: int = 1, decode: str = "auto") -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row; see the module docstring.
 
-    model: a DogeForCausalLM (its dtype is the compute dtype); params: its params.
+    model: the Flax model of any family (wmjax.models.registry; its dtype is the compute dtype); params: its params.
     max_cache_length: for cache="full", the cache size (default: padded prompt length + max_new_tokens); a
     prompt that does not fit with max_new_tokens is an error. A prompt that, with max_new_tokens, runs past
     config.max_position_embeddings gets a UserWarning naming the lengths.

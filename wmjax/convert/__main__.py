@@ -11,14 +11,16 @@ import jax.numpy as jnp
 
 from wmjax.config import ConfigError
 from wmjax.convert import ConversionError, convert
+from wmjax.models.registry import family_of
 from wmjax.tokenizer import find_tokenizer
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m wmjax.convert",
-                                 description="Convert Doge checkpoints between Hugging Face and wmjax formats.")
+                                 description="Convert checkpoints (Doge, Cheems, OTCE, Om) between their upstream "
+                                             "(Hugging Face / PyTorch) format and wmjax's.")
     ap.add_argument("--from", dest="src", nargs=2, metavar=("FORMAT", "DIR"), required=True,
-                    help="source: 'hf DIR' (config.json + model.safetensors / pytorch_model.bin / sharded) or "
+                    help="source: 'hf DIR' (upstream: config.json + model.safetensors / pytorch_model.bin / sharded) or "
                          "'wmjax DIR' (wmjax-native, or a training run dir / its checkpoints/ / a step dir)")
     ap.add_argument("--to", dest="dst", nargs=2, metavar=("FORMAT", "DIR"), required=True,
                     help="destination: 'hf DIR' or 'wmjax DIR' (written atomically)")
@@ -51,10 +53,11 @@ def main(argv=None) -> int:
     except (ConversionError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    flags = [] if cfg.qk_norm and cfg.dt_heads == "kv" else [f"qk_norm={cfg.qk_norm}", f"dt_heads={cfg.dt_heads!r}"]
-    print(f"wrote {args.dst[0]} checkpoint {args.dst[1]} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"vocab {cfg.vocab_size}{', MoE' if cfg.is_moe else ''}{', ' + ', '.join(flags) if flags else ''}) "
-          f"in {time.time() - t0:.1f}s")
+    flags = []
+    if not getattr(cfg, "qk_norm", True) or getattr(cfg, "dt_heads", "kv") != "kv":  # Doge's legacy layouts
+        flags = [f"qk_norm={cfg.qk_norm}", f"dt_heads={cfg.dt_heads!r}"]
+    print(f"wrote {args.dst[0]} checkpoint {args.dst[1]} ({family_of(cfg).summary(cfg)}"
+          f"{', ' + ', '.join(flags) if flags else ''}) in {time.time() - t0:.1f}s")
     if not args.no_tokenizer and not find_tokenizer(args.dst[1]):
         print("note: no tokenizer written (none found with the source); pass --tokenizer PATH to include one",
               file=sys.stderr)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Mapping, Optional
+import warnings
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
 
 from wmjax.config import DogeConfig
 
 __all__ = ["Entry", "hf_layout", "flat_param_shapes", "ConversionError", "check_tensors", "rename_legacy_keys",
-           "LEGACY_RENAMES", "IGNORED_KEY_PATTERNS", "hf_native_problem"]
+           "LEGACY_RENAMES", "IGNORED_KEY_PATTERNS", "hf_native_problem", "detect_layout", "import_hook",
+           "legacy_hint"]
 
 
 class ConversionError(ValueError):
@@ -87,9 +91,10 @@ def hf_layout(config: DogeConfig) -> list[Entry]:
     return out
 
 
-def flat_param_shapes(config: DogeConfig) -> dict[str, tuple[int, ...]]:
-    """'/'-joined wmjax param path -> shape, for every param of `DogeForCausalLM(config)`."""
-    return {e.flat_path: e.flax_shape for e in hf_layout(config)}
+def flat_param_shapes(layout: Iterable[Entry]) -> dict[str, tuple[int, ...]]:
+    """'/'-joined wmjax param path -> shape, for every param a layout names (a param named by several upstream
+    keys appears once)."""
+    return {e.flat_path: e.flax_shape for e in layout}
 
 
 # ---------------------------------------------------------------------------------------------------- legacy names
@@ -186,3 +191,56 @@ def hf_native_problem(config: DogeConfig) -> Optional[str]:
         return None
     return ("this is a legacy SmallDoge layout with no lossless HF-native (transformers) equivalent: "
             + "; and ".join(reasons) + ". Keep it in the wmjax format (save_wmjax / --to wmjax).")
+
+
+# ---------------------------------------------------------------------------------------------------- import hook
+def detect_layout(config: DogeConfig, keys_shapes: Mapping[str, tuple]) -> DogeConfig:
+    """`config` with `qk_norm` / `dt_heads` set from the tensors (HF-normalized names): q/k norm present or not,
+    `A` sized by query heads (-> dt_heads='query' when H != G; when H == G both layouts are the same tensors and
+    the HF-native 'kv' is kept unless the config already says 'query')."""
+    changes: dict[str, Any] = {}
+    qk = any(k.endswith(".self_attn.q_norm.weight") or k.endswith(".self_attn.k_norm.weight") for k in keys_shapes)
+    if qk != config.qk_norm:
+        changes["qk_norm"] = qk
+    H, G = config.num_attention_heads, config.num_key_value_heads
+    a = keys_shapes.get("model.layers.0.self_attn.A")
+    if a is not None and H != G and len(a) == 1:
+        if a[0] == H and config.dt_heads != "query":
+            changes["dt_heads"] = "query"
+        elif a[0] == G and config.dt_heads != "kv":
+            changes["dt_heads"] = "kv"
+    return config.replace(**changes) if changes else config
+
+
+def import_hook(config: DogeConfig, refs: dict, legacy) -> tuple[DogeConfig, dict]:
+    """Doge's upstream quirks before the layout applies: drop ignorable keys; unless legacy=False rename legacy
+    SmallDoge keys, drop `router_gate.bias` (warning if non-zero) and detect the legacy layouts (`detect_layout`).
+    refs: {key: wmjax.convert.io.TensorRef}."""
+    refs = {k: r for k, r in refs.items() if not any(p.search(k) for p in IGNORED_KEY_PATTERNS)}
+    if legacy is False:
+        return config, refs
+    out = {}
+    for new, old in rename_legacy_keys(refs).items():
+        if DROPPED_KEY_PATTERN.match(new):
+            b = np.asarray(refs[old].load(), np.float32)
+            if np.any(b != 0):
+                warnings.warn(f"dropping non-zero legacy {old} (max |b| = {np.abs(b).max():.3g}): the current CDMoE "
+                              "router has no bias (docs/DOGE.md, CDMoE), as in the official converters; outputs "
+                              "will differ from the original model", stacklevel=4)
+            continue
+        out[new] = refs[old]
+    return detect_layout(config, {k: r.shape for k, r in out.items()}), out
+
+
+def legacy_hint(config: DogeConfig, found: Mapping[str, Any], legacy) -> str:
+    """A hint for a failed strict (legacy=False) import that looks like a legacy SmallDoge checkpoint."""
+    hints = []
+    if legacy is False:
+        old = [k for k in found if rename_legacy_keys([k]).popitem()[0] != k][:3]
+        if old:
+            hints.append(f"keys such as {old} are pre-2025-06-19 SmallDoge names: load with legacy='auto' to rename "
+                         "them")
+        if config.qk_norm and not any(k.endswith("q_norm.weight") for k in found):
+            hints.append("no q_norm/k_norm tensors: a legacy SmallDoge layout (qk_norm=False), load with "
+                         "legacy='auto'")
+    return ("hint: " + "; ".join(hints)) if hints else ""

@@ -20,15 +20,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wmjax.cache import init_cache
 from wmjax.config import DogeConfig
 from wmjax.layers.attention import DynamicMaskAttention
 from wmjax.layers.mlp import MLP
 from wmjax.layers.moe import CDMoE, router_aux_loss
 from wmjax.layers.norm import RMSNorm, scale_by_weight
 from wmjax.layers.rope import rope_cos_sin
+from wmjax.models.registry import Family
 from wmjax.random_init import fast_random_compile
 
-__all__ = ["DogeDecoderLayer", "DogeModel", "DogeForCausalLM", "init_params", "param_logical_axes"]
+__all__ = ["DogeDecoderLayer", "DogeModel", "DogeForCausalLM", "init_params", "param_logical_axes", "FAMILY"]
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
@@ -233,3 +235,12 @@ def param_logical_axes(config: DogeConfig):
     boxed = jax.eval_shape(_init_fn(config, jnp.float32), jax.random.PRNGKey(0))
     specs = nn.get_partition_spec(boxed)
     return jax.tree_util.tree_map(lambda p: tuple(p), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def describe(config: DogeConfig) -> str:
+    return (f"Doge, {config.num_hidden_layers} layers, d={config.hidden_size}, vocab={config.vocab_size}"
+            f"{', CDMoE' if config.is_moe else ''}")
+
+
+FAMILY = Family(name="doge", config_cls=DogeConfig, model_cls=DogeForCausalLM, init_params=init_params,
+                param_logical_axes=param_logical_axes, init_cache=init_cache, describe=describe)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The main job as a user runs it, on a GPU: tokenize real text with `python -m train.prepare` (the Python standard
-# library's sources, a 32768-piece sentencepiece tokenizer), then `python -m train --config configs/doge-160m.yaml`
-# at batch 16 on the default data path (packed documents with segment ids), and the same run without segment ids
-# for comparison. Fails on any non-finite loss; tokens/s come from each run's own metrics.jsonl.
+# library's sources, a 32768-piece sentencepiece tokenizer), then `python -m train --config CONFIG` for each of
+# CONFIGS (default configs/doge-160m.yaml) at batch 16 on the default data path (packed documents with segment
+# ids), and with SEGMENTS="true false" the same run without segment ids for comparison. Fails on any non-finite
+# loss; tokens/s and MFU come from each run's own metrics.jsonl.
 #
 #   device run:   bash bench/train_cli.sh                 (~6 min on one H100/H200; timeout_s 598)
-#   env:          STEPS=300 BATCH=16 SEGMENTS="true false" WORK=/tmp/wmjax_cli OUT=./bench_out
+#   families:     CONFIGS="configs/doge-160m.yaml configs/cheems-160m.yaml" SEGMENTS=true bash bench/train_cli.sh
+#   env:          STEPS=300 BATCH=16 SEGMENTS="true false" CONFIGS=... WORK=/tmp/wmjax_cli OUT=./bench_out
 #   CPU smoke:    VOCAB=2048 TOK_BYTES=2000000 STEPS=60 BATCH=2 EXTRA="--set data.seq_len=128 --set model.num_hidden_layers=1" \
 #                 MIN_DROP=0 bash bench/train_cli.sh
 set -euo pipefail
@@ -16,6 +18,7 @@ WORK=${WORK:-/tmp/wmjax_cli}
 STEPS=${STEPS:-300}
 BATCH=${BATCH:-16}
 SEGMENTS=${SEGMENTS:-"true false"}
+CONFIGS=${CONFIGS:-configs/doge-160m.yaml}
 VOCAB=${VOCAB:-32768}
 TOK_BYTES=${TOK_BYTES:-20000000}
 EXTRA=${EXTRA:-}
@@ -37,38 +40,48 @@ if [ ! -f "$WORK/stdlib.bin" ]; then
 fi
 cat "$WORK/stdlib.json"
 
-for seg in $SEGMENTS; do
-  run="$WORK/run-seg-$seg"
-  rm -rf "$run" "$run".prev*
-  # warmup 30 (the config's 2000 is for the 24k-step recipe): a 300-step run should show the loss falling
-  $PY -m train --config configs/doge-160m.yaml --set run_dir="$run" --set "data.paths=[$WORK/stdlib.bin]" \
-    --set train.steps="$STEPS" --set train.global_batch_size="$BATCH" --set train.grad_accum=1 \
-    --set data.segment_ids="$seg" --set optimizer.warmup_steps=30 --set checkpoint.every=100000 \
-    --set train.progress=false $EXTRA 2>&1 | tee "$OUT/train-seg-$seg.log"
-  cp "$run/metrics.jsonl" "$OUT/metrics-seg-$seg.jsonl"
+RUNS=""
+for config in $CONFIGS; do
+  name=$(basename "$config" .yaml)
+  for seg in $SEGMENTS; do
+    run="$WORK/run-$name-seg-$seg"
+    rm -rf "$run" "$run".prev*
+    # warmup 30 (the config's 2000 is for the 24k-step recipe): a 300-step run should show the loss falling
+    $PY -m train --config "$config" --set run_dir="$run" --set "data.paths=[$WORK/stdlib.bin]" \
+      --set data.source=tokens --set data.seq_len=2048 \
+      --set train.steps="$STEPS" --set train.global_batch_size="$BATCH" --set train.grad_accum=1 \
+      --set data.segment_ids="$seg" --set optimizer.warmup_steps=30 --set checkpoint.every=100000 \
+      --set train.progress=false $EXTRA 2>&1 | tee "$OUT/train-$name-seg-$seg.log"
+    cp "$run/metrics.jsonl" "$OUT/metrics-$name-seg-$seg.jsonl"
+    RUNS="$RUNS $name-seg-$seg"
+  done
 done
 
-$PY - "$WORK" $SEGMENTS <<'EOF'
+$PY - "$WORK" $RUNS <<'EOF'
 import json, math, os, sys
-work, segs = sys.argv[1], sys.argv[2:]
+work, runs = sys.argv[1], sys.argv[2:]
 rates = {}
-for seg in segs:
-    recs = [json.loads(l) for l in open(f"{work}/run-seg-{seg}/metrics.jsonl")]
+for seg in runs:
+    recs = [json.loads(l) for l in open(f"{work}/run-{seg}/metrics.jsonl")]
     losses = [r["loss"] for r in recs]
     bad = [r["step"] for r in recs if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]))]
     if bad:
-        sys.exit(f"[train_cli] segment_ids={seg}: non-finite loss or gradient at steps {bad[:5]}")
+        sys.exit(f"[train_cli] {seg}: non-finite loss or gradient at steps {bad[:5]}")
     # tokens/s: the records after the first 50 steps (compile and warm-up excluded), as the CLI measured them
     tps = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r and r["step"] > 50]
     rates[seg] = sum(tps) / len(tps)
+    mfu = [r["mfu"] for r in recs if "mfu" in r and r["step"] > 50]
+    mfu_s = f", MFU {sum(mfu) / len(mfu):.1%}" if mfu else ""
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    print(f"[train_cli] segment_ids={seg}: {len(recs)} logged steps to {recs[-1]['step']}, loss {losses[0]:.3f} -> "
+    print(f"[train_cli] {seg}: {len(recs)} logged steps to {recs[-1]['step']}, loss {losses[0]:.3f} -> "
           f"{losses[-1]:.3f} (mean of first 10 logged {first:.3f}, last 10 {last:.3f}), "
-          f"{rates[seg]:,.0f} tokens/s (metrics.jsonl, steps > 50)")
+          f"{rates[seg]:,.0f} tokens/s{mfu_s} (metrics.jsonl, steps > 50)")
     drop = float(os.environ["MIN_DROP"])
     if not last < first - drop:
-        sys.exit(f"[train_cli] segment_ids={seg}: loss did not fall by {drop} nats ({first:.3f} -> {last:.3f})")
-if "true" in rates and "false" in rates:
-    print(f"[train_cli] segment ids cost {100 * (1 - rates['true'] / rates['false']):+.1f}% throughput "
-          f"({rates['true']:,.0f} vs {rates['false']:,.0f} tokens/s)")
+        sys.exit(f"[train_cli] {seg}: loss did not fall by {drop} nats ({first:.3f} -> {last:.3f})")
+for name in sorted({r.rsplit("-seg-", 1)[0] for r in rates}):
+    on, off = rates.get(f"{name}-seg-true"), rates.get(f"{name}-seg-false")
+    if on and off:
+        print(f"[train_cli] {name}: segment ids cost {100 * (1 - on / off):+.1f}% throughput "
+              f"({on:,.0f} vs {off:,.0f} tokens/s)")
 EOF

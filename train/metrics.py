@@ -16,6 +16,30 @@ except ImportError:  # pragma: no cover - depends on the environment
     SummaryWriter = None
 
 
+# dense bf16 tensor-core peak per device, by jax device_kind prefix (SXM parts; the others are not listed)
+PEAK_BF16_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def peak_flops(device) -> Optional[float]:
+    """The device's dense bf16 peak FLOP/s, or None if unknown (then no MFU is reported)."""
+    kind = getattr(device, "device_kind", "")
+    for prefix, peak in PEAK_BF16_FLOPS.items():
+        if kind.startswith(prefix):
+            return peak
+    return None
+
+
+def model_flops_per_token(config, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (every parameter in one matmul, forward + backward) + the causal attention
+    matmuls, 6 * H * head_dim * seq_len per attention layer (2 matmuls * 2 FLOPs * seq/2 keys, x3 for the
+    backward). Recurrent (SSD / scan) layers count their projections only (their scans are a few % of a layer)."""
+    kinds = getattr(config, "layer_types", None) or ("attention",) * config.num_hidden_layers
+    n_attn = sum(1 for k in kinds if k == "attention")
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    hd = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+    return 6.0 * n_params + 6.0 * n_attn * heads * hd * seq_len
+
+
 def log0(*a, **k):
     """print on process 0 only."""
     if jax.process_index() == 0:

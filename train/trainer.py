@@ -33,7 +33,7 @@ from . import sharding as shd
 from .config import TrainConfig, dump_yaml, to_dict
 from .data import BatchIterator, PackedDataset, cached_token_file, expand_paths, iter_texts, open_token_file, source_files
 from .loss import make_loss_fn
-from .metrics import MetricsWriter, log0, plot_loss, read_losses
+from .metrics import MetricsWriter, log0, model_flops_per_token, peak_flops, plot_loss, read_losses
 from .model import build_model_config, check_special_token_ids, model_accepts, resolve_dtype, special_token_ids
 from .optim import make_optimizer
 from .step import NONFINITE, build_grad_fn, make_train_step, nonfinite_param_names
@@ -244,6 +244,8 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
         kill_at = int(os.environ.get("WMJAX_DEBUG_SIGKILL_AFTER_CKPT", "0") or 0)
         end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
         tokens_per_step = tc.global_batch_size * cfg.data.seq_len
+        peak = peak_flops(jax.devices()[0])
+        flops_tok = model_flops_per_token(model_cfg, n_params, cfg.data.seq_len)
 
         pbar = None
         if tc.progress and jax.process_index() == 0:
@@ -270,6 +272,8 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
                 rec.update({k: float(v) for k, v in m.items() if k != NONFINITE})
                 if tps is not None:
                     rec["tokens_per_s"] = tps
+                    if peak:
+                        rec["mfu"] = tps * flops_tok / (peak * jax.device_count())
                 bad = not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]))
                 if bad:
                     pending.clear()

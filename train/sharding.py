@@ -52,10 +52,16 @@ LOGICAL_RULES: tuple = (
     ("mlp", "tensor"),
     ("experts", "tensor"),
     ("expert_keys", None),
+    ("expert_heads", None),  # product-key CDMoE query heads (Cheems)
     ("keys", None),
     ("norm", None),
     ("scale", None),
     ("layers", None),
+    # OTCE selective-SSM mixer (wmjax/layers/selective_mixer.py): inner channels E, state N, dt rank R, conv taps
+    ("mamba_inner", None),
+    ("mamba_state", None),
+    ("mamba_rank", None),
+    ("mamba_conv", None),
     (None, None),
 )
 

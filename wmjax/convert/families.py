@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from wmjax.config import ConfigError
 from wmjax.convert import layout as doge_layout
+from wmjax.convert import layout_otce
 from wmjax.models import registry
 
 __all__ = ["Upstream", "UPSTREAMS", "upstream_of", "upstream_for_config_json"]
@@ -48,6 +49,9 @@ UPSTREAMS: dict[str, Upstream] = {
         Upstream("doge", doge_layout.hf_layout, "doge", "transformers.DogeForCausalLM",
                  import_hook=doge_layout.import_hook, import_hint=doge_layout.legacy_hint,
                  export_problem=doge_layout.hf_native_problem),
+        # OTCE's config.json says model_type "cheems" too; its stage counts tell it from Cheems
+        Upstream("otce", layout_otce.layout, "cheems", "LoserCheems/OTCE CheemsOTCEForCausalLM",
+                 matches=lambda d: d.get("model_type") == "cheems" and "num_observation_layers" in d),
     )
 }
 

@@ -47,16 +47,24 @@ def rms_norm(x, weight, eps: float, dtype):
 
 
 class RMSNorm(nn.Module):
-    """x [..., dim] -> [..., dim]; param `weight` [dim] (init 1) with logical axes `axes`."""
+    """x [..., dim] -> [..., dim]; param `weight` [dim] (init 1) with logical axes `axes`.
+
+    With `use_bias` (OTCE's norms) also a `bias` [dim] (init 0), added after the weight: y = w * x_hat + b."""
 
     dim: int
     eps: float = 1e-6
     axes: Sequence[str] = ("norm",)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
         weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, tuple(self.axes)),
                             (self.dim,), self.param_dtype)
-        return rms_norm(x, weight, self.eps, self.dtype)
+        y = rms_norm(x, weight, self.eps, self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes)),
+                              (self.dim,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y

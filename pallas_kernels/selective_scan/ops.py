@@ -1,0 +1,109 @@
+"""The public op ``selective_scan_pallas``: jnp glue (pad, transpose) + a custom_vjp around ``kernels.py``.
+
+Forward:  pad L to the chunk K and E to the channel block, pad N to a power of two, transpose B, C to [b, N, L],
+          A and the states to [N, E] -> ``scan_fwd`` (y with D skip and z gate fused, final state) -> slice.
+Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every chunk; ``scan_bwd`` recomputes the
+          states of a chunk and walks it backwards (dx, ddt, dz, dB/dC partials, dA, dD, d dt_bias, d h0). JAX
+          differentiates the glue.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.selective_scan import kernels as K
+from pallas_kernels.selective_scan.reference import check_shapes, segment_keep
+from pallas_kernels.selective_scan.tuning import SelectiveScanTuning, current
+
+__all__ = ["selective_scan_pallas"]
+
+_F32 = jnp.float32
+
+
+def _next_pow2(v):
+    r = 1
+    while r < v:
+        r *= 2
+    return r
+
+
+def _pad(a, widths, value=0):
+    """Pads axis i of a at the end by widths[i] (dict axis -> count)."""
+    if all(v == 0 for v in widths.values()):
+        return a
+    return jnp.pad(a, [(0, widths.get(ax, 0)) for ax in range(a.ndim)], constant_values=value)
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_op(L, chunk, be_fwd, be_bwd, dt_softplus, interpret, tune: SelectiveScanTuning):
+    cfg = dict(K=chunk, L=L, dt_softplus=dt_softplus, interpret=interpret)
+
+    def run_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, save):
+        return K.scan_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, BE=be_fwd, save=save, **cfg,
+                          **tune.launch("fwd"))
+
+    @jax.custom_vjp
+    def f(x, dt, Bt, Ct, At, D, bias, h0, z, keep):
+        y, fin = run_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, False)
+        return y, fin
+
+    def fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep):
+        y, fin, hs = run_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, True)
+        return (y, fin), (x, dt, Bt, Ct, At, D, bias, z, keep, hs)
+
+    def bwd(res, cts):
+        x, dt, Bt, Ct, At, D, bias, z, keep, hs = res
+        dy, dfin = cts
+        dx, ddt, dz, dBp, dCp, dA, dD, dbias, dh0 = K.scan_bwd(
+            x, dt, Bt, Ct, At, D, bias, hs, dy.astype(x.dtype), dfin.astype(_F32), z, keep, BE=be_bwd, **cfg,
+            **tune.launch("bwd"))
+        dkeep = None if keep is None else jnp.zeros_like(keep)
+        return (dx, ddt, dBp.sum(axis=1).astype(Bt.dtype), dCp.sum(axis=1).astype(Ct.dtype), dA.sum(axis=0),
+                dD.sum(axis=0), dbias.sum(axis=0), dh0, dz, dkeep)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, segment_ids=None,
+                          initial_state=None, interpret=False):
+    """Selective scan with the Pallas kernels. Same contract as ``reference.selective_scan_ref``; returns
+    (y [b, L, E] in x.dtype, final state [b, E, N] f32). Chunk, blocks, warps and stages: ``tuning.current()``.
+    ``interpret=True`` only for CPU tests. Differentiable in x, dt, A, B, C, D, z, dt_bias and initial_state."""
+    check_shapes(x, dt, A, B, C, D, z, dt_bias, segment_ids, initial_state)
+    tune = current()
+    b, L, E = x.shape
+    N = A.shape[1]
+    Kc = int(tune.chunk)
+    if Kc < 1 or Kc & (Kc - 1):
+        raise ValueError(f"tuning chunk must be a power of two, got {Kc}")
+    Np = _next_pow2(N)
+    be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
+    for be in (be_f, be_b):
+        if be & (be - 1):
+            raise ValueError(f"tuning channel blocks must be powers of two, got {be}")
+    Lp = -(-L // Kc) * Kc
+    eb = max(be_f, be_b)
+    Ep = -(-E // eb) * eb
+    pl_, pe, pn = Lp - L, Ep - E, Np - N
+
+    xk = _pad(x, {1: pl_, 2: pe})
+    dtk = _pad(dt, {1: pl_, 2: pe})
+    zk = None if z is None else _pad(z, {1: pl_, 2: pe})
+    Bt = _pad(B, {1: pl_, 2: pn}).transpose(0, 2, 1)                        # [b, Np, Lp]
+    Ct = _pad(C, {1: pl_, 2: pn}).transpose(0, 2, 1)
+    At = _pad(A.astype(_F32), {0: pe, 1: pn}).T                              # [Np, Ep]
+    Dk = _pad((jnp.zeros((E,), _F32) if D is None else D.astype(_F32)), {0: pe})[None]
+    bk = _pad((jnp.zeros((E,), _F32) if dt_bias is None else dt_bias.astype(_F32)), {0: pe})[None]
+    h0 = jnp.zeros((b, E, N), _F32) if initial_state is None else initial_state.astype(_F32)
+    h0 = _pad(h0, {1: pe, 2: pn}).transpose(0, 2, 1)                        # [b, Np, Ep]
+    keep = None
+    if segment_ids is not None:
+        keep = _pad(segment_keep(segment_ids), {1: pl_}, value=1.0)[:, None, :]  # [b, 1, Lp]
+
+    y, fin = _scan_op(L, Kc, be_f, be_b, bool(dt_softplus), bool(interpret), tune)(
+        xk, dtk, Bt, Ct, At, Dk, bk, h0, zk, keep)
+    return y[:, :L, :E], fin[:, :N, :E].transpose(0, 2, 1)

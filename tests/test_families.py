@@ -117,7 +117,13 @@ def test_sharded_step_matches_single_device(sharded, name):
     assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     assert any("fsdp" in s for s in r["specs"]) and any("tensor" in s for s in r["specs"]), r["specs"]
     assert r["grad_norm"] > 0 and np.isfinite(r["grad_norm"]), r
-    # f32 with highest matmul precision; the 8-device step reduces in a different order
+    # f32 with highest matmul precision; the 8-device step reduces in a different order. The SSD's A_log gradient
+    # is a difference of chunk-long cumulative sums of dt * A (pallas_kernels/ssd/reference.py), which cancels:
+    # on one device it is already ~1.6e-5 from a float64 computation, so it gets 5e-5.
     assert r["ce_rel"] <= 1e-5, r
     assert r["aux_rel"] <= 1e-5, r
-    assert r["grad_nrel_max"] <= 1e-5, r
+    leaves = r["grad_nrel_leaves"]
+    ssd_a = {k: v for k, v in leaves.items() if "['ssd']['A" in k}
+    others = {k: v for k, v in leaves.items() if k not in ssd_a}
+    assert max(others.values()) <= 1e-5, sorted(others.items(), key=lambda kv: -kv[1])[:3]
+    assert not ssd_a or max(ssd_a.values()) <= 5e-5, ssd_a

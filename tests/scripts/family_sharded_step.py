@@ -92,6 +92,7 @@ def check(name, batch):
             "aux_rel": rel(m1["aux"], m8["aux"]) if float(m1["aux"]) else 0.0,
             "grad_rel_max": max(rel(a, b) for (_, a), b in zip(leaves1, leaves8)),
             "grad_nrel_max": max(nrel(a, b) for (_, a), b in zip(leaves1, leaves8)),
+            "grad_nrel_leaves": {jax.tree_util.keystr(k): nrel(a, b) for (k, a), b in zip(leaves1, leaves8)},
             "worst": max(((jax.tree_util.keystr(k), nrel(a, b)) for (k, a), b in zip(leaves1, leaves8)),
                          key=lambda t: t[1]),
             "ce": float(m1["ce"]), "specs": specs, "mesh": dict(mesh8.shape), "segments": use_seg,

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from wmjax.config import ConfigError
 from wmjax.convert import layout as doge_layout
-from wmjax.convert import layout_otce
+from wmjax.convert import layout_cheems, layout_otce
 from wmjax.models import registry
 
 __all__ = ["Upstream", "UPSTREAMS", "upstream_of", "upstream_for_config_json"]
@@ -46,9 +46,13 @@ class Upstream:
 
 UPSTREAMS: dict[str, Upstream] = {
     u.family: u for u in (
+        # the first Cheems configs said model_type "doge" too: Cheems' have attn_layer_period
         Upstream("doge", doge_layout.hf_layout, "doge", "transformers.DogeForCausalLM",
+                 matches=lambda d: d.get("model_type", "doge") == "doge" and "attn_layer_period" not in d,
                  import_hook=doge_layout.import_hook, import_hint=doge_layout.legacy_hint,
                  export_problem=doge_layout.hf_native_problem),
+        Upstream("cheems", layout_cheems.layout, "cheems", "WonderfulMatrices CheemsForCausalLM",
+                 matches=layout_cheems.matches, import_hook=layout_cheems.import_hook),
         # OTCE's config.json says model_type "cheems" too; its stage counts tell it from Cheems
         Upstream("otce", layout_otce.layout, "cheems", "LoserCheems/OTCE CheemsOTCEForCausalLM",
                  matches=lambda d: d.get("model_type") == "cheems" and "num_observation_layers" in d),

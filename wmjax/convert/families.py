@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from wmjax.config import ConfigError
 from wmjax.convert import layout as doge_layout
-from wmjax.convert import layout_cheems, layout_otce
+from wmjax.convert import layout_cheems, layout_om, layout_otce
 from wmjax.models import registry
 
 __all__ = ["Upstream", "UPSTREAMS", "upstream_of", "upstream_for_config_json"]
@@ -56,6 +56,8 @@ UPSTREAMS: dict[str, Upstream] = {
         # OTCE's config.json says model_type "cheems" too; its stage counts tell it from Cheems
         Upstream("otce", layout_otce.layout, "cheems", "LoserCheems/OTCE CheemsOTCEForCausalLM",
                  matches=lambda d: d.get("model_type") == "cheems" and "num_observation_layers" in d),
+        Upstream("om", layout_om.layout, "om", "dingo-actual/om OmLLM", matches=layout_om.matches,
+                 import_hook=layout_om.import_hook, export_problem=layout_om.export_problem),
     )
 }
 

@@ -41,32 +41,46 @@ fi
 cat "$WORK/stdlib.json"
 
 RUNS=""
+STOPPED=""
 for config in $CONFIGS; do
   name=$(basename "$config" .yaml)
   for seg in $SEGMENTS; do
     run="$WORK/run-$name-seg-$seg"
     rm -rf "$run" "$run".prev*
     # warmup 30 (the config's 2000 is for the 24k-step recipe): a 300-step run should show the loss falling
-    $PY -m train --config "$config" --set run_dir="$run" --set "data.paths=[$WORK/stdlib.bin]" \
+    if ! $PY -m train --config "$config" --set run_dir="$run" --set "data.paths=[$WORK/stdlib.bin]" \
       --set data.source=tokens --set data.seq_len=2048 \
       --set train.steps="$STEPS" --set train.global_batch_size="$BATCH" --set train.grad_accum=1 \
       --set data.segment_ids="$seg" --set optimizer.warmup_steps=30 --set checkpoint.every=100000 \
-      --set train.progress=false $EXTRA 2>&1 | tee "$OUT/train-$name-seg-$seg.log"
-    cp "$run/metrics.jsonl" "$OUT/metrics-$name-seg-$seg.jsonl"
+      --set train.progress=false $EXTRA 2>&1 | tee "$OUT/train-$name-seg-$seg.log"; then
+      STOPPED="$STOPPED $name-seg-$seg"
+    fi
+    cp "$run/metrics.jsonl" "$OUT/metrics-$name-seg-$seg.jsonl" || true
     RUNS="$RUNS $name-seg-$seg"
   done
 done
 
-$PY - "$WORK" $RUNS <<'EOF'
+STOPPED="$STOPPED" $PY - "$WORK" $RUNS <<'EOF'
 import json, math, os, sys
 work, runs = sys.argv[1], sys.argv[2:]
-rates = {}
+rates, failed = {}, []
 for seg in runs:
-    recs = [json.loads(l) for l in open(f"{work}/run-{seg}/metrics.jsonl")]
+    if seg in os.environ["STOPPED"].split():
+        print(f"[train_cli] {seg}: FAILED, the run stopped with an error (see the last lines of its log)")
+        failed.append(seg)
+        continue
+    path = f"{work}/run-{seg}/metrics.jsonl"
+    recs = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    if not recs:
+        print(f"[train_cli] {seg}: FAILED, no metrics (see its log)")
+        failed.append(seg)
+        continue
     losses = [r["loss"] for r in recs]
     bad = [r["step"] for r in recs if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]))]
     if bad:
-        sys.exit(f"[train_cli] {seg}: non-finite loss or gradient at steps {bad[:5]}")
+        print(f"[train_cli] {seg}: FAILED, non-finite loss or gradient at steps {bad[:5]}")
+        failed.append(seg)
+        continue
     # tokens/s: the records after the first 50 steps (compile and warm-up excluded), as the CLI measured them
     tps = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r and r["step"] > 50]
     rates[seg] = sum(tps) / len(tps)
@@ -78,10 +92,13 @@ for seg in runs:
           f"{rates[seg]:,.0f} tokens/s{mfu_s} (metrics.jsonl, steps > 50)")
     drop = float(os.environ["MIN_DROP"])
     if not last < first - drop:
-        sys.exit(f"[train_cli] {seg}: loss did not fall by {drop} nats ({first:.3f} -> {last:.3f})")
+        print(f"[train_cli] {seg}: FAILED, loss did not fall by {drop} nats ({first:.3f} -> {last:.3f})")
+        failed.append(seg)
 for name in sorted({r.rsplit("-seg-", 1)[0] for r in rates}):
     on, off = rates.get(f"{name}-seg-true"), rates.get(f"{name}-seg-false")
     if on and off:
         print(f"[train_cli] {name}: segment ids cost {100 * (1 - on / off):+.1f}% throughput "
               f"({on:,.0f} vs {off:,.0f} tokens/s)")
+if failed:
+    sys.exit(f"[train_cli] failed: {' '.join(failed)}")
 EOF

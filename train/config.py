@@ -112,6 +112,8 @@ class TrainLoopConfig:
     spmd: str = "auto"
     remat: bool = False  # rematerialise each decoder layer in the backward pass (less memory, ~1/3 more FLOPs)
     attention_impl: Optional[str] = None  # None = auto (Pallas kernel on GPU), "reference", "pallas"
+    ssd_impl: Optional[str] = None  # Cheems' SSD scan: None = auto (Pallas kernels on GPU), "chunked", "pallas"
+    scan_impl: Optional[str] = None  # OTCE's selective scan: None = auto (Pallas kernel on GPU), "reference", "pallas"
     log_every: int = 10
     progress: bool = True
     plot: bool = True
@@ -378,6 +380,9 @@ def validate(cfg: TrainConfig) -> None:
     need(t.spmd in ("auto", "gspmd", "shard_map"), f"train.spmd: expected auto|gspmd|shard_map, got {t.spmd!r}")
     need(t.attention_impl in (None, "reference", "pallas"),
          f"train.attention_impl: expected null|reference|pallas, got {t.attention_impl!r}")
+    need(t.ssd_impl in (None, "chunked", "pallas"), f"train.ssd_impl: expected null|chunked|pallas, got {t.ssd_impl!r}")
+    need(t.scan_impl in (None, "reference", "pallas"),
+         f"train.scan_impl: expected null|reference|pallas, got {t.scan_impl!r}")
     need(t.loss_impl in ("auto", "fused", "logits"),
          f"train.loss_impl: expected auto|fused|logits, got {t.loss_impl!r}")
     need(t.loss_chunk_tokens >= 1, f"train.loss_chunk_tokens: must be >= 1, got {t.loss_chunk_tokens}")

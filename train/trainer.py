@@ -147,11 +147,12 @@ def run(cfg: TrainConfig, *, max_steps_this_run: Optional[int] = None) -> RunRes
     model_kw = {}
     if tc.remat:
         model_kw["remat"] = True
-    if tc.attention_impl:
-        if "attention_impl" not in getattr(model_cls, "__dataclass_fields__", {}):
-            raise ConfigError(f"train.attention_impl={tc.attention_impl!r}: the {family.name} model has no attention "
-                              "implementation choice; leave it null")
-        model_kw["attention_impl"] = tc.attention_impl
+    for impl in ("attention_impl", "ssd_impl", "scan_impl"):  # kernel choices, where the model has them
+        if getattr(tc, impl):
+            if impl not in getattr(model_cls, "__dataclass_fields__", {}):
+                raise ConfigError(f"train.{impl}={getattr(tc, impl)!r}: the {family.name} model has no such "
+                                  "implementation choice; leave it null")
+            model_kw[impl] = getattr(tc, impl)
     model = model_cls(model_cfg, dtype=compute_dtype, param_dtype=param_dtype, **model_kw)
     use_segments = (cfg.data.segment_ids and model_accepts(model_cls, "segment_ids")
                     and getattr(model_cls, "accepts_segment_ids", True))

@@ -1,27 +1,32 @@
 """Pallas (Triton backend) kernels of the Mamba-1 selective scan, forward and backward (glue: ``ops.py``).
 
-Both kernels run one program per (batch row, block of BE channels) and walk the sequence in order (forward) or in
-reverse (backward) with the state of the block, ``h [N, BE]`` f32, carried in registers. The sequence is cut into
-chunks of K tokens: a ``fori_loop`` over chunks whose body is the K tokens unrolled (static Python loop). The rows
-of a chunk (x, dt, z, dy [1, BE]; B, C columns [N, 1]) are all loaded before the chunk's serial update (the stores
-of y in between would otherwise keep the compiler from hoisting them); with ``prefetch`` the next chunk's rows are
-loaded before the current chunk is computed and carried through the loop (double-buffered in registers).
+Both kernels run one program per (batch row, block of BE channels) and loop over the sequence in chunks of T tokens
+(a ``fori_loop``: one ``scf.for``, no unrolled tokens), carrying the block's state h [BE, N] f32 from chunk to
+chunk. Inside a chunk everything is a [T, BE, N] tile computed in parallel, the recurrence included: an associative
+scan over the T axis (``linear_scan``: Triton's ``tt.scan`` with tuple operands).
 
-* ``scan_fwd``: per token t (delta = softplus(dt + bias) or dt + bias, 0 on the padded tail)
-      h = keep_t exp(delta A) h + B_t (delta x_t);   y_t = sum_n C_t[n] h[n, :] + D x_t;   y_t *= silu(z_t)
-  writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every chunk, hs [nc, N, E].
-* ``scan_bwd``: per chunk in reverse order, the K states entering its tokens are recomputed from hs[c] and kept in
-  registers (K SSA values; the decays exp(delta A) are recomputed in the walk rather than kept), then the tokens
-  are walked backwards with the adjoint G = dL/dh_t:
-      dy' = dy silu(z);  G += C_t dy';  dC_t = sum_e h_t dy';  dB_t = sum_e G delta x;  du = sum_n G B_t
-      dx = du delta + D dy';  s = G h_{t-1} dA;  d delta = du x + sum_n s A;  dA += s delta;  G = G dA
-  dx, ddt (and dz) are written per token; dB, dC as per-channel-block partial sums [b, E/BE, N, L] (summed by XLA);
-  dA, dD, d dt_bias per (batch row, channel block) summed in registers; G after the first token = d initial state.
+* ``scan_fwd`` per chunk (delta = softplus(dt + bias) or dt + bias, 0 on the padded tail; a = 0 at a document start)
+      a_t = exp(delta_t A) keep_t,  b_t = delta_t x_t B_t                                   [T, BE, N]
+      (P_t, H_t) = scan_t((a, b); (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2))              P_t = prod_{s<=t} a_s
+      h_t = H_t + P_t h_in;   y_t = sum_n h_t C_t + D x_t;   y_t *= silu(z_t);   h_in <- h_{T-1}
+  writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every chunk, hs [nc, E, N].
+* ``scan_bwd`` per chunk in reverse order: recompute a, b, h_t from hs[c] as above; then with g_t = C_t dy'_t
+  (dy' = dy silu(z), and dz from the saved ungated y', both elementwise in the wrapper) the adjoint
+  G_t = dL/dh_t = g_t + a_{t+1} G_{t+1} by a reverse scan (kind "adjoint": G_t = K_t + M_t G_in,
+  M_t = prod_{t<r<T} a_r, G_in = a_0' G_0' of the chunk after), and
+      dC_t = sum_e h_t dy';  dB_t = sum_e G_t delta x;  du = sum_n G_t B_t;  dx = du delta + D dy'
+      s_t = G_t a_t h_{t-1} = G_t (h_t - b_t);  d delta = du x + sum_n s A;  dA += sum_t s delta
+  dx, ddt per token; dB, dC as per-program partial sums [b, E/(S BE), L, N] (a program walks S sub-blocks of BE
+  channels inside each chunk and adds their dB, dC; XLA sums the partials); dA, dD, d dt_bias per (row, channel
+  block) summed in registers (dD, d dt_bias as [T, BE], reduced after the loop); the carry after the first chunk is
+  the initial state's gradient.
+  h_{t-1} never needs a shift (a_t h_{t-1} = h_t - b_t) and neither does a_{t+1} (the "adjoint" combine).
+The last row of a tile (the carry) is a masked sum over T.
 
-Layouts (the wrapper pads and transposes): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C transposed to
-[b, Np, Lp]; A transposed to [Np, Ep] f32; D, dt_bias [1, Ep] f32; keep [b, 1, Lp] f32 (0 at a document start);
-states [b, Np, Ep] f32. Lp = nc K, Ep a multiple of BE, Np, BE, K powers of two. Every ``pallas_call`` names the
-Triton backend (``CompilerParams``), so jax 0.10 and 0.11 lower alike.
+Layouts (the wrapper pads): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C [b, Lp, Np] (input dtype); A [Ep, Np] f32;
+D, dt_bias [1, Ep] f32; keep [b, Lp] f32 (0 at a document start); states [b, Ep, Np] f32. Lp = nc T; Ep a multiple
+of BE (backward: of S BE); Np, BE, S, T powers of two. Every ``pallas_call`` names the Triton backend
+(``CompilerParams``), so jax 0.10 and 0.11 lower alike.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.selective_scan.linear_scan import linear_scan
 from pallas_kernels.selective_scan.reference import softplus
 
 _F32 = jnp.float32
@@ -44,44 +50,10 @@ def _cparams(num_warps, num_stages):
     return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-class _Chunk:
-    """Loads and per-token helpers of one program. ``load(c)`` reads the rows of the K tokens of chunk c (all loads
-    issued before any use, so they overlap; with prefetch the kernels load chunk c +- 1 while computing c)."""
-
-    def __init__(self, refs, K, L, Lp, bias, A, dt_softplus, with_dy):
-        self.refs, self.K, self.L, self.Lp = refs, K, L, Lp
-        self.bias, self.sp = bias, dt_softplus
-        self.A2 = A * _LOG2E   # exp(delta A) as exp2(delta A log2 e): ex2.approx, not libdevice's accurate expf
-        rows = ["x", "dt"] + (["dy"] if with_dy else []) + [n for n in ("z",) if refs[n] is not None]
-        self.rows = rows
-        self.cols = ["bt", "ct"] + (["keep"] if refs["keep"] is not None else [])
-
-    def load(self, c):
-        out = []
-        for i in range(self.K):
-            t = c * self.K + i
-            d = {n: self.refs[n][pl.ds(t, 1), :] for n in self.rows}                # [1, BE]
-            d.update({n: self.refs[n][:, pl.ds(t, 1)] for n in self.cols})          # [N, 1] / [1, 1]
-            out.append(d)
-        return out
-
-    def delta(self, dt_row, t):
-        """(delta [1, BE], d delta / d dt [1, BE]) of a raw dt row; both 0 on the padded tail t >= L."""
-        v = dt_row.astype(_F32) + self.bias
-        if self.sp:
-            d, dd = softplus(v), jnp.where(v > 20.0, 1.0, jax.nn.sigmoid(v))
-        else:
-            d, dd = v, jnp.ones_like(v)
-        if self.L < self.Lp:
-            live = t < self.L
-            d, dd = jnp.where(live, d, 0.0), jnp.where(live, dd, 0.0)
-        return d, dd
-
-    def decay(self, row, delta):
-        dA = jnp.exp2(delta * self.A2)                                                # [N, BE]
-        if "keep" in row:
-            dA = dA * row["keep"]
-        return dA
+def _rows(c, T):
+    """The ds of chunk c's T rows (c a traced loop index or a Python int)."""
+    start = c * T
+    return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, T), T)
 
 
 def _split_refs(refs, names):
@@ -92,9 +64,63 @@ def _split_refs(refs, names):
     return out
 
 
+class _Chunk:
+    """Loads and the forward recurrence of one chunk of T tokens inside a program whose W = S BE channels are S
+    sub-blocks of BE (walked one after the other inside a chunk; the forward has S = 1)."""
+
+    def __init__(self, r, T, L, Lp, BE, S, dt_softplus, with_dy):
+        self.r, self.T, self.L, self.Lp, self.BE, self.S, self.sp = r, T, L, Lp, BE, S, dt_softplus
+        self.bias = [r["bias"][:, self.cols(j)].astype(_F32) for j in range(S)]     # [1, BE]
+        self.A = [r["a"][self.cols(j), :].astype(_F32) for j in range(S)]           # [BE, N]
+        # exp(delta A) as exp2(delta A log2 e): ex2.approx, not libdevice's accurate expf
+        self.A2 = [A * _LOG2E for A in self.A]
+        self.rows = ["x", "dt"] + (["dy"] if with_dy else []) + (["z"] if r["z"] is not None else [])
+
+    def cols(self, j):
+        return pl.ds(j * self.BE, self.BE) if self.S > 1 else slice(None)
+
+    def load(self, c):
+        """{"b", "c": [T, N], "keep": [T], "sub": [{"x", "dt", ...: [T, BE]} per sub-block]}"""
+        sl = _rows(c, self.T)
+        d = {n: self.r[n][sl, :] for n in ("b", "c")}
+        d["sub"] = [{n: self.r[n][sl, self.cols(j)] for n in self.rows} for j in range(self.S)]
+        if self.r["keep"] is not None:
+            d["keep"] = self.r["keep"][sl]
+        return d
+
+    def delta(self, dt, c, j):
+        """(delta [T, BE], d delta / d dt [T, BE]) of raw dt rows; both 0 on the padded tail t >= L."""
+        v = dt.astype(_F32) + self.bias[j]
+        if self.sp:
+            d, dd = softplus(v), jnp.where(v > 20.0, 1.0, jax.nn.sigmoid(v))
+        else:
+            d, dd = v, jnp.ones_like(v)
+        if self.L < self.Lp:
+            t = c * self.T + lax.broadcasted_iota(jnp.int32, d.shape, 0)
+            live = t < self.L
+            d, dd = jnp.where(live, d, 0.0), jnp.where(live, dd, 0.0)
+        return d, dd
+
+    def states(self, rows, x, delta, h_in, j):
+        """(a, b, h) [T, BE, N] of the chunk: decay, input and the state after every token, from h_in [BE, N]."""
+        a = jnp.exp2(delta[:, :, None] * self.A2[j][None])
+        if "keep" in rows:
+            a = a * rows["keep"][:, None, None]
+        u = delta * x.astype(_F32)                                                  # [T, BE]
+        bx = u[:, :, None] * rows["b"].astype(_F32)[:, None, :]
+        P, H = linear_scan(a, bx)
+        return a, bx, H + P * h_in[None]
+
+
+def _row(v, i):
+    """Row i (static) of v [T, ...] as a masked sum over T (no value slicing in the Triton backend)."""
+    t = lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    return jnp.sum(jnp.where(t == i, v, 0.0), axis=0)
+
+
 def _chunk_loop(nc, order, body, init, load, prefetch):
     """fori_loop over the nc chunks in `order` ("fwd" | "rev"): body(c, carry, rows) -> carry. With prefetch the
-    rows of the next chunk are loaded before the current one is computed and carried in registers."""
+    rows of the next chunk are loaded before the current one is computed and carried (a double buffer)."""
     chunk_of = (lambda j: j) if order == "fwd" else (lambda j: nc - 1 - j)
     if not prefetch:
         return lax.fori_loop(0, nc, lambda j, carry: body(chunk_of(j), carry, load(chunk_of(j))), init)
@@ -110,58 +136,68 @@ def _chunk_loop(nc, order, body, init, load, prefetch):
 # ------------------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, K, nc, L, dt_softplus, has_z, has_seg, save, prefetch):
-    r = _split_refs(refs, [("x", 1), ("dt", 1), ("bt", 1), ("ct", 1), ("at", 1), ("d", 1), ("bias", 1), ("h0", 1),
-                           ("z", has_z), ("keep", has_seg), ("y", 1), ("fin", 1), ("hs", save)])
-    A = r["at"][...].astype(_F32)
-    Dv = r["d"][...].astype(_F32)
-    ch = _Chunk(r, K, L, nc * K, r["bias"][...].astype(_F32), A, dt_softplus, with_dy=False)
-    y_ref = r["y"]
+def _fwd_kernel(*refs, T, nc, L, dt_softplus, has_z, has_seg, save, prefetch):
+    r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("c", 1), ("a", 1), ("d", 1), ("bias", 1), ("h0", 1),
+                           ("z", has_z), ("keep", has_seg), ("y", 1), ("fin", 1), ("hs", save),
+                           ("yp", save and has_z)])
+    ch = _Chunk(r, T, L, nc * T, r["x"].shape[1], 1, dt_softplus, with_dy=False)
+    Dv = r["d"][...].astype(_F32)                                                   # [1, BE]
 
-    def body(c, h, rows):
+    def body(c, h_in, rows):
         if save:
-            r["hs"][c, :, :] = h
-        for i in range(K):
-            t = c * K + i
-            rw = rows[i]
-            xr = rw["x"].astype(_F32)
-            delta, _ = ch.delta(rw["dt"], t)
-            h = ch.decay(rw, delta) * h + rw["bt"].astype(_F32) * (delta * xr)
-            y = jnp.sum(h * rw["ct"].astype(_F32), axis=0, keepdims=True) + Dv * xr
-            if has_z:
-                zr = rw["z"].astype(_F32)
-                y = y * (zr * jax.nn.sigmoid(zr))
-            y_ref[pl.ds(t, 1), :] = y.astype(y_ref.dtype)
-        return h
+            r["hs"][c, :, :] = h_in
+        sub = rows["sub"][0]
+        delta, _ = ch.delta(sub["dt"], c, 0)
+        _, _, h = ch.states(rows, sub["x"], delta, h_in, 0)
+        xr = sub["x"].astype(_F32)
+        y = jnp.sum(h * rows["c"].astype(_F32)[:, None, :], axis=2) + Dv * xr       # [T, BE]
+        if has_z:
+            if save:
+                r["yp"][_rows(c, T), :] = y.astype(r["yp"].dtype)
+            zr = sub["z"].astype(_F32)
+            y = y * (zr * jax.nn.sigmoid(zr))
+        r["y"][_rows(c, T), :] = y.astype(r["y"].dtype)
+        return _row(h, T - 1)
 
     r["fin"][...] = _chunk_loop(nc, "fwd", body, r["h0"][...].astype(_F32), ch.load, prefetch)
 
 
-def scan_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, *, K, L, BE, dt_softplus, save, interpret, prefetch=True,
-             num_warps=4, num_stages=2):
-    """Returns y [b, Lp, Ep] (x.dtype), final state [b, Np, Ep] f32 and, if save, hs [b, nc, Np, Ep] f32."""
-    b, Lp, Ep = x.shape
-    Np = Bt.shape[1]
-    nc, nE = Lp // K, Ep // BE
-    has_z, has_seg = z is not None, keep is not None
+def _specs(Lp, Np, BE):
     seq = pl.BlockSpec((None, Lp, BE), lambda ib, ie: (ib, 0, ie))
-    bc = pl.BlockSpec((None, Np, Lp), lambda ib, ie: (ib, 0, 0))
+    bc = pl.BlockSpec((None, Lp, Np), lambda ib, ie: (ib, 0, 0))
     row = pl.BlockSpec((1, BE), lambda ib, ie: (0, ie))
-    state = pl.BlockSpec((None, Np, BE), lambda ib, ie: (ib, 0, ie))
-    in_specs = [seq, seq, bc, bc, pl.BlockSpec((Np, BE), lambda ib, ie: (0, ie)), row, row, state]
-    args = [x, dt, Bt, Ct, At, D, bias, h0]
+    state = pl.BlockSpec((None, BE, Np), lambda ib, ie: (ib, ie, 0))
+    amat = pl.BlockSpec((BE, Np), lambda ib, ie: (ie, 0))
+    keep = pl.BlockSpec((None, Lp), lambda ib, ie: (ib, 0))
+    return seq, bc, row, state, amat, keep
+
+
+def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, *, T, L, BE, dt_softplus, save, interpret, prefetch=True,
+             num_warps=4, num_stages=2):
+    """Returns y [b, Lp, Ep] (x.dtype), final state [b, Ep, Np] f32 and, if save, hs [b, nc, Ep, Np] f32 and (with
+    z) the ungated output y' = sum_n h C + D x [b, Lp, Ep] (x.dtype), for the gate's gradient."""
+    b, Lp, Ep = x.shape
+    Np = B.shape[2]
+    nc, nE = Lp // T, Ep // BE
+    has_z, has_seg = z is not None, keep is not None
+    seq, bc, row, state, amat, keep_spec = _specs(Lp, Np, BE)
+    in_specs = [seq, seq, bc, bc, amat, row, row, state]
+    args = [x, dt, B, C, A, D, bias, h0]
     if has_z:
         in_specs.append(seq)
         args.append(z)
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, 1, Lp), lambda ib, ie: (ib, 0, 0)))
+        in_specs.append(keep_spec)
         args.append(keep)
-    out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, Np, Ep), _F32)]
+    out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, Ep, Np), _F32)]
     out_specs = [seq, state]
     if save:
-        out_shape.append(jax.ShapeDtypeStruct((b, nc, Np, Ep), _F32))
-        out_specs.append(pl.BlockSpec((None, nc, Np, BE), lambda ib, ie: (ib, 0, 0, ie)))
-    kern = functools.partial(_fwd_kernel, K=K, nc=nc, L=L, dt_softplus=dt_softplus, has_z=has_z,
+        out_shape.append(jax.ShapeDtypeStruct((b, nc, Ep, Np), _F32))
+        out_specs.append(pl.BlockSpec((None, nc, BE, Np), lambda ib, ie: (ib, 0, ie, 0)))
+    if save and has_z:
+        out_shape.append(jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype))
+        out_specs.append(seq)
+    kern = functools.partial(_fwd_kernel, T=T, nc=nc, L=L, dt_softplus=dt_softplus, has_z=has_z,
                              has_seg=has_seg, save=save, prefetch=prefetch)
     return pl.pallas_call(
         kern,
@@ -178,107 +214,92 @@ def scan_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, *, K, L, BE, dt_softplus, 
 # ------------------------------------------------------------------------------------------------------------
 # backward
 # ------------------------------------------------------------------------------------------------------------
-def _bwd_kernel(*refs, K, nc, L, dt_softplus, has_z, has_seg, prefetch):
-    r = _split_refs(refs, [("x", 1), ("dt", 1), ("bt", 1), ("ct", 1), ("at", 1), ("d", 1), ("bias", 1),
-                           ("hs", 1), ("dy", 1), ("dfin", 1), ("z", has_z), ("keep", has_seg),
-                           ("dx", 1), ("ddt", 1), ("dz", has_z), ("dbt", 1), ("dct", 1), ("dA", 1), ("dD", 1),
-                           ("dbias", 1), ("dh0", 1)])
-    A = r["at"][...].astype(_F32)
-    Dv = r["d"][...].astype(_F32)
-    ch = _Chunk(r, K, L, nc * K, r["bias"][...].astype(_F32), A, dt_softplus, with_dy=True)
-    dx_ref, ddt_ref, dz_ref, dbt_ref, dct_ref = r["dx"], r["ddt"], r["dz"], r["dbt"], r["dct"]
+def _bwd_kernel(*refs, T, BE, S, nc, L, dt_softplus, has_seg, prefetch):
+    r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("c", 1), ("a", 1), ("d", 1), ("bias", 1),
+                           ("hs", 1), ("dy", 1), ("dfin", 1), ("z", 0), ("keep", has_seg),
+                           ("dx", 1), ("ddt", 1), ("db", 1), ("dc", 1), ("dA", 1), ("dD", 1), ("dbias", 1),
+                           ("dh0", 1)])
+    ch = _Chunk(r, T, L, nc * T, BE, S, dt_softplus, with_dy=True)
+    Dv = [r["d"][:, ch.cols(j)].astype(_F32) for j in range(S)]                     # [1, BE]
+
+    def sub_block(c, j, rows, G_in, dA_acc, dD_acc, db_acc):
+        """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC [T, N] and the updated carries."""
+        sl, cols, sub, A = _rows(c, T), ch.cols(j), rows["sub"][j], ch.A[j]
+        delta, ddelta_ddt = ch.delta(sub["dt"], c, j)
+        a, bx, h = ch.states(rows, sub["x"], delta, r["hs"][c, cols, :], j)
+        xr, Bc, Cc = sub["x"].astype(_F32), rows["b"].astype(_F32), rows["c"].astype(_F32)
+        dyp = sub["dy"].astype(_F32)     # dy' = dy silu(z) (the wrapper applies the gate)
+        # everything that needs h first, so that only a and a h_{t-1} = h - b stay live through the adjoint scan
+        dC = jnp.sum(h * dyp[:, :, None], axis=1)                                   # [T, N]
+        ah = h - bx                                                                 # a_t h_{t-1}
+        g = Cc[:, None, :] * dyp[:, :, None]                                        # [T, BE, N]
+        _, M, K = linear_scan(a, jnp.ones_like(a), g, kind="adjoint", reverse=True)
+        G = K + M * G_in[None]                                                      # dL/dh_t
+        u = delta * xr
+        dB = jnp.sum(G * u[:, :, None], axis=1)
+        du = jnp.sum(G * Bc[:, None, :], axis=2)                                    # [T, BE]
+        s = G * ah
+        ddt = (du * xr + jnp.sum(s * A[None], axis=2)) * ddelta_ddt
+        r["dx"][sl, cols] = (du * delta + Dv[j] * dyp).astype(r["dx"].dtype)
+        r["ddt"][sl, cols] = ddt.astype(r["ddt"].dtype)
+        dA_acc = dA_acc + jnp.sum(s * delta[:, :, None], axis=0)
+        dD_acc = dD_acc + dyp * xr            # [T, BE]: summed over T once, after the loop
+        db_acc = db_acc + ddt
+        return dB, dC, (_row(a * G, 0), dA_acc, dD_acc, db_acc)
 
     def body(c, carry, rows):
-        G, dA_acc, dD_acc, db_acc = carry
-        # the states entering each token, recomputed from hs[c], and the step sizes (registers); the rest of the
-        # per-token values are recomputed from the loaded rows in the walk (fewer live registers)
-        steps = []
-        h = r["hs"][c, :, :]
-        hp = [h]
-        for i in range(K):
-            t = c * K + i
-            rw = rows[i]
-            delta, ddelta_ddt = ch.delta(rw["dt"], t)
-            h = ch.decay(rw, delta) * h + rw["bt"].astype(_F32) * (delta * rw["x"].astype(_F32))
-            hp.append(h)
-            steps.append((delta, ddelta_ddt))
-        # reverse walk with the adjoint G = dL/dh_t
-        for i in reversed(range(K)):
-            t = c * K + i
-            row = pl.ds(t, 1)
-            rw = rows[i]
-            delta, ddelta_ddt = steps[i]
-            xr, Bc = rw["x"].astype(_F32), rw["bt"].astype(_F32)
-            u = delta * xr                                                          # [1, BE]
-            dA = ch.decay(rw, delta)   # recomputed rather than kept: K fewer [N, BE] registers
-            Cc = rw["ct"].astype(_F32)
-            h_prev, h_t = hp[i], hp[i + 1]
-            dyr = rw["dy"].astype(_F32)
-            if has_z:
-                zr = rw["z"].astype(_F32)
-                sz = jax.nn.sigmoid(zr)
-                ypre = jnp.sum(h_t * Cc, axis=0, keepdims=True) + Dv * xr
-                dz_ref[row, :] = (dyr * ypre * sz * (1.0 + zr * (1.0 - sz))).astype(dz_ref.dtype)
-                dyp = dyr * zr * sz
-            else:
-                dyp = dyr
-            G = G + Cc * dyp                                                        # [N, BE]
-            dct_ref[:, row] = jnp.sum(h_t * dyp, axis=1, keepdims=True)
-            dbt_ref[:, row] = jnp.sum(G * u, axis=1, keepdims=True)
-            du = jnp.sum(G * Bc, axis=0, keepdims=True)                             # [1, BE]
-            s = G * h_prev * dA
-            ddt = (du * xr + jnp.sum(s * A, axis=0, keepdims=True)) * ddelta_ddt
-            dx_ref[row, :] = (du * delta + Dv * dyp).astype(dx_ref.dtype)
-            ddt_ref[row, :] = ddt.astype(ddt_ref.dtype)
-            dA_acc = dA_acc + s * delta
-            dD_acc = dD_acc + dyp * xr
-            db_acc = db_acc + ddt
-            G = G * dA
-        return G, dA_acc, dD_acc, db_acc
+        dB = dC = None
+        new = []
+        for j in range(S):   # static: S sub-blocks share the chunk's B, C rows and its dB, dC sums
+            dBj, dCj, cj = sub_block(c, j, rows, *carry[j])
+            dB, dC = (dBj, dCj) if j == 0 else (dB + dBj, dC + dCj)
+            new.append(cj)
+        sl = _rows(c, T)
+        r["db"][sl, :] = dB
+        r["dc"][sl, :] = dC
+        return tuple(new)
 
-    zrow = jnp.zeros(Dv.shape, _F32)
-    init = (r["dfin"][...].astype(_F32), jnp.zeros(A.shape, _F32), zrow, zrow)
-    G, dA_acc, dD_acc, db_acc = _chunk_loop(nc, "rev", body, init, ch.load, prefetch)
-    r["dh0"][...] = G
-    r["dA"][...] = dA_acc
-    r["dD"][...] = dD_acc
-    r["dbias"][...] = db_acc
+    zrow = jnp.zeros((T, BE), _F32)
+    init = tuple((r["dfin"][ch.cols(j), :].astype(_F32), jnp.zeros((BE, ch.A[j].shape[1]), _F32), zrow, zrow)
+                 for j in range(S))
+    out = _chunk_loop(nc, "rev", body, init, ch.load, prefetch)
+    for j in range(S):
+        G, dA_acc, dD_acc, db_acc = out[j]
+        cols = ch.cols(j)
+        r["dh0"][cols, :] = G
+        r["dA"][cols, :] = dA_acc
+        r["dD"][:, cols] = jnp.sum(dD_acc, axis=0, keepdims=True)
+        r["dbias"][:, cols] = jnp.sum(db_acc, axis=0, keepdims=True)
 
 
-def scan_bwd(x, dt, Bt, Ct, At, D, bias, hs, dy, dfin, z, keep, *, K, L, BE, dt_softplus, interpret, prefetch=False,
-             num_warps=4, num_stages=2):
-    """Returns dx (x.dtype), ddt (dt.dtype), dz (z.dtype, or None) [b, Lp, Ep]; dB, dC partial sums per channel
-    block [b, Ep/BE, Np, Lp] f32; dA [b, Np, Ep], dD, d dt_bias [b, 1, Ep] (per batch row), d h0 [b, Np, Ep] f32."""
+def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, *, T, L, BE, dt_softplus, interpret, sub_blocks=1,
+             prefetch=True, num_warps=4, num_stages=2):
+    """dy: the gradient of the ungated output, dy' = dy silu(z) (the wrapper differentiates the gate).
+    Returns dx (x.dtype), ddt (dt.dtype) [b, Lp, Ep]; dB, dC partial sums per program
+    [b, Ep/(S BE), Lp, Np] f32; dA [b, Ep, Np], dD, d dt_bias [b, 1, Ep] (per batch row), d h0 [b, Ep, Np] f32.
+    Each program owns S = sub_blocks blocks of BE channels (Ep a multiple of S BE)."""
     b, Lp, Ep = x.shape
-    Np = Bt.shape[1]
-    nc, nE = Lp // K, Ep // BE
-    has_z, has_seg = z is not None, keep is not None
-    seq = pl.BlockSpec((None, Lp, BE), lambda ib, ie: (ib, 0, ie))
-    bc = pl.BlockSpec((None, Np, Lp), lambda ib, ie: (ib, 0, 0))
-    row = pl.BlockSpec((1, BE), lambda ib, ie: (0, ie))
-    state = pl.BlockSpec((None, Np, BE), lambda ib, ie: (ib, 0, ie))
-    in_specs = [seq, seq, bc, bc, pl.BlockSpec((Np, BE), lambda ib, ie: (0, ie)), row, row,
-                pl.BlockSpec((None, nc, Np, BE), lambda ib, ie: (ib, 0, 0, ie)), seq, state]
-    args = [x, dt, Bt, Ct, At, D, bias, hs, dy, dfin]
-    if has_z:
-        in_specs.append(seq)
-        args.append(z)
+    Np = B.shape[2]
+    W = sub_blocks * BE
+    nc, nE = Lp // T, Ep // W
+    has_seg = keep is not None
+    seq, bc, row, state, amat, keep_spec = _specs(Lp, Np, W)
+    in_specs = [seq, seq, bc, bc, amat, row, row,
+                pl.BlockSpec((None, nc, W, Np), lambda ib, ie: (ib, 0, ie, 0)), seq, state]
+    args = [x, dt, B, C, A, D, bias, hs, dy, dfin]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, 1, Lp), lambda ib, ie: (ib, 0, 0)))
+        in_specs.append(keep_spec)
         args.append(keep)
-    part = pl.BlockSpec((None, None, Np, Lp), lambda ib, ie: (ib, ie, 0, 0))
-    brow = pl.BlockSpec((None, 1, BE), lambda ib, ie: (ib, 0, ie))
+    part = pl.BlockSpec((None, None, Lp, Np), lambda ib, ie: (ib, ie, 0, 0))
+    brow = pl.BlockSpec((None, 1, W), lambda ib, ie: (ib, 0, ie))
     out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, Lp, Ep), dt.dtype)]
     out_specs = [seq, seq]
-    if has_z:
-        out_shape.append(jax.ShapeDtypeStruct((b, Lp, Ep), z.dtype))
-        out_specs.append(seq)
-    out_shape += [jax.ShapeDtypeStruct((b, nE, Np, Lp), _F32), jax.ShapeDtypeStruct((b, nE, Np, Lp), _F32),
-                  jax.ShapeDtypeStruct((b, Np, Ep), _F32), jax.ShapeDtypeStruct((b, 1, Ep), _F32),
-                  jax.ShapeDtypeStruct((b, 1, Ep), _F32), jax.ShapeDtypeStruct((b, Np, Ep), _F32)]
+    out_shape += [jax.ShapeDtypeStruct((b, nE, Lp, Np), _F32), jax.ShapeDtypeStruct((b, nE, Lp, Np), _F32),
+                  jax.ShapeDtypeStruct((b, Ep, Np), _F32), jax.ShapeDtypeStruct((b, 1, Ep), _F32),
+                  jax.ShapeDtypeStruct((b, 1, Ep), _F32), jax.ShapeDtypeStruct((b, Ep, Np), _F32)]
     out_specs += [part, part, state, brow, brow, state]
-    kern = functools.partial(_bwd_kernel, K=K, nc=nc, L=L, dt_softplus=dt_softplus, has_z=has_z, has_seg=has_seg,
-                             prefetch=prefetch)
+    kern = functools.partial(_bwd_kernel, T=T, BE=BE, S=sub_blocks, nc=nc, L=L, dt_softplus=dt_softplus,
+                             has_seg=has_seg, prefetch=prefetch)
     outs = pl.pallas_call(
         kern,
         out_shape=out_shape,
@@ -289,7 +310,4 @@ def scan_bwd(x, dt, Bt, Ct, At, D, bias, hs, dy, dfin, z, keep, *, K, L, BE, dt_
         interpret=interpret,
         name="selective_scan_bwd",
     )(*args)
-    outs = list(outs)
-    if not has_z:
-        outs.insert(2, None)
     return tuple(outs)

@@ -1,10 +1,11 @@
-"""The public op ``selective_scan_pallas``: jnp glue (pad, transpose) + a custom_vjp around ``kernels.py``.
+"""The public op ``selective_scan_pallas``: jnp glue (pad) + a custom_vjp around ``kernels.py``.
 
-Forward:  pad L to the chunk K and E to the channel block, pad N to a power of two, transpose B, C to [b, N, L],
-          A and the states to [N, E] -> ``scan_fwd`` (y with D skip and z gate fused, final state) -> slice.
-Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every chunk; ``scan_bwd`` recomputes the
-          states of a chunk and walks it backwards (dx, ddt, dz, dB/dC partials, dA, dD, d dt_bias, d h0). JAX
-          differentiates the glue.
+Forward:  pad L to the chunk T and E to the channel block, pad N to a power of two -> ``scan_fwd`` (y with D skip
+          and z gate fused, final state) -> slice.
+Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every chunk (and, with z, the ungated
+          output y'); the gate's gradient dz = dy y' d silu(z) and dy' = dy silu(z) are elementwise jnp; ``scan_bwd``
+          recomputes each chunk's states and runs the reverse (adjoint) scan (dx, ddt, dB/dC partials, dA, dD,
+          d dt_bias, d h0). JAX differentiates the glue.
 """
 
 from __future__ import annotations
@@ -39,29 +40,34 @@ def _pad(a, widths, value=0):
 
 @functools.lru_cache(maxsize=None)
 def _scan_op(L, chunk, be_fwd, be_bwd, dt_softplus, interpret, tune: SelectiveScanTuning):
-    cfg = dict(K=chunk, L=L, dt_softplus=dt_softplus, interpret=interpret)
+    cfg = dict(T=chunk, L=L, dt_softplus=dt_softplus, interpret=interpret)
 
-    def run_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, save):
-        return K.scan_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, BE=be_fwd, save=save, **cfg,
-                          **tune.launch("fwd"))
+    def run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, save):
+        return K.scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, BE=be_fwd, save=save, **cfg, **tune.launch("fwd"))
 
     @jax.custom_vjp
-    def f(x, dt, Bt, Ct, At, D, bias, h0, z, keep):
-        y, fin = run_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, False)
+    def f(x, dt, B, C, A, D, bias, h0, z, keep):
+        y, fin = run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, False)
         return y, fin
 
-    def fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep):
-        y, fin, hs = run_fwd(x, dt, Bt, Ct, At, D, bias, h0, z, keep, True)
-        return (y, fin), (x, dt, Bt, Ct, At, D, bias, z, keep, hs)
+    def fwd(x, dt, B, C, A, D, bias, h0, z, keep):
+        y, fin, hs, *yp = run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, True)
+        return (y, fin), (x, dt, B, C, A, D, bias, z, keep, hs, yp[0] if yp else None)
 
     def bwd(res, cts):
-        x, dt, Bt, Ct, At, D, bias, z, keep, hs = res
+        x, dt, B, C, A, D, bias, z, keep, hs, yp = res
         dy, dfin = cts
-        dx, ddt, dz, dBp, dCp, dA, dD, dbias, dh0 = K.scan_bwd(
-            x, dt, Bt, Ct, At, D, bias, hs, dy.astype(x.dtype), dfin.astype(_F32), z, keep, BE=be_bwd, **cfg,
+        dz = None
+        if z is not None:   # y = y' silu(z): the gate's gradient and dy' = dy silu(z), elementwise (XLA fuses)
+            dyf, zf = dy.astype(_F32), z.astype(_F32)
+            sz = jax.nn.sigmoid(zf)
+            dz = (dyf * yp.astype(_F32) * sz * (1.0 + zf * (1.0 - sz))).astype(z.dtype)
+            dy = dyf * zf * sz
+        dx, ddt, dBp, dCp, dA, dD, dbias, dh0 = K.scan_bwd(
+            x, dt, B, C, A, D, bias, hs, dy.astype(x.dtype), dfin.astype(_F32), keep, BE=be_bwd, **cfg,
             **tune.launch("bwd"))
         dkeep = None if keep is None else jnp.zeros_like(keep)
-        return (dx, ddt, dBp.sum(axis=1).astype(Bt.dtype), dCp.sum(axis=1).astype(Ct.dtype), dA.sum(axis=0),
+        return (dx, ddt, dBp.sum(axis=1).astype(B.dtype), dCp.sum(axis=1).astype(C.dtype), dA.sum(axis=0),
                 dD.sum(axis=0), dbias.sum(axis=0), dh0, dz, dkeep)
 
     f.defvjp(fwd, bwd)
@@ -77,33 +83,34 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     tune = current()
     b, L, E = x.shape
     N = A.shape[1]
-    Kc = int(tune.chunk)
-    if Kc < 1 or Kc & (Kc - 1):
-        raise ValueError(f"tuning chunk must be a power of two, got {Kc}")
     Np = _next_pow2(N)
+    T = int(tune.chunk_for(Np))
+    if T < 1 or T & (T - 1):
+        raise ValueError(f"tuning chunk must be a power of two, got {T}")
     be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
-    for be in (be_f, be_b):
-        if be & (be - 1):
-            raise ValueError(f"tuning channel blocks must be powers of two, got {be}")
-    Lp = -(-L // Kc) * Kc
-    eb = max(be_f, be_b)
+    sub = int(tune.sub_blocks_bwd)
+    for be in (be_f, be_b, sub):
+        if be < 1 or be & (be - 1):
+            raise ValueError(f"tuning channel blocks and sub-blocks must be powers of two, got {be}")
+    Lp = -(-L // T) * T
+    eb = max(be_f, be_b * sub)
     Ep = -(-E // eb) * eb
     pl_, pe, pn = Lp - L, Ep - E, Np - N
 
     xk = _pad(x, {1: pl_, 2: pe})
     dtk = _pad(dt, {1: pl_, 2: pe})
     zk = None if z is None else _pad(z, {1: pl_, 2: pe})
-    Bt = _pad(B, {1: pl_, 2: pn}).transpose(0, 2, 1)                        # [b, Np, Lp]
-    Ct = _pad(C, {1: pl_, 2: pn}).transpose(0, 2, 1)
-    At = _pad(A.astype(_F32), {0: pe, 1: pn}).T                              # [Np, Ep]
+    Bk = _pad(B, {1: pl_, 2: pn})                                           # [b, Lp, Np]
+    Ck = _pad(C, {1: pl_, 2: pn})
+    Ak = _pad(A.astype(_F32), {0: pe, 1: pn})                                # [Ep, Np]
     Dk = _pad((jnp.zeros((E,), _F32) if D is None else D.astype(_F32)), {0: pe})[None]
     bk = _pad((jnp.zeros((E,), _F32) if dt_bias is None else dt_bias.astype(_F32)), {0: pe})[None]
     h0 = jnp.zeros((b, E, N), _F32) if initial_state is None else initial_state.astype(_F32)
-    h0 = _pad(h0, {1: pe, 2: pn}).transpose(0, 2, 1)                        # [b, Np, Ep]
+    h0 = _pad(h0, {1: pe, 2: pn})                                            # [b, Ep, Np]
     keep = None
     if segment_ids is not None:
-        keep = _pad(segment_keep(segment_ids), {1: pl_}, value=1.0)[:, None, :]  # [b, 1, Lp]
+        keep = _pad(segment_keep(segment_ids), {1: pl_}, value=1.0)          # [b, Lp]
 
-    y, fin = _scan_op(L, Kc, be_f, be_b, bool(dt_softplus), bool(interpret), tune)(
-        xk, dtk, Bt, Ct, At, Dk, bk, h0, zk, keep)
-    return y[:, :L, :E], fin[:, :N, :E].transpose(0, 2, 1)
+    y, fin = _scan_op(L, T, be_f, be_b, bool(dt_softplus), bool(interpret), tune)(
+        xk, dtk, Bk, Ck, Ak, Dk, bk, h0, zk, keep)
+    return y[:, :L, :E], fin[:, :E, :N]

@@ -15,42 +15,61 @@ __all__ = ["SelectiveScanTuning", "current", "override"]
 
 @dataclasses.dataclass(frozen=True)
 class SelectiveScanTuning:
-    """chunk: tokens per chunk K, unrolled inside the kernels' loop over chunks; also the interval of the states the
-    forward saves for the backward ([b, L/K, N, E] f32: 2N/K times the bytes of a bf16 x) and the number of states
-    the backward keeps in registers. A power of two.
-    block_e_fwd / block_e_bwd: channels per program (powers of two), capped so that the block's state holds at most
-    max_state_fwd / max_state_bwd f32 elements (N * BE): N = 16 -> 16 / 32 channels, N = 64 -> 16 / 8.
-    The forward runs one warp per program: each lane holds a few states of one channel, so the per-token sum over
-    N stays inside a warp (with several warps Triton spreads N over them and that sum goes through shared memory
-    with a barrier every token), and b E / 16 one-warp programs fill the SMs' schedulers. The backward also sums
-    over channels every token (dB, dC) and keeps K states, so it uses wider blocks and 4 warps.
-    prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (double buffer in
-    registers); the backward already has K recomputed states in registers, so it loads at the chunk start.
+    """Each program holds [T, BE, N] f32 tiles (the chunk's decays, inputs, states; the backward also the adjoint).
+    Triton lays them out with T inside a thread, so a thread holds T BE N / (32 warps) elements of each 3-D array
+    and T of each [T, BE] / [T, N] one: T BE N is what the registers bound. Defaults (0 = by the state size N, a
+    power of two), checked with Triton 3.9 + ptxas for sm_90 on CPU (registers, no spills), not timed on a GPU:
+      N <= 32: T = 32, forward tile 4096 (N = 16: BE = 8, 128 registers), backward tile 2048 (BE = 4, 2 sub-blocks:
+               ~220 registers);
+      N > 32:  T = 16, forward tile 2048 (N = 64: BE = 2, ~168 registers), backward tile 1024 (BE = 1, 2 sub-blocks:
+               ~168 registers).
+    chunk: tokens per chunk T (the scanned axis; also the interval of the states the forward saves for the backward,
+      [b, L/T, E, N] f32: 2N/T times the bytes of a bf16 x). A power of two.
+    block_e_fwd / block_e_bwd: channels per program (per backward sub-block), powers of two; 0 = tile / (T N), at
+      least 1, at most the (power-of-two) channel count.
+    tile_fwd / tile_bwd: the T BE N budget used when block_e_* is 0 (0 = the defaults above).
+    sub_blocks_bwd: S, blocks of block_e_bwd channels per backward program, walked one after the other inside each
+      chunk (static loop, S copies of the chunk code): the dB / dC partial sums per token drop from E / BE to
+      E / (S BE) ([b, E / (S BE), L, N] f32 each, written and summed once), at S times fewer programs.
+    prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (a double buffer in
+      registers; off in the backward, whose registers are the tighter).
     num_warps_* / num_stages_*: Triton launch parameters."""
-    chunk: int = 16
-    block_e_fwd: int = 16
-    block_e_bwd: int = 32
-    max_state_fwd: int = 1024
-    max_state_bwd: int = 512
-    num_warps_fwd: int = 1
+    chunk: int = 0
+    block_e_fwd: int = 0
+    block_e_bwd: int = 0
+    tile_fwd: int = 0
+    tile_bwd: int = 0
+    sub_blocks_bwd: int = 2
+    num_warps_fwd: int = 4
     num_warps_bwd: int = 4
     num_stages_fwd: int = 2
     num_stages_bwd: int = 2
     prefetch_fwd: bool = True
     prefetch_bwd: bool = False
 
+    def chunk_for(self, n: int) -> int:
+        """Tokens per chunk for state size n (a power of two)."""
+        return self.chunk or (32 if n <= 32 else 16)
+
     def block_e(self, kernel: str, n: int, e: int) -> int:
-        """Channels per program of `kernel` ("fwd" | "bwd") for state size n (a power of two) and e channels."""
-        cap = self.max_state_fwd if kernel == "fwd" else self.max_state_bwd
+        """Channels per program (backward: per sub-block) of `kernel` ("fwd" | "bwd") for state size n (a power of
+        two) and e channels."""
         be = self.block_e_fwd if kernel == "fwd" else self.block_e_bwd
-        be = max(1, min(be, cap // n))
+        if not be:
+            tile = self.tile_fwd if kernel == "fwd" else self.tile_bwd
+            if not tile:
+                tile = {"fwd": 4096, "bwd": 2048}[kernel] if n <= 32 else {"fwd": 2048, "bwd": 1024}[kernel]
+            be = max(1, tile // (self.chunk_for(n) * n))
         while be > 1 and be // 2 >= e:   # no wider than the channels themselves
             be //= 2
         return be
 
     def launch(self, kernel: str) -> dict:
-        return dict(num_warps=getattr(self, "num_warps_" + kernel), num_stages=getattr(self, "num_stages_" + kernel),
-                    prefetch=getattr(self, "prefetch_" + kernel))
+        out = dict(num_warps=getattr(self, "num_warps_" + kernel), num_stages=getattr(self, "num_stages_" + kernel),
+                   prefetch=getattr(self, "prefetch_" + kernel))
+        if kernel == "bwd":
+            out["sub_blocks"] = self.sub_blocks_bwd
+        return out
 
 
 _DEFAULTS = TunedDefaults(SelectiveScanTuning)

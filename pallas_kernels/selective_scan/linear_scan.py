@@ -1,0 +1,121 @@
+"""``linear_scan``: the first-order linear recurrence as an in-register associative scan inside a Pallas Triton kernel.
+
+Pallas' Triton backend lowers only one scan, ``cumsum`` (``tt.scan`` with an add). The chunked selective scan needs
+``tt.scan`` (Triton's ``tl.associative_scan``) with tuple operands, so this module defines a small primitive,
+``linear_scan_p``, with three lowerings:
+* Triton (inside ``pallas_call`` on GPU): one ``tt.scan`` whose combine region is written here with ``arith`` ops,
+  registered in Pallas' Triton rule table (``jax._src.pallas.triton.lowering.triton_lowering_rules``, the same private
+  table and ``tt.scan`` builder in jax 0.10.2 and 0.11.2);
+* everywhere else (Pallas interpret mode, plain jit): ``lax.associative_scan`` with the same combine;
+* abstract eval: the operands' shapes.
+
+Kinds (``combine(acc, new)``, ``acc`` the elements already scanned, as in Triton; ``reverse=True`` scans from the
+end: flip, scan, flip back, so ``acc`` then holds the *later* elements):
+* ``"linear"`` (a, b): (a_acc a_new, a_new b_acc + b_new). Forward, elements (a_t, b_t) give
+  (prod_{s<=t} a_s, H_t) with H_t = a_t H_{t-1} + b_t, H_{-1} = 0.
+* ``"adjoint"`` (f, m, k), reverse only: a suffix [t..s] is (f = a_t, m = prod_{t<r<=s} a_r,
+  k = sum_{t<=u<=s} prod_{t<r<=u} a_r g_u); elements (a_t, 1, g_t) give at t the suffix [t..end]: k_t = G_t with
+  G_t = g_t + a_{t+1} G_{t+1} (G past the end = 0) and m_t = prod_{t<r<=end} a_r, without shifting a by one token.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax._src import core as jax_core
+from jax._src.interpreters import mlir
+
+try:  # Pallas' Triton backend (private modules; absent or changed in other jax versions -> no GPU lowering)
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith as arith_dialect
+    from jax._src.lib.triton import dialect as tt_dialect
+    from jax._src.pallas.triton import lowering as triton_lowering
+except ImportError:  # pragma: no cover - depends on the jax build
+    triton_lowering = None
+
+try:
+    from jax.extend.core import Primitive
+except ImportError:  # older jax
+    from jax.core import Primitive
+
+__all__ = ["linear_scan", "linear_scan_p"]
+
+_N_OPERANDS = {"linear": 2, "adjoint": 3}
+
+
+def _combine(kind, acc, new):
+    """The combine on any values with * and + (jnp arrays, or ``_Mlir`` wrappers of f32 scalars)."""
+    if kind == "linear":
+        (a1, b1), (a2, b2) = acc, new
+        return a1 * a2, a2 * b1 + b2
+    # adjoint, reverse: acc = the later suffix (R), new = the earlier element(s) (L)
+    (fR, mR, kR), (fL, mL, kL) = acc, new
+    w = mL * fR
+    return fL, w * mR, kL + w * kR
+
+
+class _Mlir:
+    """An f32 MLIR value with * and + building arith ops (to write the combine region once)."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def __mul__(self, o):
+        return _Mlir(arith_dialect.mulf(self.v, o.v))
+
+    def __add__(self, o):
+        return _Mlir(arith_dialect.addf(self.v, o.v))
+
+
+linear_scan_p = Primitive("wmjax_linear_scan")
+linear_scan_p.multiple_results = True
+
+
+def linear_scan(*operands, kind="linear", axis=0, reverse=False):
+    """Inclusive scan of the tuple `operands` (same shape, f32) along `axis` with the combine `kind` (module doc).
+    Returns a tuple like `operands`."""
+    if len(operands) != _N_OPERANDS[kind]:
+        raise ValueError(f"linear_scan kind {kind!r} takes {_N_OPERANDS[kind]} operands, got {len(operands)}")
+    if kind == "adjoint" and not reverse:
+        raise ValueError("linear_scan kind 'adjoint' is a reverse scan")
+    shapes = {tuple(o.shape) for o in operands}
+    if len(shapes) != 1:
+        raise ValueError(f"linear_scan operands must share one shape, got {shapes}")
+    return tuple(linear_scan_p.bind(*operands, kind=kind, axis=axis % operands[0].ndim, reverse=bool(reverse)))
+
+
+def _abstract_eval(*avals, kind, axis, reverse):
+    del kind, axis, reverse
+    return [jax_core.ShapedArray(a.shape, a.dtype) for a in avals]
+
+
+def _impl(*operands, kind, axis, reverse):
+    ops = tuple(operands)
+    if reverse:
+        ops = tuple(jnp.flip(o, axis) for o in ops)
+    out = lax.associative_scan(lambda acc, new: _combine(kind, acc, new), ops, axis=axis)
+    if reverse:
+        out = tuple(jnp.flip(o, axis) for o in out)
+    return list(out)
+
+
+linear_scan_p.def_abstract_eval(_abstract_eval)
+linear_scan_p.def_impl(_impl)
+mlir.register_lowering(linear_scan_p, mlir.lower_fun(_impl, multiple_results=True))
+
+
+def _triton_rule(ctx, *operands, kind, axis, reverse):
+    n = len(operands)
+    op = tt_dialect.ScanOp(list(operands), axis, reverse)
+    elem = [ir.RankedTensorType(v.type).element_type for v in operands]
+    block = op.regions[0].blocks.append(*(elem * 2))
+    with ir.InsertionPoint.at_block_begin(block):
+        args = [_Mlir(a) for a in block.arguments]
+        out = _combine(kind, tuple(args[:n]), tuple(args[n:]))
+        tt_dialect.scan_return([o.v for o in out])
+    op.verify()
+    return list(op.result)
+
+
+if triton_lowering is not None:
+    triton_lowering.register_lowering(linear_scan_p)(_triton_rule)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The model families' GPU figures (issues 15-17) in ONE device call, each step with its own timeout; logs and
+# JSON land in $OUT. Needs .gpu_work/stdlib.bin (bench/train_cli.sh's prepare step; made on the CPU beforehand)
+# and, for the selective-scan peer, .anchors/mamba_cuda (mamba_ssm 2.3.2.post1's csrc/selective_scan + build.py,
+# built here for sm_90 while the training runs go).
+#
+#   device run, carry [".anchors", ".gpu_work"]:   bash bench/families_gpu.sh        (~9 min; timeout_s 598)
+#   env: STEPS (training steps per run, 120), CONFIGS (training configs), PARTS ("build ss train sample")
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export PYTHONPATH=".anchors/py:.:${PYTHONPATH:-}"
+OUT=${OUT:-./bench_out}
+TRAIN_STEPS=${STEPS:-120}
+CONFIGS=${CONFIGS:-"configs/cheems-160m.yaml configs/otce-160m.yaml configs/om-300m.yaml"}
+PARTS=${PARTS:-"build ss train sample"}
+mkdir -p "$OUT"
+
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== [$name] $* (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$OUT/steps.log"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== [$name] rc=$? $(date -u +%H:%M:%S)" | tee -a "$OUT/steps.log"
+}
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/steps.log"
+if has build && [ -d .anchors/mamba_cuda ]; then  # CPU-bound: runs beside the GPU steps
+  (cd .anchors/mamba_cuda && timeout 240 python3 build.py > "../../$OUT/mamba_build.log" 2>&1) &
+  BUILD=$!
+fi
+if has train; then
+  for c in $CONFIGS; do
+    step "train-$(basename "$c" .yaml)" 140 env CONFIGS="$c" SEGMENTS=true STEPS="$TRAIN_STEPS" WORK=.gpu_work \
+      OUT="$OUT" MIN_DROP=0.5 bash bench/train_cli.sh
+    grep -h "^\[train_cli\]" "$OUT/train-$(basename "$c" .yaml).log" | tee -a "$OUT/steps.log"
+  done
+fi
+if has ss; then
+  [ -n "${BUILD:-}" ] && wait "$BUILD"
+  tail -1 "$OUT/mamba_build.log" 2>/dev/null | tee -a "$OUT/steps.log"
+  step selective_scan 120 python3 bench/selective_scan.py --nvar 1 --no-ref --json "$OUT/selective_scan.json"
+  grep -E "fwd|ratio|PASS|FAIL|peer" "$OUT/selective_scan.log" | tail -20 | tee -a "$OUT/steps.log"
+fi
+if has sample; then
+  step sample 90 python3 bench/sample_families.py --configs configs/otce-160m.yaml --json "$OUT/sample.json"
+  cat "$OUT/sample.log" | tail -3 | tee -a "$OUT/steps.log"
+fi

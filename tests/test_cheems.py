@@ -321,10 +321,10 @@ def test_params_layout_and_logical_axes():
     flat = _flat(params)
     entries = layout_cheems.layout(cfg)
     assert {e.path: e.flax_shape for e in entries} == {k: v.shape for k, v in flat.items()}
-    # upstream init: residuals / norms / attention A / raw... here negative_exp A_log 0, CDMoE keys 0, pad row 0
+    # upstream init: residuals / norms / raw SSD A 1, CDMoE keys 0, pad row 0; attention A = attn_a_init
     lay0, lay1 = params["model"]["layers_0"], params["model"]["layers_1"]
     assert set(lay0) >= {"ssd", "feed_forward"} and "attn" in lay1
-    np.testing.assert_array_equal(lay1["attn"]["A"], 1.0)
+    np.testing.assert_array_equal(lay1["attn"]["A"], cfg.attn_a_init)
     np.testing.assert_array_equal(lay0["ssd"]["A"], 1.0)
     np.testing.assert_array_equal(lay0["feed_forward"]["keys"], 0.0)
     np.testing.assert_array_equal(params["model"]["word_embed"]["embedding"][cfg.pad_token_id], 0.0)
@@ -346,6 +346,24 @@ def test_params_layout_and_logical_axes():
         M.init_cache(cfg, 2, 16, kind="bounded")
     assert M.FAMILY.name == "cheems" and M.FAMILY.config_cls is CheemsConfig
     assert "1 ssd, 1 attention" in M.describe(cfg)
+
+
+def test_attention_a_init_default_zero_upstream_one():
+    """Training stability (docs/CHEEMS.md): new training starts the dynamic-mask attention's A at 0 (flat key
+    biases, as Doge); upstream's A = 1 made the biases e^softplus(dt) ~ 1e4 within ~20 steps at lr 4e-3, and
+    the bf16-rounded dt then ties large biases exactly, blowing up the bf16 gradient. An upstream config.json
+    (no attn_a_init) keeps upstream's init 1; the field round-trips through the upstream format."""
+    assert CheemsConfig().attn_a_init == 0.0 and CheemsConfig.preset("Cheems-160M").attn_a_init == 0.0
+    cfg = CheemsConfig(**dict(BASE, num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1))
+    for a in (0.0, 1.0):
+        params = M.init_params(cfg.replace(attn_a_init=a), jax.random.PRNGKey(0))
+        np.testing.assert_array_equal(params["model"]["layers_1"]["attn"]["A"], a)
+    up = cfg.to_upstream_dict()
+    assert CheemsConfig.from_upstream_dict(up) == cfg
+    up.pop("attn_a_init")
+    assert CheemsConfig.from_upstream_dict(up).attn_a_init == 1.0
+    with pytest.raises(ConfigError, match="attn_a_init"):
+        CheemsConfig(attn_a_init=float("nan"))
 
 
 def test_config_validation_presets_and_upstream_names():

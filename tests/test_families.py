@@ -1,7 +1,6 @@
 """Each new model family through what users run: `python -m train --config configs/<family>-tiny.yaml` (loss falls,
 a checkpoint is written, the run samples), `python -m wmjax.sample --checkpoint RUN` (the same greedy text as the
-run's own sample), `python -m wmjax.convert` run -> upstream -> wmjax (tensors exact, the upstream checkpoint's
-logits = the run's); and the train step on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2) = one device.
+run's own sample), `python -m wmjax.convert` run -> upstream -> wmjax (configs equal, every tensor bit-exact); and the train step on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2) = one device.
 
 The runs shrink the tiny YAMLs' data only (a 512-piece tokenizer on ~300 KB of the stdlib, 64-token windows,
 batch 8, 60 steps); the model is the YAML's."""
@@ -13,7 +12,6 @@ import sys
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -65,7 +63,7 @@ def test_train_cli_loss_falls_and_checkpoints(family_run):
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < first - 1.0, (name, first, last)  # from ~ln(512) = 6.2 at init
     assert sorted(os.listdir(run / "checkpoints")) == [str(STEPS)]
-    assert f"model.family" not in out  # no config complaint
+    assert "config error" not in out
     loaded = load_run(str(run))
     assert family_of(loaded.config).name == name, loaded.config
 
@@ -91,12 +89,8 @@ def test_convert_cli_round_trip_is_exact(family_run, tmp_path):
     cfg_back, p_back = convert.load_wmjax(str(back))
     assert cfg_up == run.config and cfg_back == run.config
     chex.assert_trees_all_equal(jax.device_get(run.params), p_up)
-    chex.assert_trees_all_equal(p_up, p_back)
-    model = family_of(run.config).model_cls(run.config, dtype=jnp.float32, param_dtype=jnp.float32)
-    ids = jnp.asarray(np.random.default_rng(0).integers(4, run.config.vocab_size, (2, 40)), jnp.int32)
-    a, _ = model.apply({"params": run.params}, ids)
-    b, _ = model.apply({"params": p_up}, ids)
-    chex.assert_trees_all_equal(a, b)
+    chex.assert_trees_all_equal(p_up, p_back)  # every tensor bit-exact: the same logits (parity with the upstream
+    # function itself is each family's test against its PyTorch reference, tests/test_<family>.py)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,12 @@ wmjax-only fields (docs/CHEEMS.md):
     A = -exp(A_log) < 0, a decaying, stable scan. "raw": the parameter is upstream's `A` [H] (init +1), used as is;
     the exact recurrence grows and overflows from ~128 tokens at init (kept unclamped, for converted weights).
     `from_upstream_dict` gives "raw".
+  * `attn_a_init`: the initial value of the dynamic-mask attention's `A` [H] in `init_params` (new training only;
+    converted weights bring their own A). 0.0 (default; Doge's init, every key bias exp(0) = 1): bias =
+    exp(A softplus(dt)) starts flat. 1.0 (upstream `_init_weights`, what `from_upstream_dict` gives): the biases
+    are e^softplus(dt) from step 0, grow to ~1e4 within ~20 steps at lr 4e-3 and, with bf16 compute, the
+    bf16-rounded dt makes large biases tie exactly, which blows the gradient up (docs/CHEEMS.md, Training
+    stability).
   * `keep_window_size`: the dynamic-mask attention keeps the top-w keys per row by bias (Doge's rule). Cheems masks
     nothing beyond causality (upstream dynamic_mask_ratio = 0), so the default keeps every key (2**30).
 """
@@ -65,6 +71,7 @@ class CheemsConfig:
     router_aux_loss_coef: float = 0.0
     # wmjax-only
     ssd_a: str = "negative_exp"
+    attn_a_init: float = 0.0  # upstream 1.0; init only (docs/CHEEMS.md, Training stability)
     keep_window_size: int = KEEP_ALL
 
     def __post_init__(self):
@@ -111,6 +118,9 @@ class CheemsConfig:
             err("rope_factor", "must be >= 1 for scaled RoPE")
         if self.ssd_a not in SSD_A_MODES:
             err("ssd_a", f"must be one of {SSD_A_MODES}")
+        if (not isinstance(self.attn_a_init, (int, float)) or isinstance(self.attn_a_init, bool)
+                or not math.isfinite(self.attn_a_init)):
+            err("attn_a_init", "must be a finite number")
         if self.is_moe:
             for f in ("num_cdmoe_experts", "num_cdmoe_heads", "num_cdmoe_experts_per_head", "expert_retrieval_size"):
                 v = getattr(self, f)
@@ -217,7 +227,8 @@ class CheemsConfig:
     @classmethod
     def from_upstream_dict(cls, d: dict[str, Any], *, strict: bool = True, **overrides) -> "CheemsConfig":
         """Translate an upstream Cheems config.json dict. The SSD A mode is "raw" (upstream's parameter, used as
-        is) unless the dict carries wmjax's `ssd_a` (written by `to_upstream_dict` for negative_exp models)."""
+        is) unless the dict carries wmjax's `ssd_a` (written by `to_upstream_dict` for negative_exp models);
+        `attn_a_init` is upstream's 1.0 unless the dict carries wmjax's (it only matters for a fresh init)."""
         d = dict(d)
         model_type = d.get("model_type", "cheems")
         if model_type not in ("cheems", "doge") or (model_type == "doge" and "attn_layer_period" not in d):
@@ -227,7 +238,7 @@ class CheemsConfig:
                 if new in d:
                     raise ConfigError(f"config.json has both {old!r} (legacy spelling) and {new!r}")
                 d[new] = d.pop(old)
-        out: dict[str, Any] = {"ssd_a": d.pop("ssd_a", "raw")}
+        out: dict[str, Any] = {"ssd_a": d.pop("ssd_a", "raw"), "attn_a_init": float(d.pop("attn_a_init", 1.0))}
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
         d.pop("rope_scaling", None)
         rope = dict(rope)
@@ -260,13 +271,13 @@ class CheemsConfig:
 
     def to_upstream_dict(self) -> dict[str, Any]:
         """The config.json dict upstream `CheemsConfig` reads. wmjax-only fields are written only when they
-        differ from what upstream computes (`ssd_a`="negative_exp", a finite keep_window_size)."""
+        differ from what upstream does (`ssd_a`="negative_exp", `attn_a_init` != 1, a finite keep_window_size)."""
         rope = None
         if self.rope_type != "default":
             rope = {"rope_type": self.rope_type, "factor": self.rope_factor,
                     "original_max_position_embeddings": self.max_position_embeddings}
         d = {"architectures": ["CheemsForCausalLM"], "model_type": "cheems"}
-        skip = {"rope_type", "rope_factor", "ssd_a", "keep_window_size", "output_router_logits",
+        skip = {"rope_type", "rope_factor", "ssd_a", "attn_a_init", "keep_window_size", "output_router_logits",
                 "router_aux_loss_coef"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
@@ -275,6 +286,8 @@ class CheemsConfig:
         d["use_cache"] = True
         if self.ssd_a != "raw":
             d["ssd_a"] = self.ssd_a
+        if self.attn_a_init != 1.0:
+            d["attn_a_init"] = self.attn_a_init
         if self.keep_window_size != KEEP_ALL:
             d["keep_window_size"] = self.keep_window_size
         return d

@@ -206,8 +206,9 @@ def _layer_init_fn(config: CheemsConfig, kind: str, count: int, param_dtype):
 
 def init_params(config: CheemsConfig, rng, param_dtype=jnp.float32):
     """Random params as upstream `_init_weights`: every Linear and the embedding N(0, initializer_range), biases 0,
-    the pad row of word_embed 0; norms, residual scales, the attention's A and the raw SSD A at 1; SSD A_log
-    (negative_exp) 0; CDMoE keys 0. A plain nested dict.
+    the pad row of word_embed 0; norms, residual scales and the raw SSD A at 1; SSD A_log (negative_exp) 0; CDMoE
+    keys 0; except the attention's A = `config.attn_a_init` (0 by default, as Doge; upstream 1: with bf16
+    compute it diverges, docs/CHEEMS.md, Training stability). A plain nested dict.
 
     Each layer kind is drawn by one layer init vmapped over per-layer keys (as doge.init_params), so the compiled
     init holds each random draw once per kind; embedding, final norm and untied head from the model's own init
@@ -229,10 +230,10 @@ def init_params(config: CheemsConfig, rng, param_dtype=jnp.float32):
 
     with fast_random_compile():
         params = jax.jit(init)(rng)
-    for i, kind in enumerate(kinds):  # upstream's attention A starts at 1 (Doge's layer initialises it to 0)
-        if kind == "attention":
+    for i, kind in enumerate(kinds):  # attention A = config.attn_a_init (0 by default as Doge's; upstream 1)
+        if kind == "attention" and config.attn_a_init != 0.0:
             a = params["model"][f"layers_{i}"]["attn"]["A"]
-            params["model"][f"layers_{i}"]["attn"]["A"] = jnp.ones_like(a)
+            params["model"][f"layers_{i}"]["attn"]["A"] = jnp.full_like(a, config.attn_a_init)
     if config.pad_token_id is not None:
         emb = params["model"]["word_embed"]["embedding"]
         params["model"]["word_embed"]["embedding"] = emb.at[config.pad_token_id].set(0)

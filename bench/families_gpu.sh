@@ -27,12 +27,12 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/steps.log"
 if has build && [ -d .anchors/mamba_cuda ]; then  # CPU-bound: runs beside the GPU steps
-  (cd .anchors/mamba_cuda && timeout 240 python3 build.py > "../../$OUT/mamba_build.log" 2>&1) &
+  (cd .anchors/mamba_cuda && timeout 200 python3 build.py > "../../$OUT/mamba_build.log" 2>&1) &
   BUILD=$!
 fi
 if has train; then
   for c in $CONFIGS; do
-    step "train-$(basename "$c" .yaml)" 140 env CONFIGS="$c" SEGMENTS=true STEPS="$TRAIN_STEPS" WORK=.gpu_work \
+    step "train-$(basename "$c" .yaml)" 115 env CONFIGS="$c" SEGMENTS=true STEPS="$TRAIN_STEPS" WORK=.gpu_work \
       OUT="$OUT" MIN_DROP=0.5 bash bench/train_cli.sh
     grep -h "^\[train_cli\]" "$OUT/train-$(basename "$c" .yaml).log" | tee -a "$OUT/steps.log"
   done
@@ -40,10 +40,10 @@ fi
 if has ss; then
   [ -n "${BUILD:-}" ] && wait "$BUILD"
   tail -1 "$OUT/mamba_build.log" 2>/dev/null | tee -a "$OUT/steps.log"
-  step selective_scan 120 python3 bench/selective_scan.py --nvar 1 --no-ref --json "$OUT/selective_scan.json"
+  step selective_scan 90 python3 bench/selective_scan.py --nvar 1 --no-ref --json "$OUT/selective_scan.json"
   grep -E "fwd|ratio|PASS|FAIL|peer" "$OUT/selective_scan.log" | tail -20 | tee -a "$OUT/steps.log"
 fi
 if has sample; then
-  step sample 90 python3 bench/sample_families.py --configs configs/otce-160m.yaml --json "$OUT/sample.json"
+  step sample 70 python3 bench/sample_families.py --configs configs/otce-160m.yaml --json "$OUT/sample.json"
   cat "$OUT/sample.log" | tail -3 | tee -a "$OUT/steps.log"
 fi

@@ -174,7 +174,7 @@ def _segment_step(mdl, carry, xs, deterministic, return_hidden):
     h = mdl._segment_input(inp) if mdl.ngram_scope == "segment" else inp
     new_states = []
     for layer, st in zip(mdl.layers, states):
-        h, st_new = layer(h, st, deterministic)
+        h, st_new = layer(h, st, deterministic, False)  # every argument positional: remat marks the last two static
         new_states.append(jnp.where(complete[:, None, None], st_new.astype(st.dtype), st))
     y = h if return_hidden else mdl._head(h)
     zero = jnp.zeros((), jnp.int32)

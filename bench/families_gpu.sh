@@ -27,7 +27,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/steps.log"
 if has build && [ -d .anchors/mamba_cuda ]; then  # CPU-bound: runs beside the GPU steps
-  (cd .anchors/mamba_cuda && timeout 200 python3 build.py > "../../$OUT/mamba_build.log" 2>&1) &
+  OUT_ABS=$(cd "$OUT" && pwd); (cd .anchors/mamba_cuda && timeout 200 python3 build.py > "$OUT_ABS/mamba_build.log" 2>&1) &
   BUILD=$!
 fi
 if has train; then

@@ -167,10 +167,9 @@ def test_export_import_exact_and_upstream_config_roundtrip():
     chex.assert_trees_all_equal(back, params_raw)
 
 
-def test_wmjax_convert_generic_path_when_registered():
-    """Through wmjax.convert's family dispatch (once the Cheems upstream record is registered there)."""
-    if "cheems" not in families.UPSTREAMS:
-        pytest.skip("Cheems is not registered in wmjax.convert.families yet (the lead wires it)")
+def test_wmjax_convert_generic_path():
+    """Through wmjax.convert's family dispatch: the Cheems upstream record, the generic reader and writer."""
+    assert families.UPSTREAMS["cheems"].layout is not None
     cfg = CheemsConfig(**dict(BASE, **MOE))
     params = random_params(cfg)
     sd = core.to_state_dict(cfg, params)

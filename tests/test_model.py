@@ -245,3 +245,36 @@ def test_fast_random_compile_lowers_threefry_to_the_gpu_kernel():
     assert "threefry2x32_ffi" in fast and "threefry2x32_ffi" not in plain
     assert fast.count("stablehlo.xor") < plain.count("stablehlo.xor")
     chex.assert_trees_all_equal(on_cpu, f(key))
+
+
+def test_dt_proj_runs_in_f32_so_large_key_biases_do_not_tie_in_bf16():
+    """The dynamic-mask key bias exp(A softplus(dt)) with dt ~ 10 (A = 1, values close together): in f32 each query's
+    softmax is one-hot on its largest-bias key and d loss / d W_dt nearly vanishes; with dt rounded to bf16 (spacing
+    1/16 at 8-16) large biases tie exactly, the tied keys share p and the W_dt gradient is 2e-2 of the value
+    projection's, the mechanism that diverged Cheems-160M's bf16 training (docs/CHEEMS.md, Training stability).
+    dt_proj runs in f32 for any compute dtype: the ratio is ~2e-12 (the bound 1e-6 fails without it)."""
+    import flax.linen as nn
+    from wmjax.layers.attention import DynamicMaskAttention
+    from wmjax.layers.rope import rope_cos_sin
+    cfg = DogeConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, head_dim=32)
+    b, s = 2, 256
+    base = jax.random.normal(jax.random.PRNGKey(2), (64,))
+    x = (base + 0.02 * jax.random.normal(jax.random.PRNGKey(0), (b, s, 64))).astype(jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    mask = jnp.ones((b, s), bool)
+    layer = DynamicMaskAttention(cfg, dtype=jnp.bfloat16, attention_impl="reference")
+    cos, sin = rope_cos_sin(pos, 32, cfg.rope_theta, dtype=jnp.bfloat16)
+    p = nn.unbox(layer.init(jax.random.PRNGKey(1), x, cos, sin, pos, mask)["params"])
+    vb = base @ p["v_proj"]["kernel"]                      # the value of `base`: dt = 10 there, close to 10 around it
+    p = {**p, "A": jnp.ones_like(p["A"]),
+         "dt_proj": {"kernel": jnp.broadcast_to((10.0 * vb / jnp.sum(vb * vb))[:, None], p["dt_proj"]["kernel"].shape)}}
+
+    def loss(p):
+        out, _ = layer.apply({"params": p}, x, cos, sin, pos, mask)
+        return jnp.mean(out.astype(jnp.float32) ** 2)
+
+    g = jax.grad(loss)(p)
+    g_dt, g_v = (float(jnp.linalg.norm(g[k]["kernel"])) for k in ("dt_proj", "v_proj"))
+    assert np.isfinite(g_dt) and g_v > 0
+    assert g_dt < 1e-6 * g_v, (g_dt, g_v)

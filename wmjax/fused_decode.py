@@ -114,9 +114,9 @@ def _block(n: int, prefer: int) -> int:
 
 def prepare_decode_params(config, params, dtype, tuning: DecodeTuning | None = None):
     """The model's params -> the decode kernels' operands: per layer the q/k/v kernels concatenated and
-    transposed to [(H + 2G) D, hidden], o [hidden, H D], gate / up [F, hidden], down [hidden, F], dt_proj
-    transposed to [G, G D] (all in the compute dtype, as nn.Dense casts them), norms, residual scales, A, biases;
-    the LM head [V', hidden] (the tied embedding or the untied head, transposed; V' = vocab rounded up to the
+    transposed to [(H + 2G) D, hidden], o [hidden, H D], gate / up [F, hidden], down [hidden, F] (in the compute
+    dtype, as nn.Dense casts them), dt_proj transposed to [G, G D] and its bias in f32 (the model's dt_proj runs in
+    f32), norms, residual scales, A, biases; the LM head [V', hidden] (the tied embedding or the untied head, transposed; V' = vocab rounded up to the
     head's block, `tuning.logits_block_n`). Runs inside the jit, once per `generate` call, before the decode loop."""
     tuning = current_tuning() if tuning is None else tuning
     m = params["model"]
@@ -133,13 +133,14 @@ def prepare_decode_params(config, params, dtype, tuning: DecodeTuning | None = N
             input_norm=lp["input_layernorm"]["weight"], post_norm=lp["post_attention_layernorm"]["weight"],
             input_residual=lp["input_residual"], post_residual=lp["post_attention_residual"],
             qkv=jnp.concatenate([t(p["kernel"]) for p in qkv], axis=0), o=t(at["o_proj"]["kernel"]),
-            dt=t(at["dt_proj"]["kernel"]), A=at["A"], gate=t(mlp["gate_proj"]["kernel"]),
+            dt=jnp.asarray(at["dt_proj"]["kernel"], jnp.float32).T, A=at["A"], gate=t(mlp["gate_proj"]["kernel"]),
             up=t(mlp["up_proj"]["kernel"]), down=t(mlp["down_proj"]["kernel"]),
             q_norm=at["q_norm"]["weight"] if config.qk_norm else ones,
             k_norm=at["k_norm"]["weight"] if config.qk_norm else ones)
         if config.attention_bias:
             layer["qkv_bias"] = jnp.concatenate([cast(p["bias"]) for p in qkv])
-            layer["o_bias"], layer["dt_bias"] = cast(at["o_proj"]["bias"]), cast(at["dt_proj"]["bias"])
+            layer["o_bias"], layer["dt_bias"] = (cast(at["o_proj"]["bias"]),
+                                                jnp.asarray(at["dt_proj"]["bias"], jnp.float32))
         if config.mlp_bias:
             layer["gate_bias"], layer["up_bias"] = cast(mlp["gate_proj"]["bias"]), cast(mlp["up_proj"]["bias"])
             layer["down_bias"] = cast(mlp["down_proj"]["bias"])

@@ -4,7 +4,7 @@ output, with the new key/value/bias written into the layer's cache in place (`in
 One query token per row, a full cache no longer than keep_window_size (every visible key is kept):
 
     q_h = rope(rms_norm(q_h; q_norm)),  k_g = rope(rms_norm(k_g; k_norm))     h = g R .. g R + R - 1, R = H / G
-    bias_g = exp(A_g * softplus(v . W_dt[g] + b_dt[g]))                       (v = all kv heads' values)
+    bias_g = exp(A_g * softplus(v . W_dt[g] + b_dt[g]))                       (v = all kv heads' values; in f32)
     out_h = softmax([s_c ; s_n]) @ [V ; v_g],  s_c = scale q_h . K_c + (bias_c if valid_c else finfo(f32).min),
             s_n = scale q_h . k_g + bias_g        (the new token, always visible)
     cache[slot] <- (k_g, v_g, bias_g)
@@ -149,11 +149,12 @@ def _attention_program(slot_ref, qkv_ref, q3_ref, cos_ref, sin_ref, valid_ref, q
     ka, kb = norm_rope(k_raw, kn_w, None)
     ka, kb = ka.astype(cdt), kb.astype(cdt)
     va, vb = va.astype(cdt), vb.astype(cdt)
-    # dt_proj over all kv heads' values -> this head's key bias: one f32 sum of the G D exact products
-    dt = rnd(jnp.sum(v_all.astype(dtype).astype(_F32) * w_dt.astype(dtype).astype(_F32)))
+    # dt_proj over all kv heads' values -> this head's key bias, in f32 as the model's (v rounded to dtype; W_dt and
+    # b_dt as given, f32 from prepare_decode_params): one f32 sum of the G D products
+    dt = jnp.sum(v_all.astype(dtype).astype(_F32) * w_dt.astype(_F32))
     if has_dt_bias:
-        dt = rnd(dt.astype(_F32) + dt_b.astype(dtype).astype(_F32))                 # [1]
-    bias_new = jnp.exp(a_g.astype(_F32) * _softplus(dt.astype(_F32)))                 # [1]
+        dt = dt + dt_b.astype(_F32)                                                    # [1]
+    bias_new = jnp.exp(a_g.astype(_F32) * _softplus(dt))                               # [1]
 
     # cache writes (the slot is not read as valid this step: its score is masked either way)
     k_out[pl.ds(slot, 1), lo] = ka[None, :]

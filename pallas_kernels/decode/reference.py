@@ -113,11 +113,12 @@ def decode_layer_attention_reference(qkv, cos, sin, valid, slot, q_norm, k_norm,
         q, k = rms_norm(q, q_norm, eps, dtype), rms_norm(k, k_norm, eps, dtype)
     q = apply_rope(q, cos[:, None], sin[:, None])[:, 0]                            # [b, H, D]
     k = apply_rope(k, cos[:, None], sin[:, None])[:, 0].astype(cdt)               # [b, G, D]
-    dt = lax.dot_general(v, dt_weight.astype(dtype), _NT, precision=lax.Precision.HIGHEST,
-                         preferred_element_type=_F32).astype(dtype)
+    # dt in f32 (the model's dt_proj runs in f32 for any compute dtype): v rounded to dtype, W_dt and b_dt as given
+    dt = lax.dot_general(v.astype(_F32), dt_weight.astype(_F32), _NT, precision=lax.Precision.HIGHEST,
+                         preferred_element_type=_F32)
     if dt_bias is not None:
-        dt = dt + dt_bias.astype(dtype)
-    bias_new = jnp.exp(A.astype(_F32) * jax.nn.softplus(dt.astype(_F32)))          # [b, G]
+        dt = dt + dt_bias.astype(_F32)
+    bias_new = jnp.exp(A.astype(_F32) * jax.nn.softplus(dt))                       # [b, G]
     v_new = v.reshape(b, g, d).astype(cdt)
     s0 = jnp.reshape(jnp.asarray(slot, jnp.int32), ())
     zero = jnp.zeros((), jnp.int32)

@@ -2,7 +2,8 @@
 
     q = RMSNorm_q(x W_q), k = RMSNorm_k(x W_k), v = x W_v          [b, s, heads, head_dim] (q/k norm over head_dim)
     q, k = RoPE(q), RoPE(k)
-    bias_j = exp(A * softplus(v_j W_dt))                           [b, bias_heads, s]  (one value per key and head)
+    bias_j = exp(A * softplus(v_j W_dt))                           [b, bias_heads, s]  (one value per key and head;
+                                                                    v_j W_dt in f32 for any compute dtype)
     out = DMA(q, k, v, bias) W_o                                   (op: wmjax.ops.dmattn)
 
 Params (named like HF `DogeAttention`): q_proj, k_proj, v_proj, o_proj, dt_proj (Dense), A [bias_heads],
@@ -16,6 +17,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from wmjax.cache import BoundedKVCache, bounded_kv_attention, kv_decode_attention, write_kv
 from wmjax.config import DogeConfig
@@ -58,7 +60,11 @@ class DynamicMaskAttention(nn.Module):
         k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
         # dynamic mask bias: one value per key (and bias head), from the key's own value vector
-        dt = mk(hb, ("kv_heads", "bias_heads"), "dt_proj")(v.reshape(b, s, g * d))
+        # dt in f32 (exact products, HIGHEST: no TF32) whatever the compute dtype: rounded to bf16, large biases
+        # tie exactly and the dt gradient is ~100x wrong, which diverges training (docs/CHEEMS.md, stability)
+        dt = dense(hb, ("kv_heads", "bias_heads"), use_bias=cfg.attention_bias, init_std=cfg.initializer_range,
+                   dtype=jnp.float32, param_dtype=self.param_dtype, precision=lax.Precision.HIGHEST,
+                   name="dt_proj")(v.reshape(b, s, g * d))
         A = self.param("A", nn.with_logical_partitioning(nn.initializers.zeros, ("bias_heads",)), (hb,),
                        self.param_dtype)
         key_bias = jnp.exp(A.astype(jnp.float32) * jax.nn.softplus(dt.astype(jnp.float32)))  # [b, s, hb]

@@ -31,8 +31,9 @@ def _bias_init(axes: Sequence[str]):
 
 
 def dense(features: int, axes: Sequence[str], *, use_bias: bool, init_std: float, dtype: Any, param_dtype: Any,
-          name: str) -> nn.Dense:
-    """`nn.Dense` whose kernel [in, out] carries logical axes `axes` and bias [out] carries `axes[-1]`.
+          name: str, precision: Any = None) -> nn.Dense:
+    """`nn.Dense` whose kernel [in, out] carries logical axes `axes` and bias [out] carries `axes[-1]`;
+    `precision` the dot's (None: XLA's default for `dtype`).
 
     HF stores `weight` as [out, in]; conversion transposes.
     """
@@ -43,6 +44,7 @@ def dense(features: int, axes: Sequence[str], *, use_bias: bool, init_std: float
         param_dtype=param_dtype,
         kernel_init=_kernel_init(init_std, axes),
         bias_init=_bias_init(axes),
+        precision=precision,
         name=name,
     )
 

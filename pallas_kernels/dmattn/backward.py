@@ -25,6 +25,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.dmattn.config import DmattnConfig, compiler_params, dot_precision
 from pallas_kernels.dmattn.forward import LOG2E, _dot_nn, _dot_nt, query_block_index, query_block_inputs, visit_keys
+from pallas_kernels.lowering import lower_once
 
 
 def _dq_kernel(*refs, scale, block_q, block_k, cap, sparse, prec, nq):
@@ -129,6 +130,7 @@ def _dkv_kernel(*refs, scale, block_q, block_k, r, length, regrouped, prec, nk):
         db_ref[...] = db
 
 
+@lower_once
 def flash_backward(q, k, v, bias, e, o, lse, do, lists, counts, perm, *, scale, cap, cfg: DmattnConfig):
     """Returns dq [b, L, H, D], dk, dv [b, L, G, D] (input dtypes), d_bias [b, G, L] f32."""
     b, length, h, d = q.shape

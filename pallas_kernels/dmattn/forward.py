@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.dmattn.config import BIG, DmattnConfig, compiler_params, dot_precision
+from pallas_kernels.lowering import lower_once
 
 NEG_INF = float("-inf")
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
@@ -174,6 +175,7 @@ def query_block_inputs(q, k, v, bias, e, lists, counts, *, qb, block_q, block_k,
     return specs, args
 
 
+@lower_once
 def flash_forward(q, k, v, bias, e, lists, counts, *, scale, cap, cfg: DmattnConfig):
     """q [b, L, H, D], k/v [b, L, G, D], bias [b, G, L] f32, e [b, G, L] int32, lists [b, G, nq, W] / counts
     [b, G, nq] int32 or None (dense mode). L a multiple of the blocks. Returns (o [b, L, H, D], lse [b, H, L])."""

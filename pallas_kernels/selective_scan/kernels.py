@@ -39,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.lowering import lower_once
 from pallas_kernels.selective_scan.linear_scan import linear_scan
 from pallas_kernels.selective_scan.reference import softplus
 
@@ -172,6 +173,7 @@ def _specs(Lp, Np, BE):
     return seq, bc, row, state, amat, keep
 
 
+@lower_once
 def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, *, T, L, BE, dt_softplus, save, interpret, prefetch=True,
              num_warps=4, num_stages=2):
     """Returns y [b, Lp, Ep] (x.dtype), final state [b, Ep, Np] f32 and, if save, hs [b, nc, Ep, Np] f32 and (with
@@ -272,6 +274,7 @@ def _bwd_kernel(*refs, T, BE, S, nc, L, dt_softplus, has_seg, prefetch):
         r["dbias"][:, cols] = jnp.sum(db_acc, axis=0, keepdims=True)
 
 
+@lower_once
 def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, *, T, L, BE, dt_softplus, interpret, sub_blocks=1,
              prefetch=True, num_warps=4, num_stages=2):
     """dy: the gradient of the ungated output, dy' = dy silu(z) (the wrapper differentiates the gate).

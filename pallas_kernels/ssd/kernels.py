@@ -24,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.lowering import lower_once
+
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -68,6 +70,7 @@ def _states_fwd_kernel(x_ref, b_ref, w_ref, s_ref, *, Q, T, prec):
     s_ref[...] = lax.fori_loop(0, Q // T, body, jnp.zeros((P, N), _F32))
 
 
+@lower_once
 def chunk_states_fwd(x, B, w, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
     b, Lp, h, P = x.shape
     N = B.shape[3]
@@ -105,6 +108,7 @@ def _states_bwd_kernel(x_ref, b_ref, w_ref, ds_ref, dx_ref, db_ref, dw_ref, *, h
     db_ref[...] = lax.fori_loop(0, hs, head, jnp.zeros(db_ref.shape, _F32))
 
 
+@lower_once
 def chunk_states_bwd(x, B, w, dS, *, hg, Q, T, interpret, hs=1, num_warps=4, num_stages=2):
     """Returns dx [b, Lp, h, P] f32, dB summed over blocks of hs heads [b, Lp, h // hs, N] f32, dw [b, h, Lp]."""
     b, Lp, h, P = x.shape
@@ -165,6 +169,7 @@ def _scan_fwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, *rest, T
     y_ref[...] = acc.astype(y_ref.dtype)
 
 
+@lower_once
 def chunk_scan_fwd(x, B, C, dt, cs, e, H, cnt, *, hg, Q, T, interpret, num_warps=4, num_stages=2):
     """y' [b, Lp, h, P] in x.dtype."""
     b, Lp, h, P = x.shape
@@ -272,6 +277,7 @@ def _scan_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, e_ref, h_ref, dy_ref, 
         lax.fori_loop(0, hs, dh_head, 0)
 
 
+@lower_once
 def chunk_scan_bwd(x, B, C, dt, cs, e, H, cnt, dy, *, hg, Q, T, interpret, hs=1, num_warps=4, num_stages=2):
     """Returns dx [b,Lp,h,P]; dB, dC summed over blocks of hs heads [b,Lp,h//hs,N]; ddt, rowterm, de [b,h,Lp];
     dH [b,h,nc,P,N]; all f32.  rowterm_t = C_t . (intra-chunk part of dC_t); d cs_t = rowterm_t - dt_t ddt_t."""
@@ -324,6 +330,7 @@ def _pass_fwd_kernel(s_ref, e_ref, h0_ref, hin_ref, fin_ref, *, nc):
     fin_ref[...] = lax.fori_loop(0, nc, body, h0_ref[...])
 
 
+@lower_once
 def state_passing_fwd(S, E, h0, *, interpret, block=1024, num_warps=4, num_stages=2):
     """S [b, h, nc, M] f32, E [b, h, nc] f32, h0 [b, h, M] -> (Hin [b, h, nc, M], final [b, h, M])."""
     b, h, nc, M = S.shape
@@ -358,6 +365,7 @@ def _pass_bwd_kernel(e_ref, hin_ref, dhin_ref, dfin_ref, ds_ref, dh0_ref, de_ref
     dh0_ref[...] = lax.fori_loop(0, nc, body, dfin_ref[...])
 
 
+@lower_once
 def state_passing_bwd(E, Hin, dHin, dfin, *, interpret, block=1024, num_warps=4, num_stages=2):
     """Returns dS [b, h, nc, M], dh0 [b, h, M], dE partial sums [b, h, M // block, nc] (sum over axis 2)."""
     b, h, nc, M = Hin.shape

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# The model families' GPU figures (issues 15-17) in ONE device call, each step with its own timeout; logs and
-# JSON land in $OUT. Needs .gpu_work/stdlib.bin (bench/train_cli.sh's prepare step; made on the CPU beforehand)
-# and, for the selective-scan peer, .anchors/mamba_cuda (mamba_ssm 2.3.2.post1's csrc/selective_scan + build.py,
-# built here for sm_90 while the training runs go).
+# The model families' GPU figures (issues 15-17) in one device call, each step with its own timeout; logs and JSON
+# land in $OUT. Needs .gpu_work/stdlib.bin (bench/train_cli.sh's prepare step; made on the CPU beforehand) and, for
+# the selective-scan peer, .anchors/mamba_cuda (mamba_ssm 2.3.2.post1's csrc/selective_scan + build.py, built here
+# for sm_90 while the training runs go).
 #
-#   device run, carry [".anchors", ".gpu_work"]:   bash bench/families_gpu.sh        (~9 min; timeout_s 598)
-#   env: STEPS (training steps per run, 120), CONFIGS (training configs), PARTS ("build ss train sample")
+#   device run, carry [".anchors", ".gpu_work"]:
+#     Cheems beside Doge, and Om:  CONFIGS="configs/doge-160m.yaml configs/cheems-160m.yaml configs/om-300m.yaml" \
+#                                  SAMPLE=configs/cheems-160m.yaml,configs/om-300m.yaml PARTS="train sample" \
+#                                  bash bench/families_gpu.sh
+#     OTCE:                        CONFIGS=configs/otce-160m.yaml SAMPLE=configs/otce-160m.yaml bash bench/families_gpu.sh
+#   env: STEPS (training steps per run, 200), CONFIGS (training configs), SAMPLE (bench/sample_families.py configs,
+#        comma-separated), PARTS ("build ss train sample"), TRAIN_LIMIT / SS_LIMIT / SAMPLE_LIMIT (seconds per step)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export PYTHONPATH=".anchors/py:.:${PYTHONPATH:-}"
 OUT=${OUT:-./bench_out}
-TRAIN_STEPS=${STEPS:-120}
+TRAIN_STEPS=${STEPS:-200}
 CONFIGS=${CONFIGS:-"configs/cheems-160m.yaml configs/otce-160m.yaml configs/om-300m.yaml"}
+SAMPLE=${SAMPLE:-configs/otce-160m.yaml}
+TRAIN_LIMIT=${TRAIN_LIMIT:-150}
+SS_LIMIT=${SS_LIMIT:-120}
+SAMPLE_LIMIT=${SAMPLE_LIMIT:-150}
 PARTS=${PARTS:-"build ss train sample"}
 mkdir -p "$OUT"
 
@@ -32,7 +41,7 @@ if has build && [ -d .anchors/mamba_cuda ]; then  # CPU-bound: runs beside the G
 fi
 if has train; then
   for c in $CONFIGS; do
-    step "train-$(basename "$c" .yaml)" 115 env CONFIGS="$c" SEGMENTS=true STEPS="$TRAIN_STEPS" WORK=.gpu_work \
+    step "train-$(basename "$c" .yaml)" "$TRAIN_LIMIT" env CONFIGS="$c" SEGMENTS=true STEPS="$TRAIN_STEPS" WORK=.gpu_work \
       OUT="$OUT" MIN_DROP=0.5 bash bench/train_cli.sh
     grep -h "^\[train_cli\]" "$OUT/train-$(basename "$c" .yaml).log" | tee -a "$OUT/steps.log"
   done
@@ -40,10 +49,10 @@ fi
 if has ss; then
   [ -n "${BUILD:-}" ] && wait "$BUILD"
   tail -1 "$OUT/mamba_build.log" 2>/dev/null | tee -a "$OUT/steps.log"
-  step selective_scan 90 python3 bench/selective_scan.py --nvar 1 --no-ref --json "$OUT/selective_scan.json"
+  step selective_scan "$SS_LIMIT" python3 bench/selective_scan.py --nvar 1 --no-ref --json "$OUT/selective_scan.json"
   grep -E "fwd|ratio|PASS|FAIL|peer" "$OUT/selective_scan.log" | tail -20 | tee -a "$OUT/steps.log"
 fi
 if has sample; then
-  step sample 70 python3 bench/sample_families.py --configs configs/otce-160m.yaml --json "$OUT/sample.json"
-  cat "$OUT/sample.log" | tail -3 | tee -a "$OUT/steps.log"
+  step sample "$SAMPLE_LIMIT" python3 bench/sample_families.py --configs "$SAMPLE" --json "$OUT/sample.json"
+  grep -E "tok/s|tokens/s|\|" "$OUT/sample.log" | tail -12 | tee -a "$OUT/steps.log"
 fi

@@ -159,20 +159,22 @@ def find_peer():
         sys.path.insert(0, os.path.join(ROOT, ".anchors", "mamba_cuda", "build"))
         import selective_scan_cuda as ssc
 
+        # the extension takes variable B, C as [b, groups, N, L] (mamba_ssm's interface adds the group axis)
         def fwd(t):
             with torch.no_grad():
-                out, _, *rest = ssc.fwd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True)
+                out, _, *rest = ssc.fwd(t["x"], t["dt"], t["A"], t["B"][:, None], t["C"][:, None], t["D"], t["z"],
+                                        t["dt_bias"], True)
             return rest[0]
 
         def fwd_bwd(t):
             # what mamba_ssm's SelectiveScanFn does: fwd keeps (out, x = chunk states), bwd recomputes out_z
             with torch.no_grad():
-                out, xs, *rest = ssc.fwd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"],
-                                         True)
+                B, C = t["B"][:, None], t["C"][:, None]
+                out, xs, *rest = ssc.fwd(t["x"], t["dt"], t["A"], B, C, t["D"], t["z"], t["dt_bias"], True)
                 du, ddelta, dA, dB, dC, dD, dbias, dz = ssc.bwd(
-                    t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], t["dy"], xs, out, None,
+                    t["x"], t["dt"], t["A"], B, C, t["D"], t["z"], t["dt_bias"], t["dy"], xs, out, None,
                     True, False)[:8]
-            return rest[0], (du, ddelta, dA, dB, dC, dD, dz, dbias)
+            return rest[0], (du, ddelta, dA, dB[:, 0], dC[:, 0], dD, dz, dbias)
         return "selective_scan_cuda (mamba_ssm 2.3.2 CUDA)", fwd, fwd_bwd
     except Exception as exc:  # noqa: BLE001
         print(f"peer: selective_scan_cuda not importable ({type(exc).__name__}: {str(exc)[:200]})")

@@ -55,17 +55,17 @@ from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_
 # wmjax kernel variants per state-size class: `pallas_kernels.selective_scan.tuning.override` fields (the first is
 # the default; the table reports the best and the default). Register counts: Triton 3.9 + ptxas for sm_90 on CPU.
 VARIANTS_N16 = [
-    {},                                                                   # T32; fwd BE8 4w; bwd BE4 x S2 4w
-    {"sub_blocks_bwd": 1},                                                # bwd: 2x programs, 2x dB/dC partials
+    {},                                                                   # T32; fwd BE8 4w; bwd BE4 x S1 4w
+    {"sub_blocks_bwd": 2},                                                # bwd: 1/2 the programs and dB/dC partials
     {"block_e_fwd": 16, "num_warps_fwd": 8, "block_e_bwd": 8, "sub_blocks_bwd": 1, "num_warps_bwd": 8},
     {"chunk": 64, "block_e_fwd": 4, "block_e_bwd": 2},                    # longer chunks, fewer saved states
     {"chunk": 16, "block_e_fwd": 16, "block_e_bwd": 8},
     {"prefetch_fwd": False, "prefetch_bwd": True, "num_stages_fwd": 1, "num_stages_bwd": 1},
 ]
 VARIANTS_N64 = [
-    {},                                                                   # T16; fwd BE2 4w; bwd BE1 x S2 4w
+    {},                                                                   # T8; fwd BE4 4w; bwd BE2 x S2 4w
     {"sub_blocks_bwd": 1},
-    {"chunk": 8, "block_e_fwd": 4, "block_e_bwd": 2},
+    {"chunk": 16},                                                        # fwd BE2, bwd BE1 (the first default)
     {"block_e_fwd": 4, "num_warps_fwd": 8, "block_e_bwd": 2, "num_warps_bwd": 8},
 ]
 

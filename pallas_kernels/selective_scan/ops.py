@@ -39,11 +39,12 @@ def _pad(a, widths, value=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _scan_op(L, chunk, be_fwd, be_bwd, dt_softplus, interpret, tune: SelectiveScanTuning):
+def _scan_op(L, Np, chunk, be_fwd, be_bwd, dt_softplus, interpret, tune: SelectiveScanTuning):
     cfg = dict(T=chunk, L=L, dt_softplus=dt_softplus, interpret=interpret)
+    launch_fwd, launch_bwd = tune.launch("fwd", Np), tune.launch("bwd", Np)
 
     def run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, save):
-        return K.scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, BE=be_fwd, save=save, **cfg, **tune.launch("fwd"))
+        return K.scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, BE=be_fwd, save=save, **cfg, **launch_fwd)
 
     @jax.custom_vjp
     def f(x, dt, B, C, A, D, bias, h0, z, keep):
@@ -64,8 +65,7 @@ def _scan_op(L, chunk, be_fwd, be_bwd, dt_softplus, interpret, tune: SelectiveSc
             dz = (dyf * yp.astype(_F32) * sz * (1.0 + zf * (1.0 - sz))).astype(z.dtype)
             dy = dyf * zf * sz
         dx, ddt, dBp, dCp, dA, dD, dbias, dh0 = K.scan_bwd(
-            x, dt, B, C, A, D, bias, hs, dy.astype(x.dtype), dfin.astype(_F32), keep, BE=be_bwd, **cfg,
-            **tune.launch("bwd"))
+            x, dt, B, C, A, D, bias, hs, dy.astype(x.dtype), dfin.astype(_F32), keep, BE=be_bwd, **cfg, **launch_bwd)
         dkeep = None if keep is None else jnp.zeros_like(keep)
         return (dx, ddt, dBp.sum(axis=1).astype(B.dtype), dCp.sum(axis=1).astype(C.dtype), dA.sum(axis=0),
                 dD.sum(axis=0), dbias.sum(axis=0), dh0, dz, dkeep)
@@ -88,7 +88,7 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     if T < 1 or T & (T - 1):
         raise ValueError(f"tuning chunk must be a power of two, got {T}")
     be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
-    sub = int(tune.sub_blocks_bwd)
+    sub = int(tune.sub_blocks_for(Np))
     for be in (be_f, be_b, sub):
         if be < 1 or be & (be - 1):
             raise ValueError(f"tuning channel blocks and sub-blocks must be powers of two, got {be}")
@@ -111,6 +111,6 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     if segment_ids is not None:
         keep = _pad(segment_keep(segment_ids), {1: pl_}, value=1.0)          # [b, Lp]
 
-    y, fin = _scan_op(L, T, be_f, be_b, bool(dt_softplus), bool(interpret), tune)(
+    y, fin = _scan_op(L, Np, T, be_f, be_b, bool(dt_softplus), bool(interpret), tune)(
         xk, dtk, Bk, Ck, Ak, Dk, bk, h0, zk, keep)
     return y[:, :L, :E], fin[:, :E, :N]

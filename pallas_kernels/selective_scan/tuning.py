@@ -1,5 +1,5 @@
-"""Defaults of the selective-scan kernels (chosen by reasoning, not yet measured on a GPU; `bench/selective_scan.py`
-is the script that measures them).
+"""Defaults of the selective-scan kernels, measured on an H200 with `bench/selective_scan.py --nvar 6` (the
+variant sweep; figures in docs/BENCHMARKS.md, Selective scan).
 
 `override(**fields)` (benchmarks and tests only) replaces fields of `current()` inside the block.
 """
@@ -18,17 +18,18 @@ class SelectiveScanTuning:
     """Each program holds [T, BE, N] f32 tiles (the chunk's decays, inputs, states; the backward also the adjoint).
     Triton lays them out with T inside a thread, so a thread holds T BE N / (32 warps) elements of each 3-D array
     and T of each [T, BE] / [T, N] one: T BE N is what the registers bound. Defaults (0 = by the state size N, a
-    power of two), checked with Triton 3.9 + ptxas for sm_90 on CPU (registers, no spills), not timed on a GPU:
-      N <= 32: T = 32, forward tile 4096 (N = 16: BE = 8, 128 registers), backward tile 2048 (BE = 4, 2 sub-blocks:
-               ~220 registers);
-      N > 32:  T = 16, forward tile 2048 (N = 64: BE = 2, ~168 registers), backward tile 1024 (BE = 1, 2 sub-blocks:
-               ~168 registers).
+    power of two), register counts checked with Triton 3.9 + ptxas for sm_90 on CPU, chunk and sub-blocks chosen by
+    the H200 sweep:
+      N <= 32: T = 32, forward tile 4096 (N = 16: BE = 8), backward tile 2048 (BE = 4), 1 sub-block (2 were
+               1.24 vs 0.98 ms fwd+bwd at b4 L2048 E768 N16);
+      N > 32:  T = 8, forward tile 2048 (N = 64: BE = 4), backward tile 1024 (BE = 2), 2 sub-blocks (T = 16 was
+               5.66 vs 4.49 ms fwd+bwd at b4 L2048 E768 N64).
     chunk: tokens per chunk T (the scanned axis; also the interval of the states the forward saves for the backward,
       [b, L/T, E, N] f32: 2N/T times the bytes of a bf16 x). A power of two.
     block_e_fwd / block_e_bwd: channels per program (per backward sub-block), powers of two; 0 = tile / (T N), at
       least 1, at most the (power-of-two) channel count.
     tile_fwd / tile_bwd: the T BE N budget used when block_e_* is 0 (0 = the defaults above).
-    sub_blocks_bwd: S, blocks of block_e_bwd channels per backward program, walked one after the other inside each
+    sub_blocks_bwd: S (0 = by N, above), blocks of block_e_bwd channels per backward program, walked one after the other inside each
       chunk (static loop, S copies of the chunk code): the dB / dC partial sums per token drop from E / BE to
       E / (S BE) ([b, E / (S BE), L, N] f32 each, written and summed once), at S times fewer programs.
     prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (a double buffer in
@@ -39,7 +40,7 @@ class SelectiveScanTuning:
     block_e_bwd: int = 0
     tile_fwd: int = 0
     tile_bwd: int = 0
-    sub_blocks_bwd: int = 2
+    sub_blocks_bwd: int = 0
     num_warps_fwd: int = 4
     num_warps_bwd: int = 4
     num_stages_fwd: int = 2
@@ -49,7 +50,11 @@ class SelectiveScanTuning:
 
     def chunk_for(self, n: int) -> int:
         """Tokens per chunk for state size n (a power of two)."""
-        return self.chunk or (32 if n <= 32 else 16)
+        return self.chunk or (32 if n <= 32 else 8)
+
+    def sub_blocks_for(self, n: int) -> int:
+        """Backward sub-blocks for state size n (a power of two)."""
+        return self.sub_blocks_bwd or (1 if n <= 32 else 2)
 
     def block_e(self, kernel: str, n: int, e: int) -> int:
         """Channels per program (backward: per sub-block) of `kernel` ("fwd" | "bwd") for state size n (a power of
@@ -64,11 +69,12 @@ class SelectiveScanTuning:
             be //= 2
         return be
 
-    def launch(self, kernel: str) -> dict:
+    def launch(self, kernel: str, n: int) -> dict:
+        """`kernel`'s launch keywords for state size n (a power of two)."""
         out = dict(num_warps=getattr(self, "num_warps_" + kernel), num_stages=getattr(self, "num_stages_" + kernel),
                    prefetch=getattr(self, "prefetch_" + kernel))
         if kernel == "bwd":
-            out["sub_blocks"] = self.sub_blocks_bwd
+            out["sub_blocks"] = self.sub_blocks_for(n)
         return out
 
 

@@ -38,6 +38,7 @@ from wmjax.layers.rope import rope_cos_sin
 from wmjax.layers.selective_mixer import SelectiveMixer
 from wmjax.layers.shared_moe import SharedMoE, TanhGatedMLP
 from wmjax.models.registry import Family
+from wmjax.random_init import fast_random_compile
 
 __all__ = ["OTCEDecoderLayer", "OTCEModel", "OTCEForCausalLM", "init_params", "param_logical_axes", "init_cache",
            "describe", "FAMILY"]
@@ -245,7 +246,8 @@ def init_params(config: OTCEConfig, rng, param_dtype=jnp.float32):
     """Random params as upstream's `_init_weights` (Linear / Conv1d / Embedding N(0, initializer_range), biases 0,
     the pad row of the word embedding zeroed; A_log = log(1..N), D = 1, norms weight 1 bias 0): a plain nested
     dict."""
-    params = nn.meta.unbox(jax.jit(_init_fn(config, param_dtype))(rng))
+    with fast_random_compile():  # threefry as one GPU kernel: unrolled, OTCE-160M's init compiled for > 100 s
+        params = nn.meta.unbox(jax.jit(_init_fn(config, param_dtype))(rng))
     if config.pad_token_id is not None:
         emb = params["model"]["embed_tokens"]["word_embeddings"]["embedding"]
         params["model"]["embed_tokens"]["word_embeddings"]["embedding"] = emb.at[config.pad_token_id].set(0)

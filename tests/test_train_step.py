@@ -104,8 +104,13 @@ def test_adamw_steps_match_numpy(setup, grads_f32):
             np.testing.assert_allclose(new, want, rtol=0, atol=5e-7, err_msg=f"step {k}: {name}")
 
 
-def test_bf16_train_step_close_to_f32(setup, grads_f32):
+def test_bf16_train_step_close_to_f32(setup):
+    # every key kept (keep_window_size >= the documents): the window's top-k is discrete, and with W = 8 one of the
+    # 528 selections of layer 0 sits at a near-tie that bf16 rounding of v flips, after which every leaf differs by
+    # up to 6.4e-2 (measured; with all keys kept the worst leaf is 1.4e-2). The masked path is checked in f32 above.
     cfg, params, batch = setup
+    cfg = cfg.replace(keep_window_size=64)
+    grads_f32 = jax.jit(_grad_fn(cfg, jnp.float32))
     lr, wd = 1e-3, 0.1
     tx, sched = make_optimizer(OptimizerConfig(lr=lr, weight_decay=wd, warmup_steps=0, schedule="constant"),
                                total_steps=1)
@@ -118,9 +123,8 @@ def test_bf16_train_step_close_to_f32(setup, grads_f32):
     assert np.isfinite(float(m16["loss"])) and np.isfinite(float(m16["grad_norm"]))
     # bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3); activations are rounded at every matmul, norm
     # and residual add of the 2 layers; norm statistics, attention scores and the loss's softmax are f32.
-    # Measured: loss and gradient norm rel 2e-5 / 4e-5 (averages over 128 tokens), worst leaf's gradient
-    # (norm-wise) 1.6e-2 (q_norm / k_norm weights, A). Bounds: 5e-3 (about one bf16 rounding) and 4e-2 (2.5x the
-    # worst leaf; RMSNorm statistics taken in bf16 instead of f32 give 8e-2).
+    # Measured: worst leaf's gradient (norm-wise) 1.4e-2 (q_norm / k_norm weights). Bounds: 5e-3 (about one bf16
+    # rounding) and 4e-2 (~3x the worst leaf).
     np.testing.assert_allclose(float(m16["loss"]), float(m32["ce"]), rtol=5e-3)
     np.testing.assert_allclose(float(m16["grad_norm"]), np.sqrt(sum(np.sum(x * x) for _, x in _leaves(g32))),
                                rtol=5e-3)

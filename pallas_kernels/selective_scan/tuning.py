@@ -22,8 +22,10 @@ class SelectiveScanTuning:
     the H200 sweep:
       N <= 32: T = 32, forward tile 4096 (N = 16: BE = 8), backward tile 2048 (BE = 4), 1 sub-block (2 were
                1.24 vs 0.98 ms fwd+bwd at b4 L2048 E768 N16);
-      N > 32:  T = 8, forward tile 2048 (N = 64: BE = 4), backward tile 1024 (BE = 2), 2 sub-blocks (T = 16 was
-               5.66 vs 4.49 ms fwd+bwd at b4 L2048 E768 N64).
+      N > 32:  T = 16, forward tile 2048 (N = 64: BE = 2), backward tile 1024 (BE = 1), 2 sub-blocks. T = 8 (BE 4 /
+               2) was faster in the kernel sweep (4.49 vs 5.66 ms fwd+bwd at b4 L2048 E768 N64), but the one
+               OTCE-160M CLI run with it did not finish 150 steps in 170 s where T = 16 had taken 122 s; it stays
+               a variant until a training run measures it.
     chunk: tokens per chunk T (the scanned axis; also the interval of the states the forward saves for the backward,
       [b, L/T, E, N] f32: 2N/T times the bytes of a bf16 x). A power of two.
     block_e_fwd / block_e_bwd: channels per program (per backward sub-block), powers of two; 0 = tile / (T N), at
@@ -50,7 +52,7 @@ class SelectiveScanTuning:
 
     def chunk_for(self, n: int) -> int:
         """Tokens per chunk for state size n (a power of two)."""
-        return self.chunk or (32 if n <= 32 else 8)
+        return self.chunk or (32 if n <= 32 else 16)
 
     def sub_blocks_for(self, n: int) -> int:
         """Backward sub-blocks for state size n (a power of two)."""

@@ -16,13 +16,14 @@ wmjax-only fields (documented in docs/DOGE.md):
 from __future__ import annotations
 
 import dataclasses
+import sys
 import json
 import math
 import os
 import warnings
 from typing import Any, Optional
 
-__all__ = ["DogeConfig", "PRESETS", "ConfigError"]
+__all__ = ["DogeConfig", "PRESETS", "ConfigError", "ConfigFields"]
 
 
 class ConfigError(ValueError):
@@ -34,8 +35,38 @@ _ROUTER_LAYOUTS = ("hf", "per_token")
 _DT_HEADS = ("kv", "query")
 
 
+class ConfigFields:
+    """The dict side of every family's frozen config dataclass, written once: `replace`, `from_dict` (unknown keys
+    are an error naming them), `to_dict` (tuples as lists: the YAML / JSON form) and `preset` (a published size
+    from the defining module's `PRESETS` dict, with field overrides)."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Build from a dict of wmjax field names; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s): {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """A published size (the defining module's PRESETS), with field overrides."""
+        presets = sys.modules[cls.__module__].PRESETS
+        if name not in presets:
+            family = cls.__name__.removesuffix("Config")
+            raise ConfigError(f"unknown {family} preset {name!r}; available: {sorted(presets)}")
+        return cls.from_dict({**presets[name], **overrides})
+
+
 @dataclasses.dataclass(frozen=True)
-class DogeConfig:
+class DogeConfig(ConfigFields):
     vocab_size: int = 32768
     hidden_size: int = 1024
     intermediate_size: int = 2048
@@ -140,22 +171,7 @@ class DogeConfig:
         """Heads carrying a dynamic-mask bias: kv heads (HF-native) or query heads (legacy)."""
         return self.num_key_value_heads if self.dt_heads == "kv" else self.num_attention_heads
 
-    def replace(self, **changes) -> "DogeConfig":
-        return dataclasses.replace(self, **changes)
-
     # ------------------------------------------------------------------ dict / HF
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DogeConfig":
-        """Build from a dict of wmjax field names; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown DogeConfig field(s): {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     # keys of a HF config.json that carry no math (ignored on import)
     _HF_IGNORED = frozenset({
         "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
@@ -294,14 +310,6 @@ class DogeConfig:
         with open(file, "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "DogeConfig":
-        """A published SmallDoge size (see PRESETS), with field overrides."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-        d = dict(PRESETS[name])
-        d.update(overrides)
-        return cls(**d)
 
 
 _COMMON = dict(vocab_size=32768, head_dim=128, max_position_embeddings=2048, keep_window_size=2048,

@@ -27,7 +27,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from wmjax.config import ConfigError, DogeConfig
+from wmjax.config import ConfigError, ConfigFields, DogeConfig
 
 __all__ = ["CheemsConfig", "PRESETS", "SSD_A_MODES"]
 
@@ -37,7 +37,7 @@ KEEP_ALL = 2 ** 30  # keep_window_size that keeps every key
 
 
 @dataclasses.dataclass(frozen=True)
-class CheemsConfig:
+class CheemsConfig(ConfigFields):
     vocab_size: int = 32768
     hidden_size: int = 1024
     intermediate_size: int = 2048
@@ -185,31 +185,7 @@ class CheemsConfig:
     def mlp_bias(self) -> bool:
         return self.hidden_bias
 
-    def replace(self, **changes) -> "CheemsConfig":
-        return dataclasses.replace(self, **changes)
-
     # ------------------------------------------------------------------ dict / upstream
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CheemsConfig":
-        """Build from a dict of wmjax field names; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown CheemsConfig field(s): {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "CheemsConfig":
-        """A published size (see PRESETS), with field overrides."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown Cheems preset {name!r}; available: {sorted(PRESETS)}")
-        d = dict(PRESETS[name])
-        d.update(overrides)
-        return cls.from_dict(d)
-
     # keys of an upstream config.json that carry no math (ignored on import)
     _UPSTREAM_IGNORED = frozenset({
         "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",

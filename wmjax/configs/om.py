@@ -25,7 +25,7 @@ import math
 import warnings
 from typing import Any, Optional, Tuple
 
-from wmjax.config import ConfigError
+from wmjax.config import ConfigError, ConfigFields
 
 __all__ = ["OmConfig", "PRESETS", "ConfigError", "ROPE_KINDS", "ACTIVATIONS"]
 
@@ -36,7 +36,7 @@ _BRANCHES = ("main", "heavyball")
 
 
 @dataclasses.dataclass(frozen=True)
-class OmConfig:
+class OmConfig(ConfigFields):
     vocab_size: int = 50259
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -189,35 +189,7 @@ class OmConfig:
                 return name
         return "custom"
 
-    def replace(self, **changes) -> "OmConfig":
-        return dataclasses.replace(self, **changes)
-
     # ------------------------------------------------------------------ dict / upstream
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OmConfig":
-        """Build from a dict of wmjax field names; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown OmConfig field(s): {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "OmConfig":
-        """A published Om config (see PRESETS), with field overrides."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-        d = dict(PRESETS[name])
-        d.update(overrides)
-        return cls(**d)
-
     @classmethod
     def from_upstream_dict(cls, d: dict[str, Any], *, branch: Optional[str] = None, strict: bool = True,
                            **overrides) -> "OmConfig":

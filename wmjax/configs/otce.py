@@ -23,7 +23,7 @@ import dataclasses
 import math
 from typing import Any, Optional, Union
 
-from wmjax.config import ConfigError
+from wmjax.config import ConfigError, ConfigFields
 
 __all__ = ["OTCEConfig", "PRESETS", "EXPERT_TYPES"]
 
@@ -45,7 +45,7 @@ _UPSTREAM_IGNORED = frozenset({
 
 
 @dataclasses.dataclass(frozen=True)
-class OTCEConfig:
+class OTCEConfig(ConfigFields):
     vocab_size: int = 65536
     type_vocab_size: Optional[int] = None
     hidden_size: int = 1024
@@ -249,9 +249,6 @@ class OTCEConfig:
                                                            else "num_experts > 1"))
         return cfg
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     # ------------------------------------------------------------------ upstream config.json
     @classmethod
     def from_upstream_dict(cls, d: dict[str, Any], *, strict: bool = True, **overrides) -> "OTCEConfig":
@@ -299,14 +296,6 @@ class OTCEConfig:
                  attn_implementation="sdpa")
         return d
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "OTCEConfig":
-        """A named size (see PRESETS), with field overrides."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-        d = dict(PRESETS[name])
-        d.update(overrides)
-        return cls.from_dict(d)
 
 
 # OTCE publishes no checkpoints (its README); the upstream default config is "OTCE-1B" (~1.05e9 parameters).

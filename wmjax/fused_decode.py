@@ -116,8 +116,8 @@ def prepare_decode_params(config, params, dtype, tuning: DecodeTuning | None = N
     """The model's params -> the decode kernels' operands: per layer the q/k/v kernels concatenated and
     transposed to [(H + 2G) D, hidden], o [hidden, H D], gate / up [F, hidden], down [hidden, F] (in the compute
     dtype, as nn.Dense casts them), dt_proj transposed to [G, G D] and its bias in f32 (the model's dt_proj runs in
-    f32), norms, residual scales, A, biases; the LM head [V', hidden] (the tied embedding or the untied head, transposed; V' = vocab rounded up to the
-    head's block, `tuning.logits_block_n`). Runs inside the jit, once per `generate` call, before the decode loop."""
+    f32), norms, residual scales, A, biases; the LM head [V', hidden] (the tied embedding or the untied head,
+    transposed; V' = vocab rounded up to the head's block, `tuning.logits_block_n`). Runs inside the jit, once per `generate` call, before the decode loop."""
     tuning = current_tuning() if tuning is None else tuning
     m = params["model"]
     cast = lambda x: jnp.asarray(x).astype(dtype)

@@ -31,9 +31,9 @@ class SelectiveScanTuning:
     block_e_fwd / block_e_bwd: channels per program (per backward sub-block), powers of two; 0 = tile / (T N), at
       least 1, at most the (power-of-two) channel count.
     tile_fwd / tile_bwd: the T BE N budget used when block_e_* is 0 (0 = the defaults above).
-    sub_blocks_bwd: S (0 = by N, above), blocks of block_e_bwd channels per backward program, walked one after the other inside each
-      chunk (static loop, S copies of the chunk code): the dB / dC partial sums per token drop from E / BE to
-      E / (S BE) ([b, E / (S BE), L, N] f32 each, written and summed once), at S times fewer programs.
+    sub_blocks_bwd: S (0 = by N, above), blocks of block_e_bwd channels per backward program, walked one after the
+      other inside each chunk (static loop, S copies of the chunk code): the dB / dC partial sums per token drop
+      from E / BE to E / (S BE) ([b, E / (S BE), L, N] f32 each, written and summed once), at S times fewer programs.
     prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (a double buffer in
       registers; off in the backward, whose registers are the tighter).
     num_warps_* / num_stages_*: Triton launch parameters."""

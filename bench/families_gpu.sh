@@ -10,7 +10,8 @@
 #                                  bash bench/families_gpu.sh
 #     OTCE:                        CONFIGS=configs/otce-160m.yaml SAMPLE=configs/otce-160m.yaml bash bench/families_gpu.sh
 #   env: STEPS (training steps per run, 200), CONFIGS (training configs), SAMPLE (bench/sample_families.py configs,
-#        comma-separated), PARTS ("build ss train sample"), TRAIN_LIMIT / SS_LIMIT / SAMPLE_LIMIT (seconds per step)
+#        comma-separated), PARTS ("build ss train sample"), TRAIN_LIMIT / SS_LIMIT / SAMPLE_LIMIT (seconds per step),
+#        SS_ARGS (bench/selective_scan.py's arguments, "--nvar 1 --no-ref")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
@@ -49,7 +50,7 @@ fi
 if has ss; then
   [ -n "${BUILD:-}" ] && wait "$BUILD"
   tail -1 "$OUT/mamba_build.log" 2>/dev/null | tee -a "$OUT/steps.log"
-  step selective_scan "$SS_LIMIT" python3 bench/selective_scan.py --nvar 1 --no-ref --json "$OUT/selective_scan.json"
+  step selective_scan "$SS_LIMIT" python3 bench/selective_scan.py ${SS_ARGS:---nvar 1 --no-ref} --json "$OUT/selective_scan.json"
   grep -E "fwd|ratio|PASS|FAIL|peer" "$OUT/selective_scan.log" | tail -20 | tee -a "$OUT/steps.log"
 fi
 if has sample; then

@@ -54,26 +54,28 @@ from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_
 
 # wmjax kernel variants per state-size class: `pallas_kernels.selective_scan.tuning.override` fields (the first is
 # the default; the table reports the best and the default). Register counts: Triton 3.9 + ptxas for sm_90 on CPU.
+_NOPARTS = {"part_programs_fwd": -1, "part_programs_bwd": -1}
 VARIANTS_N16 = [
-    {},                                                                   # T32; fwd BE8 4w; bwd BE4 x S1 4w
-    {"sub_blocks_bwd": 2},                                                # bwd: 1/2 the programs and dB/dC partials
-    {"block_e_fwd": 16, "num_warps_fwd": 8, "block_e_bwd": 8, "sub_blocks_bwd": 1, "num_warps_bwd": 8},
-    {"chunk": 64, "block_e_fwd": 4, "block_e_bwd": 2},                    # longer chunks, fewer saved states
-    {"chunk": 16, "block_e_fwd": 16, "block_e_bwd": 8},
-    {"prefetch_fwd": False, "prefetch_bwd": True, "num_stages_fwd": 1, "num_stages_bwd": 1},
+    {},                          # T8, N2 = 8; BE 8 at 1 warp; backward 2 sub-blocks; parts (sequence parallel)
+    {"chunk": 4, "block_e_fwd": 16, "block_e_bwd": 16, "sub_blocks_bwd": 1},
+    {"sub_blocks_bwd": 1},
+    {"chunk": 16, "block_e_fwd": 16, "block_e_bwd": 16, "num_warps_fwd": 4, "num_warps_bwd": 4, "sub_blocks_bwd": 1,
+     **_NOPARTS},                                                          # the best without parts
+    {"part_programs_fwd": -1},
 ]
 VARIANTS_N64 = [
-    {},                                                                   # T16; fwd BE2 4w; bwd BE1 x S2 4w
+    {},                          # T8, N2 = 16; forward BE 8 at 4 warps; backward BE 2 at 1 warp, 2 sub-blocks, parts
     {"sub_blocks_bwd": 1},
-    {"chunk": 8, "block_e_fwd": 4, "block_e_bwd": 2},                     # fastest kernel in the H200 sweep
-    {"block_e_fwd": 4, "num_warps_fwd": 8, "block_e_bwd": 2, "num_warps_bwd": 8},
+    {"block_e_bwd": 8, "num_warps_bwd": 4, "sub_blocks_bwd": 1},
+    {"chunk": 4, "block_e_fwd": 4, "block_e_bwd": 4, "num_warps_fwd": 1, "sub_blocks_bwd": 1},
+    {"part_programs_bwd": -1, "block_e_bwd": 8, "num_warps_bwd": 4, "sub_blocks_bwd": 1},     # no parts
 ]
 
 CONFIGS = [
     # name, b, L, E, N, variants, how many of them to time (the big shape: fewer, to keep the run short)
-    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 4),
+    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 6),
     ("otce160m b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 6),
-    ("otce b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 4),
+    ("otce b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 5),
 ]
 EXP_RATE = 132 * 16 * 1.755e9   # nominal H100 SXM MUFU throughput, exp / s
 

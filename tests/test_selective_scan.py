@@ -214,6 +214,16 @@ KERNEL_CASES = [
                                       prefetch_bwd=True), ("z", "initial_state"), True, False,
                  id="N16-no-softplus-packed-S4-prefetch-swapped"),
     pytest.param((1, 40, 8, 64), {}, ("D", "dt_bias", "initial_state"), (8, 16, 29), True, id="N64-defaults-packed"),
+    # sequence parallelism: parts of whole chunks (a huge part_programs asks for as many as the length allows)
+    pytest.param((2, 37, 16, 16), dict(chunk=2, part_programs_fwd=10**6, part_programs_bwd=10**6, lanes_n=8,
+                                       block_e_fwd=8, block_e_bwd=4, sub_blocks_bwd=1),
+                 OPTS, (8, 9, 17, 30), True, id="parts4-ragged-resets-at-part-boundaries-h0"),
+    pytest.param((1, 64, 16, 8), dict(chunk=4, part_programs_fwd=10**6, part_programs_bwd=10**6, lanes_n=2,
+                                      block_e_fwd=16, block_e_bwd=4,
+                                      sub_blocks_bwd=2, prefetch_fwd=False, prefetch_bwd=True),
+                 ("z", "initial_state"), True, False, id="parts4-S2-no-softplus-packed"),
+    pytest.param((1, 70, 8, 16), dict(chunk=2, part_programs_fwd=2, part_programs_bwd=10**6, num_warps_fwd=4), OPTS, True, True,
+                 id="parts-bwd-only-padded-to-whole-parts"),
 ]
 @pytest.mark.parametrize("shape,tune,opts,seg,sp", KERNEL_CASES)
 def test_pallas_interpret_fwd_bwd(shape, tune, opts, seg, sp):
@@ -320,17 +330,19 @@ def _abstract_h100():
 
 
 @pytest.mark.parametrize(
-    "shape,dtype,opts,seg,tune",
+    "shape,dtype,opts,seg,tune,kernels",
     [
-        ((2, 512, 2048, 16), jnp.bfloat16, (), False, {}),                    # benchmark shape family, defaults
-        ((1, 300, 768, 64), jnp.bfloat16, OPTS, True, {}),                    # OTCE default N = 64, ragged L
-        ((1, 100, 40, 16), jnp.float32, ("z", "dt_bias"), True,               # E not a multiple of the block,
-         dict(chunk=64, prefetch_fwd=False, prefetch_bwd=True, block_e_fwd=2, block_e_bwd=4, sub_blocks_bwd=4)),
-        ((1, 64, 32, 16), jnp.bfloat16, ("D", "z", "f32 delta"), True,        # OTCE's mixer: bf16 x, f32 delta
-         dict(chunk=4)),                                                       # (softplus applied outside)
+        # kernels: (forward, forward + backward) pallas_calls; a part pass (sequence parallelism) adds one each
+        ((2, 512, 2048, 16), jnp.bfloat16, (), False, {}, (2, 4)),           # benchmark shape family, defaults
+        ((1, 300, 768, 64), jnp.bfloat16, OPTS, True, {}, (1, 3)),           # OTCE default N = 64: parts bwd only
+        ((1, 100, 40, 16), jnp.float32, ("z", "dt_bias"), True,              # E not a multiple of the block,
+         dict(chunk=64, prefetch_fwd=False, prefetch_bwd=True, block_e_fwd=2, block_e_bwd=4, sub_blocks_bwd=4),
+         (1, 2)),                                                             # 2 chunks: no parts
+        ((1, 64, 32, 16), jnp.bfloat16, ("D", "z", "f32 delta"), True,       # OTCE's mixer: bf16 x, f32 delta
+         dict(chunk=4), (2, 4)),                                              # (softplus applied outside)
     ],
 )
-def test_lowers_for_abstract_h100(shape, dtype, opts, seg, tune):
+def test_lowers_for_abstract_h100(shape, dtype, opts, seg, tune, kernels):
     b, L, E, N = shape
     S = jax.ShapeDtypeStruct
     f32_delta = "f32 delta" in opts
@@ -356,8 +368,8 @@ def test_lowers_for_abstract_h100(shape, dtype, opts, seg, tune):
         return jax.grad(loss, argnums=(0, 1))(a, k)
 
     with _abstract_h100(), tuning.override(**tune):
-        # fwd: one kernel; fwd+bwd: the saving forward and the backward (the plain forward is dead under grad)
-        for f, n_kernels in ((fwd, 1), (fwd_bwd, 2)):
+        # fwd+bwd: the saving forward and the backward (the plain forward is dead under grad)
+        for f, n_kernels in zip((fwd, fwd_bwd), kernels):
             t0 = time.perf_counter()
             lowered = jax.jit(f).trace(*[arrs[k] for k in names], **kw).lower(lowering_platforms=("cuda",))
             seconds = time.perf_counter() - t0

@@ -69,23 +69,25 @@ class _Chunk:
     """Loads and the forward recurrence of one chunk of T tokens inside a program whose W = S BE channels are S
     sub-blocks of BE (walked one after the other inside a chunk; the forward has S = 1)."""
 
-    def __init__(self, r, T, L, Lp, BE, S, dt_softplus, with_dy):
+    def __init__(self, r, T, L, Lp, BE, S, dt_softplus, with_dy, with_x=True, with_b=True, with_c=True):
         self.r, self.T, self.L, self.Lp, self.BE, self.S, self.sp = r, T, L, Lp, BE, S, dt_softplus
         self.bias = [r["bias"][:, self.cols(j)].astype(_F32) for j in range(S)]     # [1, BE]
-        self.A = [r["a"][self.cols(j), :].astype(_F32) for j in range(S)]           # [BE, N]
+        self.A = [r["a"][:, self.cols(j), :].astype(_F32) for j in range(S)]        # [N1, BE, N2]
         # exp(delta A) as exp2(delta A log2 e): ex2.approx, not libdevice's accurate expf
         self.A2 = [A * _LOG2E for A in self.A]
-        self.rows = ["x", "dt"] + (["dy"] if with_dy else []) + (["z"] if r["z"] is not None else [])
+        self.rows = (["x"] if with_x else []) + ["dt"] + (["dy"] if with_dy else []) + \
+            (["z"] if r.get("z") is not None else [])
+        self.bc = (["b"] if with_b else []) + (["c"] if with_c else [])
 
     def cols(self, j):
         return pl.ds(j * self.BE, self.BE) if self.S > 1 else slice(None)
 
     def load(self, c):
-        """{"b", "c": [T, N], "keep": [T], "sub": [{"x", "dt", ...: [T, BE]} per sub-block]}"""
+        """{"b", "c": [T, N1, N2], "keep": [T], "sub": [{"x", "dt", ...: [T, BE]} per sub-block]}"""
         sl = _rows(c, self.T)
-        d = {n: self.r[n][sl, :] for n in ("b", "c")}
+        d = {n: self.r[n][sl, :, :] for n in self.bc}
         d["sub"] = [{n: self.r[n][sl, self.cols(j)] for n in self.rows} for j in range(self.S)]
-        if self.r["keep"] is not None:
+        if self.r.get("keep") is not None:
             d["keep"] = self.r["keep"][sl]
         return d
 
@@ -102,15 +104,37 @@ class _Chunk:
             d, dd = jnp.where(live, d, 0.0), jnp.where(live, dd, 0.0)
         return d, dd
 
-    def states(self, rows, x, delta, h_in, j):
-        """(a, b, h) [T, BE, N] of the chunk: decay, input and the state after every token, from h_in [BE, N]."""
-        a = jnp.exp2(delta[:, :, None] * self.A2[j][None])
+    def decays(self, rows, delta, j):
+        """a = exp(delta A) keep [T, N1, BE, N2] (0 at a document start)."""
+        a = jnp.exp2(_e(delta) * self.A2[j][None])
         if "keep" in rows:
-            a = a * rows["keep"][:, None, None]
+            a = a * rows["keep"][:, None, None, None]
+        return a
+
+    def states(self, rows, x, delta, h_in, j, with_prod=False):
+        """(a, b, h) [T, N1, BE, N2] of the chunk: decay, input and the state after every token, from h_in
+        [N1, BE, N2]; with_prod also the running product of the decays."""
+        a = self.decays(rows, delta, j)
         u = delta * x.astype(_F32)                                                  # [T, BE]
-        bx = u[:, :, None] * rows["b"].astype(_F32)[:, None, :]
+        bx = _e(u) * _n(rows["b"])
         P, H = linear_scan(a, bx)
-        return a, bx, H + P * h_in[None]
+        h = H + P * h_in[None]
+        return (a, bx, h, P) if with_prod else (a, bx, h)
+
+
+def _e(v):
+    """[T, BE] -> [T, 1, BE, 1] (per channel, broadcast over the state)."""
+    return v[:, None, :, None]
+
+
+def _n(v):
+    """[T, N1, N2] rows of B or C -> f32 [T, N1, 1, N2] (per state, broadcast over the channels)."""
+    return v.astype(_F32)[:, :, None, :]
+
+
+def _sum_n(v):
+    """[T, N1, BE, N2] -> [T, BE]: the in-thread axis N1 first, then the lanes' N2."""
+    return jnp.sum(jnp.sum(v, axis=1), axis=2)
 
 
 def _row(v, i):
@@ -119,39 +143,120 @@ def _row(v, i):
     return jnp.sum(jnp.where(t == i, v, 0.0), axis=0)
 
 
-def _chunk_loop(nc, order, body, init, load, prefetch):
-    """fori_loop over the nc chunks in `order` ("fwd" | "rev"): body(c, carry, rows) -> carry. With prefetch the
-    rows of the next chunk are loaded before the current one is computed and carried (a double buffer)."""
-    chunk_of = (lambda j: j) if order == "fwd" else (lambda j: nc - 1 - j)
+def _chunk_loop(n, order, body, init, load, prefetch, c0=0):
+    """fori_loop over the n chunks c0 .. c0 + n - 1 in `order` ("fwd" | "rev"): body(c, carry, rows) -> carry.
+    With prefetch the rows of the next chunk are loaded before the current one is computed and carried (a double
+    buffer)."""
+    chunk_of = (lambda j: c0 + j) if order == "fwd" else (lambda j: c0 + n - 1 - j)
     if not prefetch:
-        return lax.fori_loop(0, nc, lambda j, carry: body(chunk_of(j), carry, load(chunk_of(j))), init)
+        return lax.fori_loop(0, n, lambda j, carry: body(chunk_of(j), carry, load(chunk_of(j))), init)
 
     def step(j, carry):
         inner, rows = carry
-        nxt = load(chunk_of(jnp.minimum(j + 1, nc - 1)))
+        nxt = load(chunk_of(jnp.minimum(j + 1, n - 1)))
         return body(chunk_of(j), inner, rows), nxt
 
-    return lax.fori_loop(0, nc, step, (init, load(chunk_of(0))))[0]
+    return lax.fori_loop(0, n, step, (init, load(chunk_of(0))))[0]
+
+
+def _carry_in(P, p, init, step, order):
+    """The state (forward) or adjoint (backward) entering part p from the part summaries: folds step(q, v) over
+    the parts before p ("fwd": q = 0 .. p - 1) or after it ("rev": q = P - 1 .. p + 1), starting from init."""
+    if P == 1:
+        return init
+
+    def body(i, v):
+        q = i if order == "fwd" else P - 1 - i
+        use = (q < p) if order == "fwd" else (q > p)
+        return jnp.where(use, step(q, v), v)
+
+    return lax.fori_loop(0, P, body, init)
+
+
+def _grid_specs(Lp, N1, N2, BE):
+    """BlockSpecs of a (batch row, channel block, part) grid: whole sequences per program (the part picks its
+    chunks inside)."""
+    seq = pl.BlockSpec((None, Lp, BE), lambda ib, ie, ip: (ib, 0, ie))
+    bc = pl.BlockSpec((None, Lp, N1, N2), lambda ib, ie, ip: (ib, 0, 0, 0))
+    row = pl.BlockSpec((1, BE), lambda ib, ie, ip: (0, ie))
+    state = pl.BlockSpec((None, N1, BE, N2), lambda ib, ie, ip: (ib, 0, ie, 0))
+    amat = pl.BlockSpec((N1, BE, N2), lambda ib, ie, ip: (0, ie, 0))
+    keep = pl.BlockSpec((None, Lp), lambda ib, ie, ip: (ib, 0))
+    return seq, bc, row, state, amat, keep
+
+
+def _parts_spec(P, N1, BE, N2):
+    """All P part summaries of a channel block, [P, N1, BE, N2] of [b, P, N1, Ep, N2]."""
+    return pl.BlockSpec((None, P, N1, BE, N2), lambda ib, ie, ip: (ib, 0, 0, ie, 0))
+
+
+def _part_spec(N1, BE, N2):
+    """This program's part summary, [N1, BE, N2] of [b, P, N1, Ep, N2]."""
+    return pl.BlockSpec((None, None, N1, BE, N2), lambda ib, ie, ip: (ib, ip, 0, ie, 0))
+
+
+def _call(kern, name, grid, in_specs, args, out_specs, out_shape, num_warps, num_stages, interpret):
+    return pl.pallas_call(kern, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          compiler_params=_cparams(num_warps, num_stages), interpret=interpret, name=name)(*args)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, T, nc, L, dt_softplus, has_z, has_seg, save, prefetch):
+def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
+    """Part summary: the state at the end of part p from a zero state, and the product of its decays."""
+    r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("a", 1), ("bias", 1), ("keep", has_seg),
+                           ("sloc", 1), ("dprod", 1), ("z", 0)])
+    ch = _Chunk(r, T, L, Lp, r["x"].shape[1], 1, dt_softplus, with_dy=False, with_c=False)
+
+    def body(c, carry, rows):
+        h_in, dprod = carry
+        sub = rows["sub"][0]
+        delta, _ = ch.delta(sub["dt"], c, 0)
+        _, _, h, Pr = ch.states(rows, sub["x"], delta, h_in, 0, with_prod=True)
+        return _row(h, T - 1), dprod * _row(Pr, T - 1)
+
+    zero = jnp.zeros(ch.A[0].shape, _F32)
+    h, dprod = _chunk_loop(cpp, "fwd", body, (zero, zero + 1.0), ch.load, prefetch, c0=pl.program_id(2) * cpp)
+    r["sloc"][...] = h
+    r["dprod"][...] = dprod
+
+
+@lower_once
+def scan_part_fwd(x, dt, B, A, bias, keep, *, T, L, BE, cpp, dt_softplus, interpret, prefetch=True, num_warps=4,
+                  num_stages=2):
+    """Per part of cpp chunks: (end state from zero [b, P, N1, Ep, N2] f32, product of the part's decays, same)."""
+    b, Lp, Ep = x.shape
+    N1, N2 = B.shape[2:]
+    P, nE = Lp // (T * cpp), Ep // BE
+    seq, bc, row, _, amat, keep_spec = _grid_specs(Lp, N1, N2, BE)
+    in_specs, args = [seq, seq, bc, amat, row], [x, dt, B, A, bias]
+    if keep is not None:
+        in_specs.append(keep_spec)
+        args.append(keep)
+    part = jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32)
+    kern = functools.partial(_fwd_part_kernel, T=T, cpp=cpp, L=L, Lp=Lp, dt_softplus=dt_softplus,
+                             has_seg=keep is not None, prefetch=prefetch)
+    return _call(kern, "selective_scan_fwd_parts", (b, nE, P), in_specs, args,
+                 [_part_spec(N1, BE, N2)] * 2, [part, part], num_warps, num_stages, interpret)
+
+
+def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch):
     r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("c", 1), ("a", 1), ("d", 1), ("bias", 1), ("h0", 1),
-                           ("z", has_z), ("keep", has_seg), ("y", 1), ("fin", 1), ("hs", save),
-                           ("yp", save and has_z)])
-    ch = _Chunk(r, T, L, nc * T, r["x"].shape[1], 1, dt_softplus, with_dy=False)
+                           ("z", has_z), ("keep", has_seg), ("sloc", P > 1), ("dprod", P > 1),
+                           ("y", 1), ("fin", 1), ("hs", save), ("yp", save and has_z)])
+    ch = _Chunk(r, T, L, P * cpp * T, r["x"].shape[1], 1, dt_softplus, with_dy=False)
     Dv = r["d"][...].astype(_F32)                                                   # [1, BE]
+    p = pl.program_id(2)
 
     def body(c, h_in, rows):
         if save:
-            r["hs"][c, :, :] = h_in
+            r["hs"][c, :, :, :] = h_in
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         _, _, h = ch.states(rows, sub["x"], delta, h_in, 0)
         xr = sub["x"].astype(_F32)
-        y = jnp.sum(h * rows["c"].astype(_F32)[:, None, :], axis=2) + Dv * xr       # [T, BE]
+        y = _sum_n(h * _n(rows["c"])) + Dv * xr                                     # [T, BE]
         if has_z:
             if save:
                 r["yp"][_rows(c, T), :] = y.astype(r["yp"].dtype)
@@ -160,29 +265,30 @@ def _fwd_kernel(*refs, T, nc, L, dt_softplus, has_z, has_seg, save, prefetch):
         r["y"][_rows(c, T), :] = y.astype(r["y"].dtype)
         return _row(h, T - 1)
 
-    r["fin"][...] = _chunk_loop(nc, "fwd", body, r["h0"][...].astype(_F32), ch.load, prefetch)
-
-
-def _specs(Lp, Np, BE):
-    seq = pl.BlockSpec((None, Lp, BE), lambda ib, ie: (ib, 0, ie))
-    bc = pl.BlockSpec((None, Lp, Np), lambda ib, ie: (ib, 0, 0))
-    row = pl.BlockSpec((1, BE), lambda ib, ie: (0, ie))
-    state = pl.BlockSpec((None, BE, Np), lambda ib, ie: (ib, ie, 0))
-    amat = pl.BlockSpec((BE, Np), lambda ib, ie: (ie, 0))
-    keep = pl.BlockSpec((None, Lp), lambda ib, ie: (ib, 0))
-    return seq, bc, row, state, amat, keep
+    h_in = _carry_in(P, p, r["h0"][...].astype(_F32),
+                     lambda q, v: r["dprod"][q, :, :, :] * v + r["sloc"][q, :, :, :], "fwd")
+    fin = _chunk_loop(cpp, "fwd", body, h_in, ch.load, prefetch, c0=p * cpp)
+    if P == 1:
+        r["fin"][...] = fin
+    else:
+        @pl.when(p == P - 1)
+        def _():
+            r["fin"][...] = fin
 
 
 @lower_once
-def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, *, T, L, BE, dt_softplus, save, interpret, prefetch=True,
-             num_warps=4, num_stages=2):
-    """Returns y [b, Lp, Ep] (x.dtype), final state [b, Ep, Np] f32 and, if save, hs [b, nc, Ep, Np] f32 and (with
-    z) the ungated output y' = sum_n h C + D x [b, Lp, Ep] (x.dtype), for the gate's gradient."""
+def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, *, T, L, BE, cpp, dt_softplus, save, interpret,
+             prefetch=True, num_warps=4, num_stages=2):
+    """Returns y [b, Lp, Ep] (x.dtype), final state [b, N1, Ep, N2] f32 and, if save, hs [b, nc, N1, Ep, N2] f32
+    and (with z) the ungated output y' = sum_n h C + D x [b, Lp, Ep] (x.dtype), for the gate's gradient.
+    Lp = P cpp T: part p (a grid axis) starts from the state folded from `scan_part_fwd`'s summaries sloc, dprod
+    (None when P = 1)."""
     b, Lp, Ep = x.shape
-    Np = B.shape[2]
+    N1, N2 = B.shape[2:]
     nc, nE = Lp // T, Ep // BE
+    P = nc // cpp
     has_z, has_seg = z is not None, keep is not None
-    seq, bc, row, state, amat, keep_spec = _specs(Lp, Np, BE)
+    seq, bc, row, state, amat, keep_spec = _grid_specs(Lp, N1, N2, BE)
     in_specs = [seq, seq, bc, bc, amat, row, row, state]
     args = [x, dt, B, C, A, D, bias, h0]
     if has_z:
@@ -191,60 +297,104 @@ def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, *, T, L, BE, dt_softplus, sav
     if has_seg:
         in_specs.append(keep_spec)
         args.append(keep)
-    out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, Ep, Np), _F32)]
+    if P > 1:
+        in_specs += [_parts_spec(P, N1, BE, N2)] * 2
+        args += [sloc, dprod]
+    out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, N1, Ep, N2), _F32)]
     out_specs = [seq, state]
     if save:
-        out_shape.append(jax.ShapeDtypeStruct((b, nc, Ep, Np), _F32))
-        out_specs.append(pl.BlockSpec((None, nc, BE, Np), lambda ib, ie: (ib, 0, ie, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, nc, N1, Ep, N2), _F32))
+        out_specs.append(pl.BlockSpec((None, nc, N1, BE, N2), lambda ib, ie, ip: (ib, 0, 0, ie, 0)))
     if save and has_z:
         out_shape.append(jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype))
         out_specs.append(seq)
-    kern = functools.partial(_fwd_kernel, T=T, nc=nc, L=L, dt_softplus=dt_softplus, has_z=has_z,
+    kern = functools.partial(_fwd_kernel, T=T, cpp=cpp, P=P, L=L, dt_softplus=dt_softplus, has_z=has_z,
                              has_seg=has_seg, save=save, prefetch=prefetch)
-    return pl.pallas_call(
-        kern,
-        out_shape=out_shape,
-        grid=(b, nE),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        compiler_params=_cparams(num_warps, num_stages),
-        interpret=interpret,
-        name="selective_scan_fwd",
-    )(*args)
+    return _call(kern, "selective_scan_fwd", (b, nE, P), in_specs, args, out_specs, out_shape, num_warps,
+                 num_stages, interpret)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # backward
 # ------------------------------------------------------------------------------------------------------------
-def _bwd_kernel(*refs, T, BE, S, nc, L, dt_softplus, has_seg, prefetch):
+def _adjoint(a, g, G_in):
+    """G_t = g_t + a_{t+1} G_{t+1} inside a chunk, G past its end = G_in (the a_0' G_0' of the chunk after)."""
+    _, M, K = linear_scan(a, jnp.ones_like(a), g, kind="adjoint", reverse=True)
+    return K + M * G_in[None]
+
+
+def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
+    """Part summary of the adjoint: a_s G_s at the part's first token s from a zero adjoint past its end, and the
+    product of the part's decays."""
+    r = _split_refs(refs, [("dt", 1), ("c", 1), ("a", 1), ("bias", 1), ("dy", 1), ("keep", has_seg),
+                           ("qloc", 1), ("dprod", 1), ("z", 0), ("x", 0)])
+    ch = _Chunk(r, T, L, Lp, r["dt"].shape[1], 1, dt_softplus, with_dy=True, with_x=False, with_b=False)
+
+    def body(c, carry, rows):
+        Q, dprod = carry
+        sub = rows["sub"][0]
+        delta, _ = ch.delta(sub["dt"], c, 0)
+        a = ch.decays(rows, delta, 0)
+        _, M, K = linear_scan(a, jnp.ones_like(a), _n(rows["c"]) * _e(sub["dy"].astype(_F32)), kind="adjoint",
+                              reverse=True)
+        aM = a * M                                                                  # prod_{r >= t} a_r
+        return _row(a * K, 0) + _row(aM, 0) * Q, dprod * _row(aM, 0)
+
+    zero = jnp.zeros(ch.A[0].shape, _F32)
+    q, dprod = _chunk_loop(cpp, "rev", body, (zero, zero + 1.0), ch.load, prefetch, c0=pl.program_id(2) * cpp)
+    r["qloc"][...] = q
+    r["dprod"][...] = dprod
+
+
+@lower_once
+def scan_part_bwd(dt, C, A, bias, dy, keep, *, T, L, BE, cpp, dt_softplus, interpret, prefetch=True, num_warps=4,
+                  num_stages=2):
+    """Per part of cpp chunks: (a_s G_s at its first token s from a zero adjoint past its end, product of the
+    part's decays), [b, P, N1, Ep, N2] f32 each (dy: the gradient of the ungated output)."""
+    b, Lp, Ep = dt.shape
+    N1, N2 = C.shape[2:]
+    P, nE = Lp // (T * cpp), Ep // BE
+    seq, bc, row, _, amat, keep_spec = _grid_specs(Lp, N1, N2, BE)
+    in_specs, args = [seq, bc, amat, row, seq], [dt, C, A, bias, dy]
+    if keep is not None:
+        in_specs.append(keep_spec)
+        args.append(keep)
+    part = jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32)
+    kern = functools.partial(_bwd_part_kernel, T=T, cpp=cpp, L=L, Lp=Lp, dt_softplus=dt_softplus,
+                             has_seg=keep is not None, prefetch=prefetch)
+    return _call(kern, "selective_scan_bwd_parts", (b, nE, P), in_specs, args, [_part_spec(N1, BE, N2)] * 2,
+                 [part, part], num_warps, num_stages, interpret)
+
+
+def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
     r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("c", 1), ("a", 1), ("d", 1), ("bias", 1),
                            ("hs", 1), ("dy", 1), ("dfin", 1), ("z", 0), ("keep", has_seg),
+                           ("qloc", P > 1), ("dprod", P > 1),
                            ("dx", 1), ("ddt", 1), ("db", 1), ("dc", 1), ("dA", 1), ("dD", 1), ("dbias", 1),
                            ("dh0", 1)])
-    ch = _Chunk(r, T, L, nc * T, BE, S, dt_softplus, with_dy=True)
+    ch = _Chunk(r, T, L, P * cpp * T, BE, S, dt_softplus, with_dy=True)
     Dv = [r["d"][:, ch.cols(j)].astype(_F32) for j in range(S)]                     # [1, BE]
+    p = pl.program_id(2)
 
     def sub_block(c, j, rows, G_in, dA_acc, dD_acc, db_acc):
-        """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC [T, N] and the updated carries."""
+        """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC [T, N1, N2] and the updated carries."""
         sl, cols, sub, A = _rows(c, T), ch.cols(j), rows["sub"][j], ch.A[j]
         delta, ddelta_ddt = ch.delta(sub["dt"], c, j)
-        a, bx, h = ch.states(rows, sub["x"], delta, r["hs"][c, cols, :], j)
-        xr, Bc, Cc = sub["x"].astype(_F32), rows["b"].astype(_F32), rows["c"].astype(_F32)
+        a, bx, h = ch.states(rows, sub["x"], delta, r["hs"][c, :, cols, :], j)
+        xr = sub["x"].astype(_F32)
         dyp = sub["dy"].astype(_F32)     # dy' = dy silu(z) (the wrapper applies the gate)
         # everything that needs h first, so that only a and a h_{t-1} = h - b stay live through the adjoint scan
-        dC = jnp.sum(h * dyp[:, :, None], axis=1)                                   # [T, N]
+        dC = jnp.sum(h * _e(dyp), axis=2)                                           # [T, N1, N2]
         ah = h - bx                                                                 # a_t h_{t-1}
-        g = Cc[:, None, :] * dyp[:, :, None]                                        # [T, BE, N]
-        _, M, K = linear_scan(a, jnp.ones_like(a), g, kind="adjoint", reverse=True)
-        G = K + M * G_in[None]                                                      # dL/dh_t
+        G = _adjoint(a, _n(rows["c"]) * _e(dyp), G_in)                             # dL/dh_t
         u = delta * xr
-        dB = jnp.sum(G * u[:, :, None], axis=1)
-        du = jnp.sum(G * Bc[:, None, :], axis=2)                                    # [T, BE]
+        dB = jnp.sum(G * _e(u), axis=2)
+        du = _sum_n(G * _n(rows["b"]))                                              # [T, BE]
         s = G * ah
-        ddt = (du * xr + jnp.sum(s * A[None], axis=2)) * ddelta_ddt
+        ddt = (du * xr + _sum_n(s * A[None])) * ddelta_ddt
         r["dx"][sl, cols] = (du * delta + Dv[j] * dyp).astype(r["dx"].dtype)
         r["ddt"][sl, cols] = ddt.astype(r["ddt"].dtype)
-        dA_acc = dA_acc + jnp.sum(s * delta[:, :, None], axis=0)
+        dA_acc = dA_acc + jnp.sum(s * _e(delta), axis=0)
         dD_acc = dD_acc + dyp * xr            # [T, BE]: summed over T once, after the loop
         db_acc = db_acc + ddt
         return dB, dC, (_row(a * G, 0), dA_acc, dD_acc, db_acc)
@@ -257,60 +407,66 @@ def _bwd_kernel(*refs, T, BE, S, nc, L, dt_softplus, has_seg, prefetch):
             dB, dC = (dBj, dCj) if j == 0 else (dB + dBj, dC + dCj)
             new.append(cj)
         sl = _rows(c, T)
-        r["db"][sl, :] = dB
-        r["dc"][sl, :] = dC
+        r["db"][sl, :, :] = dB
+        r["dc"][sl, :, :] = dC
         return tuple(new)
 
+    def g_in(j):
+        cols = ch.cols(j)
+        return _carry_in(P, p, r["dfin"][:, cols, :].astype(_F32),
+                         lambda q, v: r["qloc"][q, :, cols, :] + r["dprod"][q, :, cols, :] * v, "rev")
+
     zrow = jnp.zeros((T, BE), _F32)
-    init = tuple((r["dfin"][ch.cols(j), :].astype(_F32), jnp.zeros((BE, ch.A[j].shape[1]), _F32), zrow, zrow)
-                 for j in range(S))
-    out = _chunk_loop(nc, "rev", body, init, ch.load, prefetch)
+    init = tuple((g_in(j), jnp.zeros(ch.A[j].shape, _F32), zrow, zrow) for j in range(S))
+    out = _chunk_loop(cpp, "rev", body, init, ch.load, prefetch, c0=p * cpp)
     for j in range(S):
         G, dA_acc, dD_acc, db_acc = out[j]
         cols = ch.cols(j)
-        r["dh0"][cols, :] = G
-        r["dA"][cols, :] = dA_acc
+        r["dA"][:, cols, :] = dA_acc
         r["dD"][:, cols] = jnp.sum(dD_acc, axis=0, keepdims=True)
         r["dbias"][:, cols] = jnp.sum(db_acc, axis=0, keepdims=True)
+        if P == 1:
+            r["dh0"][:, cols, :] = G
+        else:
+            @pl.when(p == 0)
+            def _():
+                r["dh0"][:, cols, :] = G
 
 
 @lower_once
-def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, *, T, L, BE, dt_softplus, interpret, sub_blocks=1,
-             prefetch=True, num_warps=4, num_stages=2):
+def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, qloc, dprod, *, T, L, BE, cpp, dt_softplus, interpret,
+             sub_blocks=1, prefetch=True, num_warps=4, num_stages=2):
     """dy: the gradient of the ungated output, dy' = dy silu(z) (the wrapper differentiates the gate).
     Returns dx (x.dtype), ddt (dt.dtype) [b, Lp, Ep]; dB, dC partial sums per program
-    [b, Ep/(S BE), Lp, Np] f32; dA [b, Ep, Np], dD, d dt_bias [b, 1, Ep] (per batch row), d h0 [b, Ep, Np] f32.
-    Each program owns S = sub_blocks blocks of BE channels (Ep a multiple of S BE)."""
+    [b, Ep/(S BE), Lp, N1, N2] f32; dA [b, P, N1, Ep, N2], dD, d dt_bias [b, P, 1, Ep] (per batch row and part),
+    d h0 [b, N1, Ep, N2] f32. Each program owns S = sub_blocks blocks of BE channels (Ep a multiple of S BE) and
+    one part of cpp chunks, whose adjoint past its end folds `scan_part_bwd`'s summaries qloc, dprod (None when
+    P = 1)."""
     b, Lp, Ep = x.shape
-    Np = B.shape[2]
+    N1, N2 = B.shape[2:]
     W = sub_blocks * BE
     nc, nE = Lp // T, Ep // W
+    P = nc // cpp
     has_seg = keep is not None
-    seq, bc, row, state, amat, keep_spec = _specs(Lp, Np, W)
+    seq, bc, row, state, amat, keep_spec = _grid_specs(Lp, N1, N2, W)
     in_specs = [seq, seq, bc, bc, amat, row, row,
-                pl.BlockSpec((None, nc, W, Np), lambda ib, ie: (ib, 0, ie, 0)), seq, state]
+                pl.BlockSpec((None, nc, N1, W, N2), lambda ib, ie, ip: (ib, 0, 0, ie, 0)), seq, state]
     args = [x, dt, B, C, A, D, bias, hs, dy, dfin]
     if has_seg:
         in_specs.append(keep_spec)
         args.append(keep)
-    part = pl.BlockSpec((None, None, Lp, Np), lambda ib, ie: (ib, ie, 0, 0))
-    brow = pl.BlockSpec((None, 1, W), lambda ib, ie: (ib, 0, ie))
-    out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, Lp, Ep), dt.dtype)]
-    out_specs = [seq, seq]
-    out_shape += [jax.ShapeDtypeStruct((b, nE, Lp, Np), _F32), jax.ShapeDtypeStruct((b, nE, Lp, Np), _F32),
-                  jax.ShapeDtypeStruct((b, Ep, Np), _F32), jax.ShapeDtypeStruct((b, 1, Ep), _F32),
-                  jax.ShapeDtypeStruct((b, 1, Ep), _F32), jax.ShapeDtypeStruct((b, Ep, Np), _F32)]
-    out_specs += [part, part, state, brow, brow, state]
-    kern = functools.partial(_bwd_kernel, T=T, BE=BE, S=sub_blocks, nc=nc, L=L, dt_softplus=dt_softplus,
+    if P > 1:
+        in_specs += [_parts_spec(P, N1, W, N2)] * 2
+        args += [qloc, dprod]
+    part = pl.BlockSpec((None, None, Lp, N1, N2), lambda ib, ie, ip: (ib, ie, 0, 0, 0))
+    brow = pl.BlockSpec((None, None, 1, W), lambda ib, ie, ip: (ib, ip, 0, ie))
+    st = jax.ShapeDtypeStruct((b, N1, Ep, N2), _F32)
+    out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, Lp, Ep), dt.dtype),
+                 jax.ShapeDtypeStruct((b, nE, Lp, N1, N2), _F32), jax.ShapeDtypeStruct((b, nE, Lp, N1, N2), _F32),
+                 jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32), jax.ShapeDtypeStruct((b, P, 1, Ep), _F32),
+                 jax.ShapeDtypeStruct((b, P, 1, Ep), _F32), st]
+    out_specs = [seq, seq, part, part, _part_spec(N1, W, N2), brow, brow, state]
+    kern = functools.partial(_bwd_kernel, T=T, BE=BE, S=sub_blocks, cpp=cpp, P=P, L=L, dt_softplus=dt_softplus,
                              has_seg=has_seg, prefetch=prefetch)
-    outs = pl.pallas_call(
-        kern,
-        out_shape=out_shape,
-        grid=(b, nE),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        compiler_params=_cparams(num_warps, num_stages),
-        interpret=interpret,
-        name="selective_scan_bwd",
-    )(*args)
-    return tuple(outs)
+    return tuple(_call(kern, "selective_scan_bwd", (b, nE, P), in_specs, args, out_specs, out_shape, num_warps,
+                       num_stages, interpret))

@@ -15,36 +15,41 @@ __all__ = ["SelectiveScanTuning", "current", "override"]
 
 @dataclasses.dataclass(frozen=True)
 class SelectiveScanTuning:
-    """Each program holds [T, BE, N] f32 tiles (the chunk's decays, inputs, states; the backward also the adjoint).
-    Triton lays them out with T inside a thread, so a thread holds T BE N / (32 warps) elements of each 3-D array
-    and T of each [T, BE] / [T, N] one: T BE N is what the registers bound. Defaults (0 = by the state size N, a
-    power of two), register counts checked with Triton 3.9 + ptxas for sm_90 on CPU, chunk and sub-blocks chosen by
-    the H200 sweep:
-      N <= 32: T = 32, forward tile 4096 (N = 16: BE = 8), backward tile 2048 (BE = 4), 1 sub-block (2 were
-               1.24 vs 0.98 ms fwd+bwd at b4 L2048 E768 N16);
-      N > 32:  T = 16, forward tile 2048 (N = 64: BE = 2), backward tile 1024 (BE = 1), 2 sub-blocks. T = 8 (BE 4 /
-               2) was faster in the kernel sweep (4.49 vs 5.66 ms fwd+bwd at b4 L2048 E768 N64), but the one
-               OTCE-160M CLI run with it did not finish 150 steps in 170 s where T = 16 had taken 122 s; it stays
-               a variant until a training run measures it.
+    """Each program holds [T, N1, BE, N2] f32 tiles (the chunk's decays, inputs, states; the backward also the
+    adjoint), the state axis split as n = n1 N2 + n2. Triton's default layout gives the N2 states to lanes, then
+    32 / N2 lanes and the warps to channels, and keeps T, N1 and the remaining channels inside a thread: sums over
+    the state are adds in a thread plus log2(N2) shuffle rounds, sums over channels (dB, dC) adds in a thread plus
+    log2(32 / N2) rounds (and shared memory across warps), and the scan over T runs in a thread. Parallelism is
+    b E N2 / (channels per thread) threads, times the parts (sequence parallelism, below). Defaults (0 = by the
+    state size N, a power of two), chosen by the H200 sweeps of bench/selective_scan.py (docs/BENCHMARKS.md):
+      N <= 32: T = 8, N2 = 8; forward and backward BE = 8 at 1 warp (2 channels a thread), backward 2 sub-blocks,
+               parts for both;
+      N > 32:  T = 8, N2 = 16; forward BE = 8 at 4 warps, no parts; backward BE = 2 at 1 warp, 2 sub-blocks, parts.
     chunk: tokens per chunk T (the scanned axis; also the interval of the states the forward saves for the backward,
       [b, L/T, E, N] f32: 2N/T times the bytes of a bf16 x). A power of two.
-    block_e_fwd / block_e_bwd: channels per program (per backward sub-block), powers of two; 0 = tile / (T N), at
-      least 1, at most the (power-of-two) channel count.
-    tile_fwd / tile_bwd: the T BE N budget used when block_e_* is 0 (0 = the defaults above).
-    sub_blocks_bwd: S (0 = by N, above), blocks of block_e_bwd channels per backward program, walked one after the
-      other inside each chunk (static loop, S copies of the chunk code): the dB / dC partial sums per token drop
-      from E / BE to E / (S BE) ([b, E / (S BE), L, N] f32 each, written and summed once), at S times fewer programs.
+    lanes_n: N2, lanes over the state (a power of two, at most N).
+    block_e_fwd / block_e_bwd: channels per program (per backward sub-block), powers of two, at most the
+      (power-of-two) channel count; 0 = (32 / N2) warps (times 2 for N <= 32).
+    sub_blocks_bwd: S, blocks of block_e_bwd channels per backward program, walked one after the other inside each
+      chunk (static loop, S copies of the chunk code): the dB / dC partial sums per token drop from E / BE to
+      E / (S BE) ([b, E / (S BE), L, N] f32 each, written and summed once), at S times fewer programs.
+    part_programs_fwd / part_programs_bwd: sequence parallelism. The sequence is cut into P parts of whole chunks,
+      each a program (grid axis), when the (batch row, channel block) programs are fewer than part_programs: P (a
+      power of two) doubles while programs P < part_programs and each part keeps >= 4 chunks (the chunk count is
+      padded to whole parts). A light pass first computes every part's summary (forward: end state from zero and
+      decay product; backward: adjoint at its start and decay product), one more exp per element. -1: no parts.
     prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (a double buffer in
-      registers; off in the backward, whose registers are the tighter).
-    num_warps_* / num_stages_*: Triton launch parameters."""
+      registers).
+    num_warps_* / num_stages_*: Triton launch parameters (warps 0 = by N, above)."""
     chunk: int = 0
+    lanes_n: int = 0
     block_e_fwd: int = 0
     block_e_bwd: int = 0
-    tile_fwd: int = 0
-    tile_bwd: int = 0
     sub_blocks_bwd: int = 0
-    num_warps_fwd: int = 4
-    num_warps_bwd: int = 4
+    part_programs_fwd: int = 0
+    part_programs_bwd: int = 0
+    num_warps_fwd: int = 0
+    num_warps_bwd: int = 0
     num_stages_fwd: int = 2
     num_stages_bwd: int = 2
     prefetch_fwd: bool = True
@@ -52,28 +57,41 @@ class SelectiveScanTuning:
 
     def chunk_for(self, n: int) -> int:
         """Tokens per chunk for state size n (a power of two)."""
-        return self.chunk or (32 if n <= 32 else 16)
+        return self.chunk or 8
+
+    def lanes_for(self, n: int) -> int:
+        """Lanes over the state, N2, for state size n (a power of two)."""
+        return min(n, self.lanes_n or (8 if n <= 32 else 16))
+
+    def warps(self, kernel: str, n: int) -> int:
+        """Warps of `kernel` ("fwd" | "bwd") for state size n."""
+        return getattr(self, "num_warps_" + kernel) or (4 if kernel == "fwd" and n > 32 else 1)
+
+    def parts(self, kernel: str, nc: int, programs: int, n: int) -> int:
+        """Parts P of `kernel` for nc chunks, `programs` (batch row, channel block) programs and state size n."""
+        target = getattr(self, "part_programs_" + kernel) or (0 if kernel == "fwd" and n > 32 else 4096)
+        parts = 1
+        while programs * parts < target and nc // (2 * parts) >= 4:
+            parts *= 2
+        return parts
 
     def sub_blocks_for(self, n: int) -> int:
         """Backward sub-blocks for state size n (a power of two)."""
-        return self.sub_blocks_bwd or (1 if n <= 32 else 2)
+        return self.sub_blocks_bwd or 2
 
     def block_e(self, kernel: str, n: int, e: int) -> int:
         """Channels per program (backward: per sub-block) of `kernel` ("fwd" | "bwd") for state size n (a power of
         two) and e channels."""
         be = self.block_e_fwd if kernel == "fwd" else self.block_e_bwd
         if not be:
-            tile = self.tile_fwd if kernel == "fwd" else self.tile_bwd
-            if not tile:
-                tile = {"fwd": 4096, "bwd": 2048}[kernel] if n <= 32 else {"fwd": 2048, "bwd": 1024}[kernel]
-            be = max(1, tile // (self.chunk_for(n) * n))
+            be = max(1, 32 // self.lanes_for(n)) * self.warps(kernel, n) * (2 if n <= 32 else 1)
         while be > 1 and be // 2 >= e:   # no wider than the channels themselves
             be //= 2
         return be
 
     def launch(self, kernel: str, n: int) -> dict:
         """`kernel`'s launch keywords for state size n (a power of two)."""
-        out = dict(num_warps=getattr(self, "num_warps_" + kernel), num_stages=getattr(self, "num_stages_" + kernel),
+        out = dict(num_warps=self.warps(kernel, n), num_stages=getattr(self, "num_stages_" + kernel),
                    prefetch=getattr(self, "prefetch_" + kernel))
         if kernel == "bwd":
             out["sub_blocks"] = self.sub_blocks_for(n)

@@ -25,12 +25,8 @@ Floors (printed per shape):
          (132 SMs, 1.755 GHz: 3.7e12 /s) b2 L8192 E2048 N16 needs 0.145 ms per pass.
 History: the first kernel (token-by-token walk, K = 16 tokens unrolled in Python) measured on an H200 at
 b2 L8192 E2048 N16 bf16: fwd 6.98 ms, fwd+bwd 21.2 ms, and minutes of Triton compile.
-Prediction for the chunked-scan kernels (before any GPU run; from the PTX of Triton 3.9 for sm_90 compiled on CPU:
-per element of the [T, BE, N] tile the forward issues ~12 FP32 ops, ~1.1 ex2 and 4 shuffles (the sum over N for
-y), the backward ~42 FP32 ops and ~24 shuffles incl. layout changes): wmjax fwd 0.3-0.6 ms at b2 L8192 E2048 N16
-(shuffle / issue bound, 2-4x the exp floor), fwd+bwd 2-3.5 ms (the backward bound by its cross-lane sums and
-the dB/dC partials, E/8 per token ~0.5 GB); compile a few seconds per kernel; mamba_ssm CUDA faster on the
-backward; the jnp lax.scan 20-50x slower.
+Prediction and measurements of the current kernels ([T, N1, BE, N2] tiles, sequence-parallel parts): docs/KERNELS.md,
+Selective scan; the sweeps: docs/benchmarks-history.md, Session 9.
 """
 
 from __future__ import annotations
@@ -53,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_ref, tuning  # noqa: E402
 
 # wmjax kernel variants per state-size class: `pallas_kernels.selective_scan.tuning.override` fields (the first is
-# the default; the table reports the best and the default). Register counts: Triton 3.9 + ptxas for sm_90 on CPU.
+# the default; the table reports the best and the default).
 _NOPARTS = {"part_programs_fwd": -1, "part_programs_bwd": -1}
 VARIANTS_N16 = [
     {},                          # T8, N2 = 8; BE 8 at 1 warp; backward 2 sub-blocks; parts (sequence parallel)

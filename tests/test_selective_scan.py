@@ -222,7 +222,8 @@ KERNEL_CASES = [
                                       block_e_fwd=16, block_e_bwd=4,
                                       sub_blocks_bwd=2, prefetch_fwd=False, prefetch_bwd=True),
                  ("z", "initial_state"), True, False, id="parts4-S2-no-softplus-packed"),
-    pytest.param((1, 70, 8, 16), dict(chunk=2, part_programs_fwd=2, part_programs_bwd=10**6, num_warps_fwd=4), OPTS, True, True,
+    pytest.param((1, 70, 8, 16), dict(chunk=2, part_programs_fwd=2, part_programs_bwd=10**6, num_warps_fwd=4), OPTS,
+                 True, True,
                  id="parts-bwd-only-padded-to-whole-parts"),
 ]
 @pytest.mark.parametrize("shape,tune,opts,seg,sp", KERNEL_CASES)

@@ -1,15 +1,18 @@
 """Pallas (Triton backend) kernels of the Mamba-1 selective scan, forward and backward (glue: ``ops.py``).
 
-Both kernels run one program per (batch row, block of BE channels) and loop over the sequence in chunks of T tokens
-(a ``fori_loop``: one ``scf.for``, no unrolled tokens), carrying the block's state h [BE, N] f32 from chunk to
-chunk. Inside a chunk everything is a [T, BE, N] tile computed in parallel, the recurrence included: an associative
-scan over the T axis (``linear_scan``: Triton's ``tt.scan`` with tuple operands).
+Grid (batch row, block of BE channels, part): a part is cpp consecutive chunks of T tokens, and a program loops over
+its part's chunks (a ``fori_loop``: one ``scf.for``, no unrolled tokens), carrying the block's state f32 from chunk
+to chunk. The state axis is split n = n1 N2 + n2 and every tile is [T, N1, BE, N2]: Triton's default layout puts
+N2 on lanes and T, N1 inside a thread, so sums over the state are mostly adds in a thread (``tuning.py``). Inside
+a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's ``tt.scan`` with tuple operands).
 
 * ``scan_fwd`` per chunk (delta = softplus(dt + bias) or dt + bias, 0 on the padded tail; a = 0 at a document start)
-      a_t = exp(delta_t A) keep_t,  b_t = delta_t x_t B_t                                   [T, BE, N]
+      a_t = exp(delta_t A) keep_t,  b_t = delta_t x_t B_t                                   [T, N1, BE, N2]
       (P_t, H_t) = scan_t((a, b); (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2))              P_t = prod_{s<=t} a_s
       h_t = H_t + P_t h_in;   y_t = sum_n h_t C_t + D x_t;   y_t *= silu(z_t);   h_in <- h_{T-1}
   writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every chunk, hs [nc, E, N].
+  With P > 1 parts, ``scan_part_fwd`` first gives each part's end state from zero, S_p, and decay product, D_p;
+  part p then starts from h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial state), folded in the program.
 * ``scan_bwd`` per chunk in reverse order: recompute a, b, h_t from hs[c] as above; then with g_t = C_t dy'_t
   (dy' = dy silu(z), and dz from the saved ungated y', both elementwise in the wrapper) the adjoint
   G_t = dL/dh_t = g_t + a_{t+1} G_{t+1} by a reverse scan (kind "adjoint": G_t = K_t + M_t G_in,
@@ -18,15 +21,18 @@ scan over the T axis (``linear_scan``: Triton's ``tt.scan`` with tuple operands)
       s_t = G_t a_t h_{t-1} = G_t (h_t - b_t);  d delta = du x + sum_n s A;  dA += sum_t s delta
   dx, ddt per token; dB, dC as per-program partial sums [b, E/(S BE), L, N] (a program walks S sub-blocks of BE
   channels inside each chunk and adds their dB, dC; XLA sums the partials); dA, dD, d dt_bias per (row, channel
-  block) summed in registers (dD, d dt_bias as [T, BE], reduced after the loop); the carry after the first chunk is
-  the initial state's gradient.
+  block, part) summed in registers; the carry after the first chunk of part 0 is the initial state's gradient.
+  With P > 1 parts, ``scan_part_bwd`` first gives each part's a_s G_s at its first token s from a zero adjoint
+  past its end, Q_p, and decay product D_p; part p starts from Q_{p+1} + D_{p+1} (...) folded back from the final
+  state's gradient.
   h_{t-1} never needs a shift (a_t h_{t-1} = h_t - b_t) and neither does a_{t+1} (the "adjoint" combine).
-The last row of a tile (the carry) is a masked sum over T.
+The last (first) row of a tile, a carry, is a masked sum over T.
 
-Layouts (the wrapper pads): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C [b, Lp, Np] (input dtype); A [Ep, Np] f32;
-D, dt_bias [1, Ep] f32; keep [b, Lp] f32 (0 at a document start); states [b, Ep, Np] f32. Lp = nc T; Ep a multiple
-of BE (backward: of S BE); Np, BE, S, T powers of two. Every ``pallas_call`` names the Triton backend
-(``CompilerParams``), so jax 0.10 and 0.11 lower alike.
+Layouts (the wrapper pads and splits N): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C [b, Lp, N1, N2] (input
+dtype); A [N1, Ep, N2] f32; D, dt_bias [1, Ep] f32; keep [b, Lp] f32 (0 at a document start); states and part
+summaries [b, (nc | P,) N1, Ep, N2] f32. Lp = P cpp T; Ep a multiple of BE (backward: of S BE); N1, N2, BE, S, T
+powers of two. Every ``pallas_call`` names the Triton backend (``CompilerParams``), so jax 0.10 and 0.11 lower
+alike.
 """
 
 from __future__ import annotations

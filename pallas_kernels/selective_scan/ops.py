@@ -5,10 +5,10 @@ Forward:  pad L to whole parts of cpp chunks of T tokens, E to the channel block
           (every part at once from the state its summaries fold to: y with D skip and z gate fused, final state)
           -> slice.
 Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every chunk (and, with z, the ungated
-          output y'); the gate's gradient dz = dy y' d silu(z) and dy' = dy silu(z) are elementwise jnp; with more than one
-          part ``scan_part_bwd`` (each part's adjoint from zero past its end); ``scan_bwd`` recomputes each chunk's
-          states and runs the reverse (adjoint) scan, every part at once (dx, ddt, dB/dC partials, dA, dD,
-          d dt_bias, d h0). JAX differentiates the glue.
+          output y'); the gate's gradient dz = dy y' d silu(z) and dy' = dy silu(z) are elementwise jnp; with more
+          than one part ``scan_part_bwd`` (each part's adjoint from zero past its end, decay product);
+          ``scan_bwd`` recomputes each chunk's states and runs the reverse (adjoint) scan, every part at once (dx,
+          ddt, dB/dC partials, dA, dD, d dt_bias, d h0). JAX differentiates the glue.
 """
 
 from __future__ import annotations

@@ -37,16 +37,12 @@ from bench.kernel_profile import kernel_table  # noqa: E402
 from pallas_kernels.dmattn import dynamic_mask_attention_pallas, prepare_mask, tuning  # noqa: E402
 from pallas_kernels.dmattn.backward import flash_backward  # noqa: E402
 from pallas_kernels.dmattn.forward import flash_forward  # noqa: E402
+from bench.timing import rel  # noqa: E402
 from pallas_kernels.dmattn.ops import _cap  # noqa: E402
 from pallas_kernels.dmattn.reference import dynamic_mask_attention_reference  # noqa: E402
 
 H, G, D, W = 6, 3, 128, 2048
 
-
-def rel(a, b):
-    a = np.asarray(a, np.float32)
-    b = np.asarray(b, np.float32)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def time_jax(f, args, n=10, trials=7):

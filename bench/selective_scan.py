@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -46,6 +45,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.timing import copy_bandwidth, jax_sync, rel, time_fn  # noqa: E402
 from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_ref, tuning  # noqa: E402
 
 # wmjax kernel variants per state-size class: `pallas_kernels.selective_scan.tuning.override` fields (the first is
@@ -76,11 +76,6 @@ CONFIGS = [
 EXP_RATE = 132 * 16 * 1.755e9   # nominal H100 SXM MUFU throughput, exp / s
 
 
-def rel(a, b):
-    a = np.asarray(a, np.float32).astype(np.float64)
-    b = np.asarray(b, np.float32).astype(np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
 
 def make_inputs(seed, b, L, E, N):
     """numpy f32 arrays in wmjax layouts (x, dt, z, dy [b, L, E]; B, C [b, L, N]; A [E, N]; D, dt_bias [E])."""
@@ -108,30 +103,7 @@ def floors(b, L, E, N):
             "fwd+bwd": dict(bytes=fb_bytes, t_exp=2 * exps / EXP_RATE)}
 
 
-def time_fn(fn, sync, n_inner=10, reps=9, warm=3):
-    for _ in range(warm):
-        sync(fn())
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n_inner):
-            r = fn()
-        sync(r)
-        ts.append((time.perf_counter() - t0) / n_inner)
-    return statistics.median(ts), (min(ts), max(ts))
 
-
-def jax_sync(r):
-    jax.block_until_ready(r)
-
-
-def measure_bandwidth():
-    """Device-to-device copy bandwidth (bytes read + written), measured here."""
-    a = jnp.ones((256 * 1024 * 1024,), jnp.float32)  # 1 GiB
-    copy = jax.jit(lambda v: v * 1.0001)
-    t, _ = time_fn(lambda: copy(a), jax_sync, n_inner=5, reps=5)
-    del a
-    return 2 * 256 * 1024 * 1024 * 4 / t
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -388,7 +360,7 @@ def print_table(rows):
 def run_bench(configs, peer, with_ref, interpret=False, json_path=None, nvar=None):
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}")
-    bw = measure_bandwidth() if not interpret else 3.0e12
+    bw = copy_bandwidth() if not interpret else 3.0e12
     print(f"measured copy bandwidth {bw / 1e12:.2f} TB/s; nominal exp rate {EXP_RATE / 1e12:.2f} T/s")
     rows = []
     for cfg in configs:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -28,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.timing import copy_bandwidth, jax_sync, rel, time_fn  # noqa: E402
 from pallas_kernels.ssd import kernels as Kn  # noqa: E402
 from pallas_kernels.ssd import ops as O  # noqa: E402
 from pallas_kernels.ssd import ssd_pallas, tuning  # noqa: E402
@@ -51,11 +50,6 @@ CONFIGS = [
 ]
 Q = 256
 
-
-def rel(a, b):
-    a = np.asarray(a, np.float32).astype(np.float64)
-    b = np.asarray(b, np.float32).astype(np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def make_inputs(seed, b, L, h, p, g, n, dtype=jnp.bfloat16):
@@ -86,34 +80,16 @@ def floors(b, L, h, p, g, n, bw, peak):
     return out
 
 
-def time_fn(fn, sync, n_inner=10, reps=9, warm=3):
-    for _ in range(warm):
-        sync(fn())
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n_inner):
-            r = fn()
-        sync(r)
-        ts.append((time.perf_counter() - t0) / n_inner)
-    return statistics.median(ts), (min(ts), max(ts))
-
-
-def jax_sync(r):
-    jax.block_until_ready(r)
 
 
 def measure_ceilings():
     """Device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate, measured here."""
-    a = jnp.ones((256 * 1024 * 1024,), jnp.float32)  # 1 GiB
-    copy = jax.jit(lambda v: v * 1.0001)
-    t, _ = time_fn(lambda: copy(a), jax_sync, n_inner=5, reps=5)
-    bw = 2 * a.size * 4 / t
+    bw = copy_bandwidth()
     m = jnp.asarray(np.random.default_rng(0).standard_normal((8192, 8192)), jnp.bfloat16)
     mm = jax.jit(lambda u, v: jnp.dot(u, v, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
     t, _ = time_fn(lambda: mm(m, m), jax_sync, n_inner=5, reps=5)
     peak = 2 * 8192 ** 3 / t
-    del a, m
+    del m
     return bw, peak
 
 

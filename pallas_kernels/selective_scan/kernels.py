@@ -228,23 +228,35 @@ def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
     r["dprod"][...] = dprod
 
 
-@lower_once
-def scan_part_fwd(x, dt, B, A, bias, keep, *, T, L, BE, cpp, dt_softplus, interpret, prefetch=True, num_warps=4,
-                  num_stages=2):
-    """Per part of cpp chunks: (end state from zero [b, P, N1, Ep, N2] f32, product of the part's decays, same)."""
-    b, Lp, Ep = x.shape
-    N1, N2 = B.shape[2:]
-    P, nE = Lp // (T * cpp), Ep // BE
+def _parts_call(kernel, name, seq_args, kinds, keep, *, T, L, BE, cpp, dt_softplus, interpret, prefetch, num_warps,
+                num_stages):
+    """Launches a part-summary kernel over (row, channel block, part): `seq_args` in the order of `kinds` ("seq"
+    [b, Lp, Ep], "bc" [b, Lp, N1, N2], "a" [N1, Ep, N2], "row" [1, Ep]), then keep; two f32 outputs
+    [b, P, N1, Ep, N2]."""
+    b, Lp = keep.shape if keep is not None else seq_args[kinds.index("seq")].shape[:2]
+    Ep = seq_args[kinds.index("seq")].shape[2]
+    N1, N2 = seq_args[kinds.index("bc")].shape[2:]
     seq, bc, row, _, amat, keep_spec = _grid_specs(Lp, N1, N2, BE)
-    in_specs, args = [seq, seq, bc, amat, row], [x, dt, B, A, bias]
+    specs = dict(seq=seq, bc=bc, a=amat, row=row)
+    in_specs, args = [specs[k] for k in kinds], list(seq_args)
     if keep is not None:
         in_specs.append(keep_spec)
         args.append(keep)
+    P = Lp // (T * cpp)
     part = jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32)
-    kern = functools.partial(_fwd_part_kernel, T=T, cpp=cpp, L=L, Lp=Lp, dt_softplus=dt_softplus,
-                             has_seg=keep is not None, prefetch=prefetch)
-    return _call(kern, "selective_scan_fwd_parts", (b, nE, P), in_specs, args,
-                 [_part_spec(N1, BE, N2)] * 2, [part, part], num_warps, num_stages, interpret)
+    kern = functools.partial(kernel, T=T, cpp=cpp, L=L, Lp=Lp, dt_softplus=dt_softplus, has_seg=keep is not None,
+                             prefetch=prefetch)
+    return _call(kern, name, (b, Ep // BE, P), in_specs, args, [_part_spec(N1, BE, N2)] * 2, [part, part],
+                 num_warps, num_stages, interpret)
+
+
+@lower_once
+def scan_part_fwd(x, dt, B, A, bias, keep, *, prefetch=True, num_warps=4, num_stages=2, **cfg):
+    """Per part of cpp chunks (cfg: T, L, BE, cpp, dt_softplus, interpret): (end state from zero
+    [b, P, N1, Ep, N2] f32, product of the part's decays, same)."""
+    return _parts_call(_fwd_part_kernel, "selective_scan_fwd_parts", (x, dt, B, A, bias),
+                       ("seq", "seq", "bc", "a", "row"), keep, prefetch=prefetch, num_warps=num_warps,
+                       num_stages=num_stages, **cfg)
 
 
 def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch):
@@ -353,23 +365,13 @@ def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
 
 
 @lower_once
-def scan_part_bwd(dt, C, A, bias, dy, keep, *, T, L, BE, cpp, dt_softplus, interpret, prefetch=True, num_warps=4,
-                  num_stages=2):
-    """Per part of cpp chunks: (a_s G_s at its first token s from a zero adjoint past its end, product of the
-    part's decays), [b, P, N1, Ep, N2] f32 each (dy: the gradient of the ungated output)."""
-    b, Lp, Ep = dt.shape
-    N1, N2 = C.shape[2:]
-    P, nE = Lp // (T * cpp), Ep // BE
-    seq, bc, row, _, amat, keep_spec = _grid_specs(Lp, N1, N2, BE)
-    in_specs, args = [seq, bc, amat, row, seq], [dt, C, A, bias, dy]
-    if keep is not None:
-        in_specs.append(keep_spec)
-        args.append(keep)
-    part = jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32)
-    kern = functools.partial(_bwd_part_kernel, T=T, cpp=cpp, L=L, Lp=Lp, dt_softplus=dt_softplus,
-                             has_seg=keep is not None, prefetch=prefetch)
-    return _call(kern, "selective_scan_bwd_parts", (b, nE, P), in_specs, args, [_part_spec(N1, BE, N2)] * 2,
-                 [part, part], num_warps, num_stages, interpret)
+def scan_part_bwd(dt, C, A, bias, dy, keep, *, prefetch=True, num_warps=4, num_stages=2, **cfg):
+    """Per part of cpp chunks (cfg: T, L, BE, cpp, dt_softplus, interpret): (a_s G_s at its first token s from a
+    zero adjoint past its end, product of the part's decays), [b, P, N1, Ep, N2] f32 each (dy: the gradient of
+    the ungated output)."""
+    return _parts_call(_bwd_part_kernel, "selective_scan_bwd_parts", (dt, C, A, bias, dy),
+                       ("seq", "bc", "a", "row", "seq"), keep, prefetch=prefetch, num_warps=num_warps,
+                       num_stages=num_stages, **cfg)
 
 
 def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):

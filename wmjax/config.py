@@ -4,7 +4,8 @@ Every field of the Hugging Face config that changes the math is here, under the 
 parameters, which are flattened (`rope_theta`, `rope_type`, `rope_factor`) so that the config stays hashable
 (it is a static argument of jitted functions). `to_hf_dict` / `from_hf_dict` translate to and from the
 `config.json` of a `transformers` checkpoint (both the v5 `rope_parameters` form and the older
-`rope_theta` + `rope_scaling` form are read).
+`rope_theta` + `rope_scaling` form are read). `pop_upstream_rope`, `single_eos` and `known_fields` are the
+pieces of that translation the families' `from_upstream_dict` share.
 
 wmjax-only fields (documented in docs/DOGE.md):
   * `router_layout`: "hf" reproduces HF's `router_logits.view(2, N, K)` reshape over the flattened batch
@@ -23,7 +24,7 @@ import os
 import warnings
 from typing import Any, Optional
 
-__all__ = ["DogeConfig", "PRESETS", "ConfigError", "ConfigFields"]
+__all__ = ["DogeConfig", "PRESETS", "ConfigError", "ConfigFields", "pop_upstream_rope", "single_eos", "known_fields"]
 
 
 class ConfigError(ValueError):
@@ -38,7 +39,8 @@ _DT_HEADS = ("kv", "query")
 class ConfigFields:
     """The dict side of every family's frozen config dataclass, written once: `replace`, `from_dict` (unknown keys
     are an error naming them), `to_dict` (tuples as lists: the YAML / JSON form) and `preset` (a published size
-    from the defining module's `PRESETS` dict, with field overrides)."""
+    from the defining module's `PRESETS` dict, with field overrides); and the checks their `validate` share
+    (`_invalid`, `_check_token_ids`, `_check_rope`)."""
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -63,6 +65,72 @@ class ConfigFields:
             family = cls.__name__.removesuffix("Config")
             raise ConfigError(f"unknown {family} preset {name!r}; available: {sorted(presets)}")
         return cls.from_dict({**presets[name], **overrides})
+
+    # validation pieces
+    def _invalid(self, field: str, msg: str):
+        """Raise ConfigError("<Config>.<field>=<value>: <msg>")."""
+        raise ConfigError(f"{type(self).__name__}.{field}={getattr(self, field)!r}: {msg}")
+
+    def _check_token_ids(self) -> None:
+        """pad / bos / eos_token_id: each None or an int in [0, vocab_size)."""
+        for f in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(self, f)
+            if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
+                self._invalid(f, f"must be None or in [0, vocab_size={self.vocab_size})")
+
+    def _check_rope(self) -> None:
+        """The flattened RoPE fields: rope_theta > 0, rope_type one of _ROPE_TYPES, rope_factor >= 1 when scaled."""
+        if self.rope_theta <= 0:
+            self._invalid("rope_theta", "must be > 0")
+        if self.rope_type not in _ROPE_TYPES:
+            self._invalid("rope_type", f"must be one of {_ROPE_TYPES}")
+        if self.rope_type != "default" and self.rope_factor < 1.0:
+            self._invalid("rope_factor", "must be >= 1 for scaled RoPE")
+
+
+# ------------------------------------------------------------------ upstream config.json pieces
+def pop_upstream_rope(d: dict[str, Any]) -> dict[str, Any]:
+    """Pop the RoPE keys of an upstream config.json dict `d` (v5 `rope_parameters`, or `rope_theta` + the older
+    `rope_scaling`) -> {"rope_theta", "rope_type", "rope_factor" (1.0 for "default")}. ConfigError when a scaled
+    RoPE's original_max_position_embeddings differs from max_position_embeddings (the scaling here uses that)."""
+    rope = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {})
+    d.pop("rope_scaling", None)
+    theta = rope.get("rope_theta", d.pop("rope_theta", 10000.0))
+    d.pop("rope_theta", None)
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    orig = rope.get("original_max_position_embeddings")
+    if rtype != "default" and orig is not None and orig != d.get("max_position_embeddings", 2048):
+        raise ConfigError(
+            f"rope original_max_position_embeddings={orig} differs from max_position_embeddings="
+            f"{d.get('max_position_embeddings')}: dynamic/linear RoPE here scales by max_position_embeddings; "
+            "not supported")
+    return {"rope_theta": float(theta), "rope_type": rtype,
+            "rope_factor": float(rope.get("factor", 1.0)) if rtype != "default" else 1.0}
+
+
+def single_eos(eos):
+    """An upstream eos_token_id that may be a list: its first id (None for an empty list)."""
+    if isinstance(eos, (list, tuple)):
+        return eos[0] if eos else None
+    return eos
+
+
+def known_fields(d: dict[str, Any], names, ignored, *, strict: bool, message: str,
+                 rename: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The entries of an upstream dict `d` whose key is in `names` (or a `rename` key: stored under its new name);
+    a key that is neither nor in `ignored` is a ConfigError "<message>: [keys]" when strict (else dropped)."""
+    rename = rename or {}
+    out, unknown = {}, []
+    for k, v in d.items():
+        if k in rename:
+            out[rename[k]] = v
+        elif k in names:
+            out[k] = v
+        elif k not in ignored:
+            unknown.append(k)
+    if unknown and strict:
+        raise ConfigError(f"{message}: {sorted(unknown)}")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +180,7 @@ class DogeConfig(ConfigFields):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def err(field, msg):
-            raise ConfigError(f"DogeConfig.{field}={getattr(self, field)!r}: {msg}")
+        err = self._invalid
 
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings", "keep_window_size"):
@@ -135,12 +202,7 @@ class DogeConfig(ConfigFields):
             err("attention_dropout", "attention-probability dropout is not supported (every published Doge uses 0.0)")
         if self.rms_norm_eps <= 0:
             err("rms_norm_eps", "must be > 0")
-        if self.rope_theta <= 0:
-            err("rope_theta", "must be > 0")
-        if self.rope_type not in _ROPE_TYPES:
-            err("rope_type", f"must be one of {_ROPE_TYPES}")
-        if self.rope_type != "default" and self.rope_factor < 1.0:
-            err("rope_factor", "must be >= 1 for scaled RoPE")
+        self._check_rope()
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             err("sliding_window", "must be None or a positive integer")
         if self.is_moe:
@@ -155,10 +217,7 @@ class DogeConfig(ConfigFields):
             err("router_layout", f"must be one of {_ROUTER_LAYOUTS}")
         if self.dt_heads not in _DT_HEADS:
             err("dt_heads", f"must be one of {_DT_HEADS}")
-        for f in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            v = getattr(self, f)
-            if v is not None and not (0 <= v < self.vocab_size):
-                err(f, f"must be None or in [0, vocab_size={self.vocab_size})")
+        self._check_token_ids()
 
     # ------------------------------------------------------------------ derived
     @property
@@ -190,24 +249,7 @@ class DogeConfig(ConfigFields):
         model_type = d.get("model_type", "doge")
         if model_type != "doge":
             raise ConfigError(f"config.json model_type={model_type!r}: expected 'doge'")
-        out: dict[str, Any] = {}
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
-        if "rope_scaling" in d:
-            d.pop("rope_scaling")
-        rope = dict(rope)
-        theta = rope.get("rope_theta", d.pop("rope_theta", 10000.0))
-        d.pop("rope_theta", None)
-        rtype = rope.get("rope_type", rope.get("type", "default"))
-        out["rope_theta"] = float(theta)
-        out["rope_type"] = rtype
-        if rtype != "default":
-            out["rope_factor"] = float(rope.get("factor", 1.0))
-            orig = rope.get("original_max_position_embeddings")
-            if orig is not None and orig != d.get("max_position_embeddings", 2048):
-                raise ConfigError(
-                    f"rope original_max_position_embeddings={orig} differs from max_position_embeddings="
-                    f"{d.get('max_position_embeddings')}: HF's dynamic/linear RoPE uses max_position_embeddings; "
-                    "not supported")
+        out = pop_upstream_rope(d)
         # legacy small-doge names
         if "hidden_bias" in d:
             hb = d.pop("hidden_bias")
@@ -217,19 +259,9 @@ class DogeConfig(ConfigFields):
             r = d.pop("dynamic_mask_ratio")
             if r not in (0, 0.0, None):
                 raise ConfigError(f"dynamic_mask_ratio={r}: the pre-2025-06 kthvalue masking rule is not supported")
-        eos = d.pop("eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-        out["eos_token_id"] = eos
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = []
-        for k, v in d.items():
-            if k in fields:
-                out[k] = v
-            elif k not in cls._HF_IGNORED:
-                unknown.append(k)
-        if unknown and strict:
-            raise ConfigError(f"config.json has field(s) wmjax does not know: {sorted(unknown)}")
+        out["eos_token_id"] = single_eos(d.pop("eos_token_id", None))
+        out.update(known_fields(d, {f.name for f in dataclasses.fields(cls)}, cls._HF_IGNORED, strict=strict,
+                                message="config.json has field(s) wmjax does not know"))
         out.update(overrides)
         if out.get("head_dim") is None:
             out.pop("head_dim", None)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .torch_common import init_weights_, rotate_half
+
 __all__ = ["CheemsForCausalLMTorch", "randomize_"]
 
 
@@ -58,11 +60,6 @@ def rope_cos_sin(cfg, position_ids, dim):
     freqs = pos[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
 
 
 def apply_rope(x, cos, sin, head_axis):
@@ -234,17 +231,7 @@ class CheemsForCausalLMTorch(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.word_embed.weight
-        std = cfg.initializer_range
-        for m in self.modules():  # upstream _init_weights: Linear / Embedding N(0, std), biases and pad row 0
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.padding_idx is not None:
-                    with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
+        init_weights_(self, cfg.initializer_range)
 
     def forward(self, input_ids, position_ids=None):
         return self.lm_head(self.model(input_ids, position_ids)).float()

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .torch_common import init_weights_, rotate_half
+
 
 def rotary_cos_sin(seq_len, dim, theta, dtype=torch.float32):
     """[L, dim] cos / sin of the rotate_half convention, positions 0..L-1."""
@@ -25,11 +27,6 @@ def rotary_cos_sin(seq_len, dim, theta, dtype=torch.float32):
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat([-x2, x1], dim=-1)
 
 
 def apply_rotary(x, cos, sin):
@@ -297,20 +294,7 @@ class OTCEForCausalLMRef(nn.Module):
         self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         if cfg["tie_word_embeddings"]:
             self.lm_head.weight = self.model.embed_tokens.word_embeddings.weight
-        self.init_weights()
-
-    def init_weights(self):
-        std = self.cfg["initializer_range"]
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv1d)):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.padding_idx is not None:
-                    with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
+        init_weights_(self, cfg["initializer_range"])
 
     def forward(self, ids):
         h, router = self.model(ids)

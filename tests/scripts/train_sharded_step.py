@@ -20,36 +20,19 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from dmask_stats import assert_mask_removes_keys  # noqa: E402
+from sharded_grads import grads_on_mesh, leaf_errors, make_batch, nrel, rel  # noqa: E402
 from train import sharding as shd  # noqa: E402
-from train.data import pack  # noqa: E402
-from train.loss import make_loss_fn  # noqa: E402
-from train.step import build_grad_fn  # noqa: E402
 from wmjax.config import DogeConfig  # noqa: E402
 from wmjax.models.doge import DogeForCausalLM, init_params, param_logical_axes  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 assert jax.device_count() == 8, jax.devices()
 
-KEEP_WINDOW = 8
-B, L = 16, 32
-
-
-def make_batch():
-    """16 rows of 32 tokens, each row three packed documents (boundaries at random columns in [5, 30)): the
-    longest document of every row has more than KEEP_WINDOW tokens."""
-    rng = np.random.default_rng(0)
-    win = rng.integers(4, 256, size=(B, L + 1)).astype(np.int32)
-    win[:, 0] = 2
-    for r in range(B):
-        for c in rng.choice(np.arange(5, L - 2), size=2, replace=False):
-            win[r, c], win[r, c + 1] = 3, 2
-    return pack(win, eos_id=3, bos_id=2)
+KEEP_WINDOW = 8  # the longest document of every row of make_batch() has more tokens
 
 
 def make_params(cfg):
@@ -80,19 +63,10 @@ def check(variant, batch):
 
     def run(mesh, grad_accum, mode="gspmd", attention_impl="reference"):
         model = DogeForCausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl=attention_impl)
-        psh = shd.param_shardings(axes, params, mesh, warn=None)
-        bsh = shd.batch_sharding(mesh)
-        loss_fn = make_loss_fn(model, cfg, z_loss=1e-4, use_segments=True)
-        grad_fn, chosen = build_grad_fn(loss_fn, grad_accum, mesh, psh, cfg, mode)
+        g, m, specs, chosen, kernel = grads_on_mesh(model, cfg, params, axes, batch, mesh, grad_accum, mode,
+                                                    find_kernel=True)
         assert chosen == mode, (chosen, mode)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(shd.flax_rules()):
-            p = jax.device_put(params, psh)
-            b = {k: jax.device_put(v, bsh) for k, v in batch.items()}
-            fn = jax.jit(grad_fn, in_shardings=(psh, {k: bsh for k in b}), out_shardings=(psh, None))
-            kernel = "pallas_call" in str(jax.make_jaxpr(fn)(p, b))
-            g, m = fn(p, b)
-            specs = sorted({str(x.sharding.spec) for x in jax.tree_util.tree_leaves(g)})
-            return jax.device_get(g), jax.device_get(m), specs, kernel
+        return g, m, specs, kernel
 
     devs = jax.devices()
     g1, m1, _, kernel1 = run(shd.make_mesh(1, 1, 1, devices=devs[:1]), 1)  # plain full-batch step, reference
@@ -106,23 +80,14 @@ def check(variant, batch):
     def loss(m):  # what the train step reports: ce + aux_coef * aux + z_loss * z
         return m["ce"] + cfg.router_aux_loss_coef * m["aux"] * cfg.is_moe + 1e-4 * m["z"]
 
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
-
-    def nrel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
-
-    leaves1 = jax.tree_util.tree_flatten_with_path(g1)[0]
-    leaves8 = jax.tree_util.tree_leaves(g8)
+    rels = leaf_errors(g1, g8, rel)
     return {
         "loss_rel": rel(loss(m1), loss(m8)),
         "ce_rel": rel(m1["ce"], m8["ce"]),
         "aux": [float(m1["aux"]), float(m8["aux"])],
-        "grad_rel_max": max(rel(a, b) for (_, a), b in zip(leaves1, leaves8)),
-        "grad_nrel_max": max(nrel(a, b) for (_, a), b in zip(leaves1, leaves8)),
-        "grad_rel_leaves": {jax.tree_util.keystr(k): rel(a, b) for (k, a), b in zip(leaves1, leaves8)},
+        "grad_rel_max": max(rels.values()),
+        "grad_nrel_max": max(leaf_errors(g1, g8, nrel).values()),
+        "grad_rel_leaves": rels,
         "loss": float(loss(m1)),
         "specs": specs,
         "mesh": dict(mesh8.shape),

@@ -27,12 +27,11 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from wmjax.config import ConfigError, ConfigFields, DogeConfig
+from wmjax.config import ConfigError, ConfigFields, DogeConfig, known_fields, pop_upstream_rope, single_eos
 
 __all__ = ["CheemsConfig", "PRESETS", "SSD_A_MODES"]
 
 SSD_A_MODES = ("negative_exp", "raw")
-_ROPE_TYPES = ("default", "dynamic", "linear")
 KEEP_ALL = 2 ** 30  # keep_window_size that keeps every key
 
 
@@ -81,8 +80,7 @@ class CheemsConfig(ConfigFields):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def err(field, msg):
-            raise ConfigError(f"CheemsConfig.{field}={getattr(self, field)!r}: {msg}")
+        err = self._invalid
 
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings", "ssd_chunk_size", "attn_layer_period",
@@ -110,12 +108,7 @@ class CheemsConfig(ConfigFields):
                 "(docs/CHEEMS.md); use keep_window_size for a causal top-w rule")
         if self.rms_norm_eps <= 0:
             err("rms_norm_eps", "must be > 0")
-        if self.rope_theta <= 0:
-            err("rope_theta", "must be > 0")
-        if self.rope_type not in _ROPE_TYPES:
-            err("rope_type", f"must be one of {_ROPE_TYPES}")
-        if self.rope_type != "default" and self.rope_factor < 1.0:
-            err("rope_factor", "must be >= 1 for scaled RoPE")
+        self._check_rope()
         if self.ssd_a not in SSD_A_MODES:
             err("ssd_a", f"must be one of {SSD_A_MODES}")
         if (not isinstance(self.attn_a_init, (int, float)) or isinstance(self.attn_a_init, bool)
@@ -131,10 +124,7 @@ class CheemsConfig(ConfigFields):
             if self.num_cdmoe_experts_per_head > self.num_keys:
                 err("num_cdmoe_experts_per_head", f"must be <= int(sqrt(num_cdmoe_experts)) = {self.num_keys} "
                     "(top-k over each half's keys)")
-        for f in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            v = getattr(self, f)
-            if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
-                err(f, f"must be None or in [0, vocab_size={self.vocab_size})")
+        self._check_token_ids()
 
     # ------------------------------------------------------------------ derived
     @property
@@ -215,33 +205,10 @@ class CheemsConfig(ConfigFields):
                     raise ConfigError(f"config.json has both {old!r} (legacy spelling) and {new!r}")
                 d[new] = d.pop(old)
         out: dict[str, Any] = {"ssd_a": d.pop("ssd_a", "raw"), "attn_a_init": float(d.pop("attn_a_init", 1.0))}
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
-        d.pop("rope_scaling", None)
-        rope = dict(rope)
-        out["rope_theta"] = float(rope.get("rope_theta", d.pop("rope_theta", 10000.0)))
-        d.pop("rope_theta", None)
-        rtype = rope.get("rope_type", rope.get("type", "default"))
-        out["rope_type"] = rtype
-        out["rope_factor"] = float(rope.get("factor", 1.0)) if rtype != "default" else 1.0
-        orig = rope.get("original_max_position_embeddings")
-        if rtype != "default" and orig is not None and orig != d.get("max_position_embeddings", 2048):
-            raise ConfigError(
-                f"rope original_max_position_embeddings={orig} differs from max_position_embeddings="
-                f"{d.get('max_position_embeddings')}: dynamic/linear RoPE here scales by max_position_embeddings; "
-                "not supported")
-        eos = d.pop("eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-        out["eos_token_id"] = eos
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = []
-        for k, v in d.items():
-            if k in fields:
-                out[k] = v
-            elif k not in cls._UPSTREAM_IGNORED:
-                unknown.append(k)
-        if unknown and strict:
-            raise ConfigError(f"config.json has field(s) wmjax's Cheems does not know: {sorted(unknown)}")
+        out.update(pop_upstream_rope(d))
+        out["eos_token_id"] = single_eos(d.pop("eos_token_id", None))
+        out.update(known_fields(d, {f.name for f in dataclasses.fields(cls)}, cls._UPSTREAM_IGNORED, strict=strict,
+                                message="config.json has field(s) wmjax's Cheems does not know"))
         out.update(overrides)
         return cls(**out)
 

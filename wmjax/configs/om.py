@@ -25,7 +25,7 @@ import math
 import warnings
 from typing import Any, Optional, Tuple
 
-from wmjax.config import ConfigError, ConfigFields
+from wmjax.config import ConfigError, ConfigFields, known_fields
 
 __all__ = ["OmConfig", "PRESETS", "ConfigError", "ROPE_KINDS", "ACTIVATIONS"]
 
@@ -86,8 +86,7 @@ class OmConfig(ConfigFields):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def err(field, msg):
-            raise ConfigError(f"OmConfig.{field}={getattr(self, field)!r}: {msg}")
+        err = self._invalid
 
         def pos_int(v):
             return isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -145,10 +144,7 @@ class OmConfig(ConfigFields):
             err("mlp_norm", f"must be one of {_NORMS}")
         if self.is_moe:
             err("is_moe", "Om has no mixture of experts")
-        for f in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            v = getattr(self, f)
-            if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
-                err(f, f"must be None or in [0, vocab_size={self.vocab_size})")
+        self._check_token_ids()
         if self.initializer_range <= 0:
             err("initializer_range", "must be > 0")
 
@@ -235,16 +231,8 @@ class OmConfig(ConfigFields):
                   "dropout": "hidden_dropout", "pad_id": "pad_token_id"}
         same = {"vocab_size", "dims_key", "dims_value", "segment_len", "state_len", "scaling_factors",
                 "attn_dropout", "attn_logit_dropout", "attn_proj_rank", "mlp_1221"}
-        unknown = []
-        for k, v in d.items():
-            if k in rename:
-                out[rename[k]] = v
-            elif k in same:
-                out[k] = v
-            elif k not in _UPSTREAM_IGNORED:
-                unknown.append(k)
-        if unknown and strict:
-            raise ConfigError(f"upstream OmLLM config has key(s) wmjax does not know: {sorted(unknown)}")
+        out.update(known_fields(d, same, _UPSTREAM_IGNORED, strict=strict, rename=rename,
+                                message="upstream OmLLM config has key(s) wmjax does not know"))
         if "ngram_sizes" in out:
             out["ngram_sizes"] = tuple(sorted(out["ngram_sizes"]))
         if "hidden_act" in out and out["hidden_act"] not in ACTIVATIONS:

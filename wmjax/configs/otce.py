@@ -23,7 +23,7 @@ import dataclasses
 import math
 from typing import Any, Optional, Union
 
-from wmjax.config import ConfigError, ConfigFields
+from wmjax.config import ConfigError, ConfigFields, known_fields, single_eos
 
 __all__ = ["OTCEConfig", "PRESETS", "EXPERT_TYPES"]
 
@@ -95,8 +95,7 @@ class OTCEConfig(ConfigFields):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def err(field, msg):
-            raise ConfigError(f"OTCEConfig.{field}={getattr(self, field)!r}: {msg}")
+        err = self._invalid
 
         def pos_int(f, allow_zero=False):
             v = getattr(self, f)
@@ -146,10 +145,7 @@ class OTCEConfig(ConfigFields):
             err("expert_type", f"must be one of {EXPERT_TYPES}")
         if not self.num_experts_per_tok <= self.num_experts:
             err("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
-        for f in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            v = getattr(self, f)
-            if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
-                err(f, f"must be None or in [0, vocab_size={self.vocab_size})")
+        self._check_token_ids()
 
     # ------------------------------------------------------------------ derived
     @property
@@ -260,21 +256,13 @@ class OTCEConfig(ConfigFields):
             raise ConfigError(f"config.json model_type={mt!r}: expected 'cheems' (OTCE)")
         if "num_observation_layers" not in d and mt == "cheems" and strict:
             raise ConfigError("config.json has no num_observation_layers: not an OTCE config (Cheems?)")
-        eos = d.get("eos_token_id")
-        if isinstance(eos, (list, tuple)):
-            d["eos_token_id"] = eos[0] if eos else None
+        if "eos_token_id" in d:
+            d["eos_token_id"] = single_eos(d["eos_token_id"])
         if d.get("mamba_inner_layernorms", True) is False:
             raise ConfigError("mamba_inner_layernorms=False: upstream builds the inner norms anyway; an OTCE "
                               "checkpoint always has them (docs/OTCE.md)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        out, unknown = {}, []
-        for k, v in d.items():
-            if k in names:
-                out[k] = v
-            elif k not in _UPSTREAM_IGNORED:
-                unknown.append(k)
-        if unknown and strict:
-            raise ConfigError(f"config.json has field(s) wmjax does not know: {sorted(unknown)}")
+        out = known_fields(d, {f.name for f in dataclasses.fields(cls)}, _UPSTREAM_IGNORED, strict=strict,
+                           message="config.json has field(s) wmjax does not know")
         out.pop("attention_logn", None)
         hidden = out.get("hidden_size", cls.hidden_size)
         if isinstance(hidden, int) and out.get("mamba_dt_rank") == math.ceil(hidden / 16):

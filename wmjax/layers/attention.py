@@ -21,7 +21,7 @@ from jax import lax
 
 from wmjax.cache import BoundedKVCache, bounded_kv_attention, kv_decode_attention, write_kv
 from wmjax.config import DogeConfig
-from wmjax.layers.linear import dense, fused_dense
+from wmjax.layers.linear import dense, qkv_dense
 from wmjax.layers.norm import RMSNorm
 from wmjax.layers.rope import apply_rope
 from wmjax.ops.dmattn import dynamic_mask_attention
@@ -46,11 +46,8 @@ class DynamicMaskAttention(nn.Module):
         mk = lambda n, axes, name: dense(n, axes, use_bias=cfg.attention_bias, init_std=cfg.initializer_range,
                                           dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         # q, k, v: one gemm over [W_q | W_k | W_v] (params still q_proj/k_proj/v_proj; wmjax.layers.linear)
-        q, k, v = fused_dense(x, [(h * d, ("embed", "q_heads"), "q_proj"), (g * d, ("embed", "kv_heads"), "k_proj"),
-                                  (g * d, ("embed", "kv_heads"), "v_proj")],
-                              use_bias=cfg.attention_bias, init_std=cfg.initializer_range, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
-        q, k, v = q.reshape(b, s, h, d), k.reshape(b, s, g, d), v.reshape(b, s, g, d)
+        q, k, v = qkv_dense(x, h, g, d, use_bias=cfg.attention_bias, init_std=cfg.initializer_range,
+                            dtype=self.dtype, param_dtype=self.param_dtype)
         if cfg.qk_norm:
             q = RMSNorm(d, cfg.rms_norm_eps, ("head_dim",), self.dtype, self.param_dtype, name="q_norm")(q)
             k = RMSNorm(d, cfg.rms_norm_eps, ("head_dim",), self.dtype, self.param_dtype, name="k_norm")(k)

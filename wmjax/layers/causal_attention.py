@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wmjax.cache import kv_decode_attention, write_kv
-from wmjax.layers.linear import dense, fused_dense
+from wmjax.layers.linear import dense, qkv_dense
 from wmjax.layers.logn import logn_scale
 from wmjax.layers.rope import apply_rope
 from wmjax.ops.dmattn import dynamic_mask_attention
@@ -49,11 +49,8 @@ class CausalAttention(nn.Module):
         the slots already written. Returns (out [b, s, hidden], new layer_cache or None)."""
         b, s, _ = x.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = fused_dense(x, [(h * d, ("embed", "q_heads"), "q_proj"), (g * d, ("embed", "kv_heads"), "k_proj"),
-                                  (g * d, ("embed", "kv_heads"), "v_proj")],
-                              use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
-        q, k, v = q.reshape(b, s, h, d), k.reshape(b, s, g, d), v.reshape(b, s, g, d)
+        q, k, v = qkv_dense(x, h, g, d, use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
         if self.rope:
             q = apply_rope(q, rope_cos, rope_sin)
             k = apply_rope(k, rope_cos, rope_sin)

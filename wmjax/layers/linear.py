@@ -10,6 +10,7 @@ and dW_i = x^T dy_i, one gemm per projection on the cotangents as they come, exa
 `nn.Dense`s computes (autodiff of the concatenated gemm would concatenate the cotangents [dy_1 | dy_2 | ...] into
 one [tokens, sum features] copy per group, slower on the GPU: docs/benchmarks-history.md, Training). Same products
 per output element as separate `nn.Dense`s (only the gemm's choice of accumulation order may differ).
+`qkv_dense` is the attention layers' q / k / v projection through it.
 """
 
 from __future__ import annotations
@@ -135,3 +136,16 @@ def fused_dense(x, specs: Sequence[Tuple[int, Sequence[str], str]], *, use_bias:
             y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
         out.append(y)
     return tuple(out)
+
+
+def qkv_dense(x, num_heads: int, num_kv_heads: int, head_dim: int, *, use_bias: bool, init_std: float, dtype: Any,
+              param_dtype: Any):
+    """x [b, s, in] -> (q [b, s, num_heads, head_dim], k, v [b, s, num_kv_heads, head_dim]): the attention
+    projections q_proj (kernel axes ("embed", "q_heads")), k_proj, v_proj (("embed", "kv_heads")) as one
+    `fused_dense` gemm. Call inside a compact method."""
+    b, s, _ = x.shape
+    h, g, d = num_heads, num_kv_heads, head_dim
+    q, k, v = fused_dense(x, [(h * d, ("embed", "q_heads"), "q_proj"), (g * d, ("embed", "kv_heads"), "k_proj"),
+                              (g * d, ("embed", "kv_heads"), "v_proj")],
+                          use_bias=use_bias, init_std=init_std, dtype=dtype, param_dtype=param_dtype)
+    return q.reshape(b, s, h, d), k.reshape(b, s, g, d), v.reshape(b, s, g, d)

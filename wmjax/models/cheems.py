@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from wmjax.cache import init_cache as _init_layer_caches
@@ -32,13 +31,12 @@ from wmjax.layers.product_key_moe import ProductKeyCDMoE
 from wmjax.layers.residual import Residual
 from wmjax.layers.rope import rope_cos_sin
 from wmjax.layers.ssd_mixer import CheemsSSD
+from wmjax.models.causal_lm import (ACT_AXES, call_inputs, embedding, init_fn, layerwise_init, lm_head, lm_output,
+                                    logical_axes, random_params, run_layers, stacked_layer_init, zero_pad_row)
 from wmjax.models.registry import Family
-from wmjax.random_init import fast_random_compile
 
 __all__ = ["CheemsDecoderLayer", "CheemsModel", "CheemsForCausalLM", "init_params", "param_logical_axes",
            "init_cache", "describe", "FAMILY"]
-
-_ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 class CheemsDecoderLayer(nn.Module):
@@ -69,7 +67,7 @@ class CheemsDecoderLayer(nn.Module):
                 u, rope_cos, rope_sin, positions, token_mask, segment_ids, layer_cache, cache_length)
         out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
         h = Residual(cfg.hidden_size, self.dtype, self.param_dtype, name="post_sequence_residual")(h, out)
-        h = nn.with_logical_constraint(h, _ACT)
+        h = nn.with_logical_constraint(h, ACT_AXES)
 
         m = norm("pre_state_layernorm")(h)
         if cfg.is_moe:
@@ -78,7 +76,7 @@ class CheemsDecoderLayer(nn.Module):
             ffn = MLP(cfg, self.dtype, self.param_dtype, name="feed_forward")(m)
         ffn = nn.Dropout(cfg.hidden_dropout)(ffn, deterministic=deterministic)
         h = Residual(cfg.hidden_size, self.dtype, self.param_dtype, name="post_state_residual")(h, ffn)
-        return nn.with_logical_constraint(h, _ACT), layer_cache
+        return nn.with_logical_constraint(h, ACT_AXES), layer_cache
 
 
 class CheemsModel(nn.Module):
@@ -93,10 +91,7 @@ class CheemsModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.word_embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                                        ("vocab", "embed")))
+        self.word_embed = embedding(cfg, self.dtype, self.param_dtype)
         layer_cls = CheemsDecoderLayer
         if self.remat:
             layer_cls = nn.remat(CheemsDecoderLayer, static_argnums=(9,))  # (self, ...): deterministic
@@ -106,21 +101,12 @@ class CheemsModel(nn.Module):
 
     def __call__(self, input_ids, positions, token_mask, segment_ids=None, cache=None, deterministic=True):
         cfg = self.config
-        h = nn.with_logical_constraint(self.word_embed(input_ids), _ACT)
+        h = nn.with_logical_constraint(self.word_embed(input_ids), ACT_AXES)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
                                 cfg.max_position_embeddings, dtype=self.dtype)
-        length = None if cache is None else cache["length"]
-        new_layers = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            h, layer_cache = layer(h, cos, sin, positions, token_mask, segment_ids, layer_cache, length,
-                                   deterministic)
-            new_layers.append(layer_cache)
-        h = self.final_layernorm(h)
-        new_cache = None
-        if cache is not None:
-            new_cache = {"length": cache["length"] + input_ids.shape[1], "layers": tuple(new_layers)}
-        return h, new_cache
+        h, cache, _ = run_layers(self.layers, h, cache, lambda layer, h, layer_cache, length: (*layer(
+            h, cos, sin, positions, token_mask, segment_ids, layer_cache, length, deterministic), None))
+        return self.final_layernorm(h), cache
 
     def attend(self, h):
         return self.word_embed.attend(h)
@@ -151,28 +137,13 @@ class CheemsForCausalLM(nn.Module):
         self.model = CheemsModel(self.config, self.dtype, self.param_dtype, self.attention_impl, self.ssd_impl,
                                  self.remat)
         if not self.config.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                self.config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.config.initializer_range),
-                                                         ("embed", "vocab")))
+            self.lm_head = lm_head(self.config, self.dtype, self.param_dtype)
 
     def __call__(self, input_ids, positions=None, cache=None, attention_mask=None, segment_ids=None,
                  deterministic=True, output_router_logits=None, return_hidden=False):
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        b, s = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            if cache is not None:
-                positions = positions + cache["length"]
-        token_mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
-        h, cache = self.model(input_ids, positions.astype(jnp.int32), token_mask, segment_ids, cache, deterministic)
-        if return_hidden and not self.is_initializing():
-            return h, cache
-        logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                            ("activation_batch", "activation_length", "activation_vocab"))
-        return logits, cache
+        positions, token_mask = call_inputs(input_ids, positions, cache, attention_mask)
+        h, cache = self.model(input_ids, positions, token_mask, segment_ids, cache, deterministic)
+        return lm_output(self, h, cache, return_hidden)
 
     @staticmethod
     def lm_head_weight(config: CheemsConfig, params):
@@ -184,24 +155,8 @@ class CheemsForCausalLM(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- params
 def _model_init_fn(config: CheemsConfig, param_dtype):
-    model = CheemsForCausalLM(config, dtype=jnp.float32, param_dtype=param_dtype, attention_impl="reference",
-                              ssd_impl="chunked")
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    return lambda rng: model.init(rng, tokens)["params"]
-
-
-def _layer_init_fn(config: CheemsConfig, kind: str, count: int, param_dtype):
-    """rng -> `count` layers of kind `kind`, stacked on a leading axis (one layer's init vmapped over keys)."""
-    layer = CheemsDecoderLayer(config, kind, jnp.float32, param_dtype, "reference", "chunked")
-    h = jnp.zeros((1, 2, config.hidden_size), jnp.float32)
-    rope = jnp.zeros((1, 2, config.head_dim), jnp.float32)
-    positions, mask = jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool)
-
-    def init(rng):
-        keys = jax.random.split(rng, count)
-        return jax.vmap(lambda k: nn.meta.unbox(layer.init(k, h, rope, rope, positions, mask)["params"]))(keys)
-
-    return init
+    return init_fn(CheemsForCausalLM(config, dtype=jnp.float32, param_dtype=param_dtype, attention_impl="reference",
+                                     ssd_impl="chunked"))
 
 
 def init_params(config: CheemsConfig, rng, param_dtype=jnp.float32):
@@ -214,38 +169,21 @@ def init_params(config: CheemsConfig, rng, param_dtype=jnp.float32):
     init holds each random draw once per kind; embedding, final norm and untied head from the model's own init
     with one layer (discarded)."""
     kinds = config.layer_types
-
-    def init(rng):
-        rng_model, rng_ssd, rng_attn = jax.random.split(rng, 3)
-        params = nn.meta.unbox(_model_init_fn(config.replace(num_hidden_layers=1), param_dtype)(rng_model))
-        model = {k: v for k, v in params["model"].items() if not k.startswith("layers_")}
-        for kind, key in (("ssd", rng_ssd), ("attention", rng_attn)):
-            idx = [i for i, t in enumerate(kinds) if t == kind]
-            if not idx:
-                continue
-            stacked = _layer_init_fn(config, kind, len(idx), param_dtype)(key)
-            for j, i in enumerate(idx):
-                model[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, j=j: x[j], stacked)
-        return dict(params, model=model)
-
-    with fast_random_compile():
-        params = jax.jit(init)(rng)
+    layer_init = lambda kind, count: stacked_layer_init(
+        CheemsDecoderLayer(config, kind, jnp.float32, param_dtype, "reference", "chunked"), count,
+        config.hidden_size, config.head_dim)
+    params = random_params(layerwise_init(_model_init_fn(config.replace(num_hidden_layers=1), param_dtype),
+                                          layer_init, kinds, ("ssd", "attention")), rng)
     for i, kind in enumerate(kinds):  # attention A = config.attn_a_init (0 by default as Doge's; upstream 1)
         if kind == "attention" and config.attn_a_init != 0.0:
             a = params["model"][f"layers_{i}"]["attn"]["A"]
             params["model"][f"layers_{i}"]["attn"]["A"] = jnp.full_like(a, config.attn_a_init)
-    if config.pad_token_id is not None:
-        emb = params["model"]["word_embed"]["embedding"]
-        params["model"]["word_embed"]["embedding"] = emb.at[config.pad_token_id].set(0)
-    return params
+    return zero_pad_row(params, ("model", "word_embed", "embedding"), config.pad_token_id)
 
 
 def param_logical_axes(config: CheemsConfig):
     """Same structure as the params; each leaf a tuple of logical axis names."""
-    boxed = jax.eval_shape(_model_init_fn(config, jnp.float32), jax.random.PRNGKey(0))
-    specs = nn.get_partition_spec(boxed)
-    return jax.tree_util.tree_map(lambda p: tuple(p), specs,
-                                  is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return logical_axes(_model_init_fn(config, jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------------- cache

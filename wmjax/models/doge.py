@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from wmjax.cache import init_cache
@@ -27,12 +26,11 @@ from wmjax.layers.mlp import MLP
 from wmjax.layers.moe import CDMoE, router_aux_loss
 from wmjax.layers.norm import RMSNorm, scale_by_weight
 from wmjax.layers.rope import rope_cos_sin
+from wmjax.models.causal_lm import (ACT_AXES, call_inputs, embedding, init_fn, layerwise_init, lm_head, lm_output,
+                                    logical_axes, random_params, run_layers, stacked_layer_init, zero_pad_row)
 from wmjax.models.registry import Family
-from wmjax.random_init import fast_random_compile
 
 __all__ = ["DogeDecoderLayer", "DogeModel", "DogeForCausalLM", "init_params", "param_logical_axes", "FAMILY"]
-
-_ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 class DogeDecoderLayer(nn.Module):
@@ -55,7 +53,7 @@ class DogeDecoderLayer(nn.Module):
         attn_out = nn.Dropout(cfg.hidden_dropout)(attn_out, deterministic=deterministic)
         w_in = self.param("input_residual", residual_init, (cfg.hidden_size,), self.param_dtype)
         h = scale_by_weight(w_in, h, self.dtype) + attn_out
-        h = nn.with_logical_constraint(h, _ACT)
+        h = nn.with_logical_constraint(h, ACT_AXES)
 
         m = norm("post_attention_layernorm")(h)
         stats = None
@@ -66,7 +64,7 @@ class DogeDecoderLayer(nn.Module):
         ffn = nn.Dropout(cfg.hidden_dropout)(ffn, deterministic=deterministic)
         w_post = self.param("post_attention_residual", residual_init, (cfg.hidden_size,), self.param_dtype)
         h = scale_by_weight(w_post, h, self.dtype) + ffn
-        return nn.with_logical_constraint(h, _ACT), layer_cache, stats
+        return nn.with_logical_constraint(h, ACT_AXES), layer_cache, stats
 
 
 class DogeModel(nn.Module):
@@ -80,10 +78,7 @@ class DogeModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                                        ("vocab", "embed")))
+        self.embed_tokens = embedding(cfg, self.dtype, self.param_dtype)
         layer_cls = DogeDecoderLayer
         if self.remat:
             layer_cls = nn.remat(DogeDecoderLayer, static_argnums=(9, 10))  # (self, ...): deterministic, compute_aux
@@ -95,23 +90,12 @@ class DogeModel(nn.Module):
                  compute_aux=False):
         cfg = self.config
         h = self.embed_tokens(input_ids)
-        h = nn.with_logical_constraint(h, _ACT)
+        h = nn.with_logical_constraint(h, ACT_AXES)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
                                 cfg.max_position_embeddings, dtype=self.dtype)
-        new_layers, stats = [], []
-        length = None if cache is None else cache["length"]
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            h, layer_cache, layer_stats = layer(h, cos, sin, positions, token_mask, segment_ids, layer_cache,
-                                                length, deterministic, compute_aux)
-            new_layers.append(layer_cache)
-            if layer_stats is not None:
-                stats.append(layer_stats)
-        h = self.norm(h)
-        new_cache = None
-        if cache is not None:
-            new_cache = {"length": cache["length"] + input_ids.shape[1], "layers": tuple(new_layers)}
-        return h, new_cache, stats
+        h, cache, stats = run_layers(self.layers, h, cache, lambda layer, h, layer_cache, length: layer(
+            h, cos, sin, positions, token_mask, segment_ids, layer_cache, length, deterministic, compute_aux))
+        return self.norm(h), cache, stats
 
     def attend(self, h):
         return self.embed_tokens.attend(h)
@@ -137,38 +121,20 @@ class DogeForCausalLM(nn.Module):
     def setup(self):
         self.model = DogeModel(self.config, self.dtype, self.param_dtype, self.attention_impl, self.remat)
         if not self.config.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                self.config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.config.initializer_range),
-                                                         ("embed", "vocab")))
+            self.lm_head = lm_head(self.config, self.dtype, self.param_dtype)
 
     def __call__(self, input_ids, positions=None, cache=None, attention_mask=None, segment_ids=None,
                  deterministic=True, output_router_logits=None, return_hidden=False):
         cfg = self.config
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        b, s = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            if cache is not None:
-                positions = positions + cache["length"]
-        token_mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
+        positions, token_mask = call_inputs(input_ids, positions, cache, attention_mask)
         compute_aux = cfg.is_moe and bool(cfg.output_router_logits if output_router_logits is None
                                           else output_router_logits)
-        h, cache, stats = self.model(input_ids, positions.astype(jnp.int32), token_mask, segment_ids, cache,
-                              deterministic, compute_aux)
+        h, cache, stats = self.model(input_ids, positions, token_mask, segment_ids, cache, deterministic,
+                                     compute_aux)
         if stats:
             self.sow("intermediates", "router_aux_loss",
                      router_aux_loss(stats, cfg.num_experts, cfg.num_experts_per_tok))
-        if return_hidden and not self.is_initializing():
-            return h, cache
-        if cfg.tie_word_embeddings:
-            logits = self.model.attend(h)
-        else:
-            logits = self.lm_head(h)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                            ("activation_batch", "activation_length", "activation_vocab"))
-        return logits, cache
+        return lm_output(self, h, cache, return_hidden)
 
     @staticmethod
     def lm_head_weight(config: DogeConfig, params):
@@ -180,28 +146,7 @@ class DogeForCausalLM(nn.Module):
 
 
 def _init_fn(config: DogeConfig, param_dtype):
-    model = DogeForCausalLM(config, dtype=jnp.float32, param_dtype=param_dtype, attention_impl="reference")
-    tokens = jnp.zeros((1, 2), jnp.int32)
-
-    def init(rng):
-        return model.init(rng, tokens)["params"]
-
-    return init
-
-
-def _init_layers_fn(config: DogeConfig, param_dtype):
-    """rng -> every decoder layer's params, stacked on a leading [num_hidden_layers] axis: one layer's init
-    `vmap`ped over per-layer keys (the layers share one structure)."""
-    layer = DogeDecoderLayer(config, jnp.float32, param_dtype, "reference")
-    h = jnp.zeros((1, 2, config.hidden_size), jnp.float32)
-    rope = jnp.zeros((1, 2, config.head_dim), jnp.float32)
-    positions, mask = jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool)
-
-    def init(rng):
-        keys = jax.random.split(rng, config.num_hidden_layers)
-        return jax.vmap(lambda k: nn.meta.unbox(layer.init(k, h, rope, rope, positions, mask)["params"]))(keys)
-
-    return init
+    return init_fn(DogeForCausalLM(config, dtype=jnp.float32, param_dtype=param_dtype, attention_impl="reference"))
 
 
 def init_params(config: DogeConfig, rng, param_dtype=jnp.float32):
@@ -212,29 +157,16 @@ def init_params(config: DogeConfig, rng, param_dtype=jnp.float32):
     random draw once instead of once per layer (fewer fusions to compile: docs/benchmarks-history.md, Training).
     The embedding, final norm and untied head come from the model's own init with one layer (that layer is
     discarded)."""
-
-    def init(rng):
-        rng_model, rng_layers = jax.random.split(rng)
-        params = nn.meta.unbox(_init_fn(config.replace(num_hidden_layers=1), param_dtype)(rng_model))
-        stacked = _init_layers_fn(config, param_dtype)(rng_layers)
-        model = {k: v for k, v in params["model"].items() if not k.startswith("layers_")}
-        for i in range(config.num_hidden_layers):
-            model[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
-        return dict(params, model=model)
-
-    with fast_random_compile():  # threefry as one GPU kernel: XLA:GPU compiled the unrolled one for > 45 s
-        params = jax.jit(init)(rng)
-    if config.pad_token_id is not None:
-        emb = params["model"]["embed_tokens"]["embedding"]
-        params["model"]["embed_tokens"]["embedding"] = emb.at[config.pad_token_id].set(0)
-    return params
+    layer = DogeDecoderLayer(config, jnp.float32, param_dtype, "reference")
+    init = layerwise_init(_init_fn(config.replace(num_hidden_layers=1), param_dtype),
+                          lambda kind, count: stacked_layer_init(layer, count, config.hidden_size, config.head_dim),
+                          ("decoder",) * config.num_hidden_layers, ("decoder",))
+    return zero_pad_row(random_params(init, rng), ("model", "embed_tokens", "embedding"), config.pad_token_id)
 
 
 def param_logical_axes(config: DogeConfig):
     """Same structure as the params; each leaf a tuple of logical axis names (e.g. ("embed", "mlp"))."""
-    boxed = jax.eval_shape(_init_fn(config, jnp.float32), jax.random.PRNGKey(0))
-    specs = nn.get_partition_spec(boxed)
-    return jax.tree_util.tree_map(lambda p: tuple(p), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return logical_axes(_init_fn(config, jnp.float32))
 
 
 def describe(config: DogeConfig) -> str:

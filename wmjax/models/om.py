@@ -46,8 +46,8 @@ from wmjax.configs.om import OmConfig
 from wmjax.layers.arc import ARC
 from wmjax.layers.ngram import NGramEmbedding, ngram_features
 from wmjax.layers.norm import RMSNorm
+from wmjax.models.causal_lm import embedding, init_fn, logical_axes, random_params
 from wmjax.models.registry import Family
-from wmjax.random_init import fast_random_compile
 
 __all__ = ["OmMLP", "ARCformer", "OmForCausalLM", "init_params", "param_logical_axes", "init_cache", "describe",
            "NGRAM_SCOPES", "FAMILY"]
@@ -198,9 +198,7 @@ class OmForCausalLM(nn.Module):
         cfg = self.config
         if self.ngram_scope not in NGRAM_SCOPES:
             raise ValueError(f"OmForCausalLM.ngram_scope={self.ngram_scope!r}; expected one of {NGRAM_SCOPES}")
-        self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 embedding_init=nn.with_logical_partitioning(
-                                     nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
+        self.embedder = embedding(cfg, self.dtype, self.param_dtype)
         self.ngram_embs = [NGramEmbedding(cfg.hidden_size, k, self.dtype, self.param_dtype)
                            for k in cfg.ngram_sizes]
         layer_cls = nn.remat(ARCformer, static_argnums=(3, 4)) if self.remat else ARCformer
@@ -404,27 +402,17 @@ def init_cache(config: OmConfig, batch: int, max_length: int = 0, dtype=jnp.floa
 
 
 def _init_fn(config: OmConfig, param_dtype):
-    model = OmForCausalLM(config, dtype=jnp.float32, param_dtype=param_dtype)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-
-    def init(rng):
-        return model.init(rng, tokens)["params"]
-
-    return init
+    return init_fn(OmForCausalLM(config, dtype=jnp.float32, param_dtype=param_dtype), seq_len=1)
 
 
 def init_params(config: OmConfig, rng, param_dtype=jnp.float32):
     """Random params with the upstream initialisers (om_arc.md §2.7, §4.1, §5.1): a plain nested dict."""
-    with fast_random_compile():
-        return nn.meta.unbox(jax.jit(_init_fn(config, param_dtype))(rng))
+    return random_params(_init_fn(config, param_dtype), rng)
 
 
 def param_logical_axes(config: OmConfig):
     """Same structure as the params; each leaf a tuple of logical axis names."""
-    boxed = jax.eval_shape(_init_fn(config, jnp.float32), jax.random.PRNGKey(0))
-    specs = nn.get_partition_spec(boxed)
-    return jax.tree_util.tree_map(lambda p: tuple(p), specs,
-                                  is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return logical_axes(_init_fn(config, jnp.float32))
 
 
 def describe(config: OmConfig) -> str:

@@ -37,13 +37,12 @@ from wmjax.layers.norm import RMSNorm
 from wmjax.layers.rope import rope_cos_sin
 from wmjax.layers.selective_mixer import SelectiveMixer
 from wmjax.layers.shared_moe import SharedMoE, TanhGatedMLP
+from wmjax.models.causal_lm import (ACT_AXES, call_inputs, embedding, init_fn, lm_head, lm_output, logical_axes,
+                                    random_params, run_layers, zero_pad_row)
 from wmjax.models.registry import Family
-from wmjax.random_init import fast_random_compile
 
 __all__ = ["OTCEDecoderLayer", "OTCEModel", "OTCEForCausalLM", "init_params", "param_logical_axes", "init_cache",
            "describe", "FAMILY"]
-
-_ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 class OTCEDecoderLayer(nn.Module):
@@ -75,7 +74,7 @@ class OTCEDecoderLayer(nn.Module):
                                    name="self_attn" if stage == "thinking" else "self_attention")
             mixed, layer_cache = attn(u, attn_cos, attn_sin, positions, token_mask, segment_ids, layer_cache,
                                       cache_length)
-        h = nn.with_logical_constraint(h + mixed, _ACT)
+        h = nn.with_logical_constraint(h + mixed, ACT_AXES)
 
         m = norm("pre_ff_layernorm")(h)
         stats = None
@@ -85,7 +84,7 @@ class OTCEDecoderLayer(nn.Module):
         else:
             ffn = TanhGatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_bias, cfg.initializer_range,
                                self.dtype, self.param_dtype, name="feed_forward")(m)
-        h = nn.with_logical_constraint(h + ffn, _ACT)
+        h = nn.with_logical_constraint(h + ffn, ACT_AXES)
 
         if stage == "expression":  # the projection replaces the residual stream
             mk = lambda name, axes: dense(cfg.hidden_size, axes, use_bias=cfg.hidden_bias,
@@ -93,7 +92,7 @@ class OTCEDecoderLayer(nn.Module):
                                           param_dtype=self.param_dtype, name=name)
             e = mk("dense", ("embed", "mlp"))(norm("pre_dense_layernorm")(h) + x)
             e = nn.Dropout(cfg.hidden_dropout)(jax.nn.silu(e), deterministic=deterministic)
-            h = nn.with_logical_constraint(mk("projection", ("mlp", "embed"))(e), _ACT)
+            h = nn.with_logical_constraint(mk("projection", ("mlp", "embed"))(e), ACT_AXES)
         return h, layer_cache, stats
 
 
@@ -106,12 +105,9 @@ class _Embedding(nn.Module):
 
     def setup(self):
         cfg = self.config
-        init = nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed"))
-        self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, embedding_init=init)
+        self.word_embeddings = embedding(cfg, self.dtype, self.param_dtype)
         if cfg.type_vocab_size is not None:
-            self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=self.dtype,
-                                                  param_dtype=self.param_dtype, embedding_init=init)
+            self.token_type_embeddings = embedding(cfg, self.dtype, self.param_dtype, cfg.type_vocab_size)
 
     def __call__(self, input_ids):
         h = self.word_embeddings(input_ids)
@@ -147,23 +143,13 @@ class OTCEModel(nn.Module):
     def __call__(self, input_ids, positions, token_mask, segment_ids=None, cache=None, deterministic=True,
                  compute_aux=False):
         cfg = self.config
-        h = nn.with_logical_constraint(self.embed_tokens(input_ids), _ACT)
+        h = nn.with_logical_constraint(self.embed_tokens(input_ids), ACT_AXES)
         attn_cos, attn_sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype=self.dtype)
         ssm_cos, ssm_sin = rope_cos_sin(positions, cfg.mamba_d_state, cfg.rope_theta, dtype=self.dtype)
-        length = None if cache is None else cache["length"]
-        new_layers, stats = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            h, layer_cache, layer_stats = layer(h, attn_cos, attn_sin, ssm_cos, ssm_sin, positions, token_mask,
-                                                segment_ids, layer_cache, length, deterministic, compute_aux)
-            new_layers.append(layer_cache)
-            if layer_stats is not None:
-                stats.append(layer_stats)
-        h = self.final_layernorm(h)
-        new_cache = None
-        if cache is not None:
-            new_cache = {"length": cache["length"] + input_ids.shape[1], "layers": tuple(new_layers)}
-        return h, new_cache, stats
+        h, cache, stats = run_layers(self.layers, h, cache, lambda layer, h, layer_cache, length: layer(
+            h, attn_cos, attn_sin, ssm_cos, ssm_sin, positions, token_mask, segment_ids, layer_cache, length,
+            deterministic, compute_aux))
+        return self.final_layernorm(h), cache, stats
 
     def attend(self, h):
         return self.embed_tokens.attend(h)
@@ -191,38 +177,23 @@ class OTCEForCausalLM(nn.Module):
         cfg = self.config
         self.model = OTCEModel(cfg, self.dtype, self.param_dtype, self.attention_impl, self.scan_impl, self.remat)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                                         ("embed", "vocab")))
+            self.lm_head = lm_head(cfg, self.dtype, self.param_dtype)
 
     def __call__(self, input_ids, positions=None, cache=None, attention_mask=None, segment_ids=None,
                  deterministic=True, output_router_logits=None, return_hidden=False):
         cfg = self.config
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        positions, token_mask = call_inputs(input_ids, positions, cache, attention_mask)
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids are not supported together with a decode cache")
-        b, s = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            if cache is not None:
-                positions = positions + cache["length"]
-        token_mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
         compute_aux = cfg.is_moe and any(cfg.moe_layers) and bool(
             cfg.output_router_logits if output_router_logits is None else output_router_logits)
-        h, cache, stats = self.model(input_ids, positions.astype(jnp.int32), token_mask, segment_ids, cache,
-                                     deterministic, compute_aux)
+        h, cache, stats = self.model(input_ids, positions, token_mask, segment_ids, cache, deterministic,
+                                     compute_aux)
         if stats:
             total = tuple(sum(s_[j] for s_ in stats) for j in range(3))
             # top_k=1: Mixtral's loss sums (not averages) the k selection slots' fractions (shared_moe.py)
             self.sow("intermediates", "router_aux_loss", router_aux_loss([total], cfg.num_experts, 1))
-        if return_hidden and not self.is_initializing():
-            return h, cache
-        logits = self.model.attend(h) if cfg.tie_word_embeddings else self.lm_head(h)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                            ("activation_batch", "activation_length", "activation_vocab"))
-        return logits, cache
+        return lm_output(self, h, cache, return_hidden)
 
     @staticmethod
     def lm_head_weight(config: OTCEConfig, params):
@@ -233,33 +204,20 @@ class OTCEForCausalLM(nn.Module):
 
 
 def _init_fn(config: OTCEConfig, param_dtype):
-    model = OTCEForCausalLM(config, dtype=jnp.float32, param_dtype=param_dtype, attention_impl="reference")
-    tokens = jnp.zeros((1, 2), jnp.int32)
-
-    def init(rng):
-        return model.init(rng, tokens)["params"]
-
-    return init
+    return init_fn(OTCEForCausalLM(config, dtype=jnp.float32, param_dtype=param_dtype, attention_impl="reference"))
 
 
 def init_params(config: OTCEConfig, rng, param_dtype=jnp.float32):
     """Random params as upstream's `_init_weights` (Linear / Conv1d / Embedding N(0, initializer_range), biases 0,
     the pad row of the word embedding zeroed; A_log = log(1..N), D = 1, norms weight 1 bias 0): a plain nested
     dict."""
-    with fast_random_compile():  # threefry as one GPU kernel: unrolled, OTCE-160M's init compiled for > 100 s
-        params = nn.meta.unbox(jax.jit(_init_fn(config, param_dtype))(rng))
-    if config.pad_token_id is not None:
-        emb = params["model"]["embed_tokens"]["word_embeddings"]["embedding"]
-        params["model"]["embed_tokens"]["word_embeddings"]["embedding"] = emb.at[config.pad_token_id].set(0)
-    return params
+    return zero_pad_row(random_params(_init_fn(config, param_dtype), rng),
+                        ("model", "embed_tokens", "word_embeddings", "embedding"), config.pad_token_id)
 
 
 def param_logical_axes(config: OTCEConfig):
     """Same structure as the params; each leaf a tuple of logical axis names."""
-    boxed = jax.eval_shape(_init_fn(config, jnp.float32), jax.random.PRNGKey(0))
-    specs = nn.get_partition_spec(boxed)
-    return jax.tree_util.tree_map(lambda p: tuple(p), specs,
-                                  is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return logical_axes(_init_fn(config, jnp.float32))
 
 
 def init_cache(config: OTCEConfig, batch: int, max_length: int, dtype=jnp.float32, kind: str = "full",

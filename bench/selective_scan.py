@@ -53,25 +53,30 @@ from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_
 _NOPARTS = {"part_programs_fwd": -1, "part_programs_bwd": -1}
 VARIANTS_N16 = [
     {},                          # T8, N2 = 8; BE 8 at 1 warp; backward 2 sub-blocks; parts (sequence parallel)
+    {"lanes_n": 4},                                                       # N2 = 4: BE 16 (2 channels a thread)
+    {"lanes_n": 4, "block_e_fwd": 8, "block_e_bwd": 8},                   # N2 = 4, 1 channel a thread
+    {"lanes_n": 2},                                                       # N2 = 2: BE 32
+    {"lanes_n": 2, "block_e_fwd": 16, "block_e_bwd": 16},
+    {"lanes_n": 4, "chunk": 16, "block_e_fwd": 8, "block_e_bwd": 8},
     {"chunk": 4, "block_e_fwd": 16, "block_e_bwd": 16, "sub_blocks_bwd": 1},
-    {"sub_blocks_bwd": 1},
     {"chunk": 16, "block_e_fwd": 16, "block_e_bwd": 16, "num_warps_fwd": 4, "num_warps_bwd": 4, "sub_blocks_bwd": 1,
      **_NOPARTS},                                                          # the best without parts
-    {"part_programs_fwd": -1},
+    {"lanes_n": 4, "chunk": 16, "block_e_fwd": 32, "num_warps_fwd": 4, "part_programs_fwd": -1},
 ]
 VARIANTS_N64 = [
     {},                          # T8, N2 = 16; forward BE 8 at 4 warps; backward BE 2 at 1 warp, 2 sub-blocks, parts
-    {"sub_blocks_bwd": 1},
-    {"block_e_bwd": 8, "num_warps_bwd": 4, "sub_blocks_bwd": 1},
+    {"lanes_n": 8},
+    {"lanes_n": 8, "chunk": 4},
+    {"lanes_n": 4, "chunk": 4},
     {"chunk": 4, "block_e_fwd": 4, "block_e_bwd": 4, "num_warps_fwd": 1, "sub_blocks_bwd": 1},
-    {"part_programs_bwd": -1, "block_e_bwd": 8, "num_warps_bwd": 4, "sub_blocks_bwd": 1},     # no parts
+    {"num_warps_fwd": 1, "block_e_fwd": 2, "part_programs_fwd": 4096},
 ]
 
 CONFIGS = [
     # name, b, L, E, N, variants, how many of them to time (the big shape: fewer, to keep the run short)
-    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 6),
-    ("otce160m b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 6),
-    ("otce b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 5),
+    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 9),
+    ("otce160m b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 9),
+    ("otce b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 6),
 ]
 EXP_RATE = 132 * 16 * 1.755e9   # nominal H100 SXM MUFU throughput, exp / s
 

@@ -6,11 +6,13 @@ import sys
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "dmattn_sharded.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tests", "scripts", "dmattn_sharded.py")
 
 
 def test_kernel_runs_per_shard_and_matches_reference():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))  # the checkout, installed or not
     proc = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [ln.split() for ln in proc.stdout.splitlines() if " ok " in ln]

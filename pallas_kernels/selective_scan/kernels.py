@@ -7,16 +7,17 @@ N2 on lanes and T, N1 inside a thread, so sums over the state are mostly adds in
 a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's ``tt.scan`` with tuple operands).
 
 * ``scan_fwd`` per chunk (delta = softplus(dt + bias) or dt + bias, 0 on the padded tail; a = 0 at a document start)
-      a_t = exp(delta_t A) keep_t,  b_t = delta_t x_t B_t                                   [T, N1, BE, N2]
-      (P_t, H_t) = scan_t((a, b); (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2))              P_t = prod_{s<=t} a_s
-      h_t = H_t + P_t h_in;   y_t = sum_n h_t C_t + D x_t;   y_t *= silu(z_t);   h_in <- h_{T-1}
+      a_t = exp(delta_t A) keep_t,  b_t = delta_t x_t B_t,  b_0 += a_0 h_in                  [T, N1, BE, N2]
+      h_t = scan_t((a, b); (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2))[1]       (h_t = a_t h_{t-1} + b_t)
+      y_t = sum_n h_t C_t + D x_t;   y_t *= silu(z_t);   h_in <- h_{T-1}
   writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every chunk, hs [nc, E, N].
-  With P > 1 parts, ``scan_part_fwd`` first gives each part's end state from zero, S_p, and decay product, D_p;
-  part p then starts from h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial state), folded in the program.
+  With P > 1 parts, ``scan_part_fwd`` first gives each part's end state from zero, S_p, and decay product, D_p
+  (per chunk exp(A sum_t delta_t)); part p then starts from h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial
+  state), folded in the program.
 * ``scan_bwd`` per chunk in reverse order: recompute a, b, h_t from hs[c] as above; then with g_t = C_t dy'_t
   (dy' = dy silu(z), and dz from the saved ungated y', both elementwise in the wrapper) the adjoint
-  G_t = dL/dh_t = g_t + a_{t+1} G_{t+1} by a reverse scan (kind "adjoint": G_t = K_t + M_t G_in,
-  M_t = prod_{t<r<T} a_r, G_in = a_0' G_0' of the chunk after), and
+  G_t = dL/dh_t = g_t + a_{t+1} G_{t+1} by a reverse scan (kind "adjoint", G_in = a_0' G_0' of the chunk after
+  added to g_{T-1}), and
       dC_t = sum_e h_t dy';  dB_t = sum_e G_t delta x;  du = sum_n G_t B_t;  dx = du delta + D dy'
       s_t = G_t a_t h_{t-1} = G_t (h_t - b_t);  d delta = du x + sum_n s A;  dA += sum_t s delta
   dx, ddt per token; dB, dC as per-program partial sums [b, E/(S BE), L, N] (a program walks S sub-blocks of BE
@@ -26,7 +27,9 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
   past its end, Q_p, and decay product D_p; part p starts from Q_{p+1} + D_{p+1} (...) folded back from the final
   state's gradient.
   h_{t-1} never needs a shift (a_t h_{t-1} = h_t - b_t) and neither does a_{t+1} (the "adjoint" combine).
-The last (first) row of a tile, a carry, is a masked sum over T.
+The last (first) row of a tile, a carry, is a masked sum over T (free: T is in a thread, the mask constant).
+Decays, softplus and sigmoid are ``fastmath``'s (MUFU approximations, not libdevice) and the scan's combine fused
+multiply-adds: the kernels are bound by instruction issue.
 
 Layouts (the wrapper pads and splits N): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C [b, Lp, N1, N2] (input
 dtype); A [N1, Ep, N2] f32; D, dt_bias [1, Ep] f32; keep [b, Lp] f32 (0 at a document start); states and part
@@ -45,9 +48,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels import fastmath
+from pallas_kernels.fastmath import exp2, fma
 from pallas_kernels.lowering import lower_once
 from pallas_kernels.selective_scan.linear_scan import linear_scan
-from pallas_kernels.selective_scan.reference import softplus
 
 _F32 = jnp.float32
 _LOG2E = 1.4426950408889634
@@ -101,7 +105,8 @@ class _Chunk:
         """(delta [T, BE], d delta / d dt [T, BE]) of raw dt rows; both 0 on the padded tail t >= L."""
         v = dt.astype(_F32) + self.bias[j]
         if self.sp:
-            d, dd = softplus(v), jnp.where(v > 20.0, 1.0, jax.nn.sigmoid(v))
+            big = v > 20.0   # Mamba's threshold (reference.softplus)
+            d, dd = jnp.where(big, v, fastmath.softplus(v)), jnp.where(big, 1.0, fastmath.sigmoid(v))
         else:
             d, dd = v, jnp.ones_like(v)
         if self.L < self.Lp:
@@ -112,20 +117,28 @@ class _Chunk:
 
     def decays(self, rows, delta, j):
         """a = exp(delta A) keep [T, N1, BE, N2] (0 at a document start)."""
-        a = jnp.exp2(_e(delta) * self.A2[j][None])
+        a = exp2(_e(delta) * self.A2[j][None])
         if "keep" in rows:
             a = a * rows["keep"][:, None, None, None]
         return a
 
-    def states(self, rows, x, delta, h_in, j, with_prod=False):
+    def chunk_decay(self, rows, delta, j):
+        """prod_t a_t over the chunk [N1, BE, N2] in closed form, exp(A sum_t delta_t) (0 if a document starts in
+        the chunk): one exp per state instead of a product per token."""
+        d = exp2(jnp.sum(delta, axis=0)[None, :, None] * self.A2[j])
+        if "keep" in rows:
+            d = d * jnp.min(rows["keep"])
+        return d
+
+    def states(self, rows, x, delta, h_in, j):
         """(a, b, h) [T, N1, BE, N2] of the chunk: decay, input and the state after every token, from h_in
-        [N1, BE, N2]; with_prod also the running product of the decays."""
+        [N1, BE, N2] (folded into the first token's input, a_0 h_in + b_0, so the scan's product of decays is
+        dead code)."""
         a = self.decays(rows, delta, j)
         u = delta * x.astype(_F32)                                                  # [T, BE]
         bx = _e(u) * _n(rows["b"])
-        P, H = linear_scan(a, bx)
-        h = H + P * h_in[None]
-        return (a, bx, h, P) if with_prod else (a, bx, h)
+        _, h = linear_scan(a, _at_row(bx, 0, fma(a, jnp.broadcast_to(h_in[None], a.shape), bx)))
+        return a, bx, h
 
 
 def _e(v):
@@ -144,9 +157,17 @@ def _sum_n(v):
 
 
 def _row(v, i):
-    """Row i (static) of v [T, ...] as a masked sum over T (no value slicing in the Triton backend)."""
+    """Row i (static) of v [T, ...] as a masked sum over T (no value slicing in the Triton backend). T is inside a
+    thread, so the mask is a constant per register, and the other rows are -0.0, which x + (-0.0) = x drops
+    exactly: no instructions (with 0.0 each row would cost an add)."""
     t = lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    return jnp.sum(jnp.where(t == i, v, 0.0), axis=0)
+    return jnp.sum(jnp.where(t == i, v, -0.0), axis=0)
+
+
+def _at_row(v, i, w):
+    """v [T, ...] with row i (static) taken from w (same shape): only that row of w is computed."""
+    t = lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    return jnp.where(t == i, w, v)
 
 
 def _chunk_loop(n, order, body, init, load, prefetch, c0=0):
@@ -219,8 +240,8 @@ def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
         h_in, dprod = carry
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
-        _, _, h, Pr = ch.states(rows, sub["x"], delta, h_in, 0, with_prod=True)
-        return _row(h, T - 1), dprod * _row(Pr, T - 1)
+        _, _, h = ch.states(rows, sub["x"], delta, h_in, 0)
+        return _row(h, T - 1), dprod * ch.chunk_decay(rows, delta, 0)
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
     h, dprod = _chunk_loop(cpp, "fwd", body, (zero, zero + 1.0), ch.load, prefetch, c0=pl.program_id(2) * cpp)
@@ -279,7 +300,7 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
             if save:
                 r["yp"][_rows(c, T), :] = y.astype(r["yp"].dtype)
             zr = sub["z"].astype(_F32)
-            y = y * (zr * jax.nn.sigmoid(zr))
+            y = y * (zr * fastmath.sigmoid(zr))
         r["y"][_rows(c, T), :] = y.astype(r["y"].dtype)
         return _row(h, T - 1)
 
@@ -336,9 +357,11 @@ def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, *, T, L, BE, cpp
 # backward
 # ------------------------------------------------------------------------------------------------------------
 def _adjoint(a, g, G_in):
-    """G_t = g_t + a_{t+1} G_{t+1} inside a chunk, G past its end = G_in (the a_0' G_0' of the chunk after)."""
-    _, M, K = linear_scan(a, jnp.ones_like(a), g, kind="adjoint", reverse=True)
-    return K + M * G_in[None]
+    """G_t = g_t + a_{t+1} G_{t+1} inside a chunk, G past its end = G_in (the a_0' G_0' of the chunk after, added
+    to the last token's g, so the scan's product of decays is dead code)."""
+    T = a.shape[0]
+    g = _at_row(g, T - 1, g + jnp.broadcast_to(G_in[None], g.shape))
+    return linear_scan(a, jnp.ones_like(a), g, kind="adjoint", reverse=True)[2]
 
 
 def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
@@ -353,10 +376,8 @@ def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         a = ch.decays(rows, delta, 0)
-        _, M, K = linear_scan(a, jnp.ones_like(a), _n(rows["c"]) * _e(sub["dy"].astype(_F32)), kind="adjoint",
-                              reverse=True)
-        aM = a * M                                                                  # prod_{r >= t} a_r
-        return _row(a * K, 0) + _row(aM, 0) * Q, dprod * _row(aM, 0)
+        G = _adjoint(a, _n(rows["c"]) * _e(sub["dy"].astype(_F32)), Q)
+        return _row(a * G, 0), dprod * ch.chunk_decay(rows, delta, 0)
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
     q, dprod = _chunk_loop(cpp, "rev", body, (zero, zero + 1.0), ch.load, prefetch, c0=pl.program_id(2) * cpp)

@@ -3,7 +3,8 @@
 Pallas' Triton backend lowers only one scan, ``cumsum`` (``tt.scan`` with an add). The chunked selective scan needs
 ``tt.scan`` (Triton's ``tl.associative_scan``) with tuple operands, so this module defines a small primitive,
 ``linear_scan_p``, with three lowerings:
-* Triton (inside ``pallas_call`` on GPU): one ``tt.scan`` whose combine region is written here with ``arith`` ops,
+* Triton (inside ``pallas_call`` on GPU): one ``tt.scan`` whose combine region is written here with ``arith`` ops
+  and ``math.fma`` (Pallas does not contract a b + c into one instruction),
   registered in Pallas' Triton rule table (``jax._src.pallas.triton.lowering.triton_lowering_rules``, the same private
   table and ``tt.scan`` builder in jax 0.10.2 and 0.11.2);
 * everywhere else (Pallas interpret mode, plain jit): ``lax.associative_scan`` with the same combine;
@@ -28,6 +29,7 @@ from jax._src.interpreters import mlir
 try:  # Pallas' Triton backend (private modules; absent or changed in other jax versions -> no GPU lowering)
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith as arith_dialect
+    from jax._src.lib.mlir.dialects import math as math_dialect
     from jax._src.lib.triton import dialect as tt_dialect
     from jax._src.pallas.triton import lowering as triton_lowering
 except ImportError:  # pragma: no cover - depends on the jax build
@@ -43,19 +45,24 @@ __all__ = ["linear_scan", "linear_scan_p"]
 _N_OPERANDS = {"linear": 2, "adjoint": 3}
 
 
-def _combine(kind, acc, new):
-    """The combine on any values with * and + (jnp arrays, or ``_Mlir`` wrappers of f32 scalars)."""
+def _fma(a, b, c):
+    return a * b + c
+
+
+def _combine(kind, acc, new, fma=_fma):
+    """The combine on any values with * (jnp arrays, or ``_Mlir`` wrappers of f32 scalars) and fma(a, b, c) =
+    a b + c (one fused op in the Triton region)."""
     if kind == "linear":
         (a1, b1), (a2, b2) = acc, new
-        return a1 * a2, a2 * b1 + b2
+        return a1 * a2, fma(a2, b1, b2)
     # adjoint, reverse: acc = the later suffix (R), new = the earlier element(s) (L)
     (fR, mR, kR), (fL, mL, kL) = acc, new
     w = mL * fR
-    return fL, w * mR, kL + w * kR
+    return fL, w * mR, fma(w, kR, kL)
 
 
 class _Mlir:
-    """An f32 MLIR value with * and + building arith ops (to write the combine region once)."""
+    """An f32 MLIR value with * (arith.mulf) and fma (math.fma), to write the combine region once."""
 
     def __init__(self, v):
         self.v = v
@@ -63,8 +70,9 @@ class _Mlir:
     def __mul__(self, o):
         return _Mlir(arith_dialect.mulf(self.v, o.v))
 
-    def __add__(self, o):
-        return _Mlir(arith_dialect.addf(self.v, o.v))
+    @staticmethod
+    def fma(a, b, c):
+        return _Mlir(math_dialect.fma(a.v, b.v, c.v))
 
 
 linear_scan_p = Primitive("wmjax_linear_scan")
@@ -111,7 +119,7 @@ def _triton_rule(ctx, *operands, kind, axis, reverse):
     block = op.regions[0].blocks.append(*(elem * 2))
     with ir.InsertionPoint.at_block_begin(block):
         args = [_Mlir(a) for a in block.arguments]
-        out = _combine(kind, tuple(args[:n]), tuple(args[n:]))
+        out = _combine(kind, tuple(args[:n]), tuple(args[n:]), fma=_Mlir.fma)
         tt_dialect.scan_return([o.v for o in out])
     op.verify()
     return list(op.result)

@@ -1,7 +1,8 @@
 """The public op ``selective_scan_pallas``: jnp glue (pad) + a custom_vjp around ``kernels.py``.
 
-Forward:  pad L to whole parts of cpp chunks of T tokens, E to the channel block, N to a power of two; with more
-          than one part ``scan_part_fwd`` (each part's end state from zero and decay product), then ``scan_fwd``
+Forward:  pad L to whole parts of cpp chunks of T tokens, E to the channel blocks, N to a power of two; split the
+          state axis n = n1 N2 + n2 (the forward that is not differentiated has its own N2: it saves nothing for a
+          backward); with more than one part ``scan_part_fwd`` (each part's end state from zero and decay product), then ``scan_fwd``
           (every part at once from the state its summaries fold to: y with D skip and z gate fused, final state)
           -> slice.
 Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every chunk (and, with z, the ungated
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.selective_scan import kernels as K
 from pallas_kernels.selective_scan.reference import check_shapes, segment_keep
-from pallas_kernels.selective_scan.tuning import SelectiveScanTuning, current
+from pallas_kernels.selective_scan.tuning import current
 
 __all__ = ["selective_scan_pallas"]
 
@@ -41,26 +42,46 @@ def _pad(a, widths, value=0):
     return jnp.pad(a, [(0, widths.get(ax, 0)) for ax in range(a.ndim)], constant_values=value)
 
 
-@functools.lru_cache(maxsize=None)
-def _scan_op(L, Np, chunk, cpp_fwd, cpp_bwd, be_fwd, be_bwd, dt_softplus, interpret, tune: SelectiveScanTuning):
-    cfg = dict(T=chunk, L=L, dt_softplus=dt_softplus, interpret=interpret)
-    launch_fwd, launch_bwd = tune.launch("fwd", Np), tune.launch("bwd", Np)
-    part_launch = {k: v for k, v in launch_bwd.items() if k != "sub_blocks"}
+def _split(N2, B, C, A, h0):
+    """The state axis split n = n1 N2 + n2 (N2 on lanes): B, C [b, Lp, Np] -> [b, Lp, N1, N2]; A [Ep, Np] ->
+    [N1, Ep, N2]; h0 [b, Ep, Np] -> [b, N1, Ep, N2]."""
+    b, Lp, Np = B.shape
+    Ep, N1 = A.shape[0], Np // N2
+    return (B.reshape(b, Lp, N1, N2), C.reshape(b, Lp, N1, N2), A.reshape(Ep, N1, N2).transpose(1, 0, 2),
+            h0.reshape(b, Ep, N1, N2).transpose(0, 2, 1, 3))
 
-    def run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, save):
+
+def _state(v):
+    """[b, N1, Ep, N2] -> [b, Ep, Np] (the inverse of `_split`'s h0 layout)."""
+    b, N1, Ep, N2 = v.shape
+    return v.transpose(0, 2, 1, 3).reshape(b, Ep, N1 * N2)
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_op(L, Np, chunk, primal, train, dt_softplus, interpret):
+    """primal, train: (N2, BE fwd, cpp fwd, fwd launch) of the forward that is not differentiated, and (N2, BE fwd,
+    BE bwd, cpp fwd, cpp bwd, fwd launch, bwd launch) of the forward + backward pair."""
+    cfg = dict(T=chunk, L=L, dt_softplus=dt_softplus, interpret=interpret)
+    N2t, be_f, be_b, cpp_f, cpp_b, launch_f, launch_b = train
+    launch_f, launch_b = dict(launch_f), dict(launch_b)
+    part_launch = {k: v for k, v in launch_b.items() if k != "sub_blocks"}
+
+    def run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, save, N2, be, cpp, launch):
+        B, C, A, h0 = _split(N2, B, C, A, h0)
         sloc = dprod = None
-        if x.shape[1] // (chunk * cpp_fwd) > 1:   # parts: their summaries first, then every part at once
-            sloc, dprod = K.scan_part_fwd(x, dt, B, A, bias, keep, BE=be_fwd, cpp=cpp_fwd, **cfg, **launch_fwd)
-        return K.scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, BE=be_fwd, cpp=cpp_fwd, save=save,
-                          **cfg, **launch_fwd)
+        if x.shape[1] // (chunk * cpp) > 1:   # parts: their summaries first, then every part at once
+            sloc, dprod = K.scan_part_fwd(x, dt, B, A, bias, keep, BE=be, cpp=cpp, **cfg, **launch)
+        y, fin, *rest = K.scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, BE=be, cpp=cpp, save=save,
+                                   **cfg, **launch)
+        return (y, _state(fin), *rest)
 
     @jax.custom_vjp
     def f(x, dt, B, C, A, D, bias, h0, z, keep):
-        y, fin = run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, False)
-        return y, fin
+        N2p, be_p, cpp_p, launch_p = primal
+        return run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, False, N2p, be_p, cpp_p, dict(launch_p))
 
     def fwd(x, dt, B, C, A, D, bias, h0, z, keep):
-        y, fin, hs, *yp = run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, True)
+        y, fin, hs, *yp = run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, True, N2t, be_f, cpp_f, launch_f)
         return (y, fin), (x, dt, B, C, A, D, bias, z, keep, hs, yp[0] if yp else None)
 
     def bwd(res, cts):
@@ -73,15 +94,16 @@ def _scan_op(L, Np, chunk, cpp_fwd, cpp_bwd, be_fwd, be_bwd, dt_softplus, interp
             dz = (dyf * yp.astype(_F32) * sz * (1.0 + zf * (1.0 - sz))).astype(z.dtype)
             dy = dyf * zf * sz
         dy = dy.astype(x.dtype)
+        Bs, Cs, As, dfs = _split(N2t, B, C, A, dfin.astype(_F32))
         qloc = dprod = None
-        if x.shape[1] // (chunk * cpp_bwd) > 1:
-            qloc, dprod = K.scan_part_bwd(dt, C, A, bias, dy, keep, BE=be_bwd, cpp=cpp_bwd, **cfg, **part_launch)
+        if x.shape[1] // (chunk * cpp_b) > 1:
+            qloc, dprod = K.scan_part_bwd(dt, Cs, As, bias, dy, keep, BE=be_b, cpp=cpp_b, **cfg, **part_launch)
         dx, ddt, dBp, dCp, dA, dD, dbias, dh0 = K.scan_bwd(
-            x, dt, B, C, A, D, bias, hs, dy, dfin.astype(_F32), keep, qloc, dprod, BE=be_bwd, cpp=cpp_bwd, **cfg,
-            **launch_bwd)
+            x, dt, Bs, Cs, As, D, bias, hs, dy, dfs, keep, qloc, dprod, BE=be_b, cpp=cpp_b, **cfg, **launch_b)
         dkeep = None if keep is None else jnp.zeros_like(keep)
-        return (dx, ddt, dBp.sum(axis=1).astype(B.dtype), dCp.sum(axis=1).astype(C.dtype), dA.sum(axis=(0, 1)),
-                dD.sum(axis=(0, 1)), dbias.sum(axis=(0, 1)), dh0, dz, dkeep)
+        dB, dC = (v.sum(axis=1).reshape(B.shape).astype(B.dtype) for v in (dBp, dCp))
+        dA = dA.sum(axis=(0, 1)).transpose(1, 0, 2).reshape(A.shape)
+        return (dx, ddt, dB, dC, dA, dD.sum(axis=(0, 1)), dbias.sum(axis=(0, 1)), _state(dh0), dz, dkeep)
 
     f.defvjp(fwd, bwd)
     return f
@@ -100,17 +122,21 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     T = int(tune.chunk_for(Np))
     if T < 1 or T & (T - 1):
         raise ValueError(f"tuning chunk must be a power of two, got {T}")
-    be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
+    tp = tune.primal(Np)
+    be_f, be_b, be_p = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E), tp.block_e("fwd", Np, E)
     sub = int(tune.sub_blocks_for(Np))
-    for be in (be_f, be_b, sub, tune.lanes_for(Np)):
+    N2t, N2p = int(tune.lanes_for(Np)), int(tp.lanes_for(Np))
+    for be in (be_f, be_b, be_p, sub, N2t, N2p):
         if be < 1 or be & (be - 1):
             raise ValueError(f"tuning channel blocks, sub-blocks and lanes must be powers of two, got {be}")
     nc = -(-L // T)
     parts_f = int(tune.parts("fwd", nc, b * (-(-E // be_f)), Np))
     parts_b = int(tune.parts("bwd", nc, b * (-(-E // (be_b * sub))), Np))
-    nc = -(-nc // max(parts_f, parts_b)) * max(parts_f, parts_b)            # whole parts (powers of two)
+    parts_p = int(tp.parts("fwd", nc, b * (-(-E // be_p)), Np))
+    whole = max(parts_f, parts_b, parts_p)
+    nc = -(-nc // whole) * whole                                            # whole parts (powers of two)
     Lp = nc * T
-    eb = max(be_f, be_b * sub)
+    eb = max(be_f, be_b * sub, be_p)
     Ep = -(-E // eb) * eb
     pl_, pe, pn = Lp - L, Ep - E, Np - N
 
@@ -128,14 +154,10 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     if segment_ids is not None:
         keep = _pad(segment_keep(segment_ids), {1: pl_}, value=1.0)          # [b, Lp]
 
-    # the state axis split n = n1 N2 + n2 (N2 on lanes): B, C [b, Lp, N1, N2]; A [N1, Ep, N2]; states [b, N1, Ep, N2]
-    N2 = int(tune.lanes_for(Np))
-    N1 = Np // N2
-    Bk, Ck = Bk.reshape(b, Lp, N1, N2), Ck.reshape(b, Lp, N1, N2)
-    Ak = Ak.reshape(Ep, N1, N2).transpose(1, 0, 2)
-    h0 = h0.reshape(b, Ep, N1, N2).transpose(0, 2, 1, 3)
-    y, fin = _scan_op(L, Np, T, nc // parts_f, nc // parts_b, be_f, be_b, bool(dt_softplus), bool(interpret),
-                      tune)(
+    frozen = lambda d: tuple(sorted(d.items()))  # noqa: E731 - hashable launch keywords for the op cache
+    primal = (N2p, be_p, nc // parts_p, frozen(tp.launch("fwd", Np)))
+    train = (N2t, be_f, be_b, nc // parts_f, nc // parts_b, frozen(tune.launch("fwd", Np)),
+             frozen(tune.launch("bwd", Np)))
+    y, fin = _scan_op(L, Np, T, primal, train, bool(dt_softplus), bool(interpret))(
         xk, dtk, Bk, Ck, Ak, Dk, bk, h0, zk, keep)
-    fin = fin.transpose(0, 2, 1, 3).reshape(b, Ep, Np)
     return y[:, :L, :E], fin[:, :E, :N]

@@ -24,7 +24,8 @@ class SelectiveScanTuning:
     state size N, a power of two), chosen by the H200 sweeps of bench/selective_scan.py (docs/BENCHMARKS.md):
       N <= 32: T = 8, N2 = 8; forward and backward BE = 8 at 1 warp (2 channels a thread), backward 2 sub-blocks,
                parts for both;
-      N > 32:  T = 8, N2 = 16; forward BE = 8 at 4 warps, no parts; backward BE = 2 at 1 warp, 2 sub-blocks, parts.
+      N > 32:  T = 8, N2 = 16; forward BE = 8 at 4 warps, no parts; backward BE = 2 at 1 warp, 2 sub-blocks, parts;
+      the forward that is not differentiated: N2 = 4 (N <= 32; BE 16) or 8 (N > 32; BE 16 at 4 warps).
     chunk: tokens per chunk T (the scanned axis; also the interval of the states the forward saves for the backward,
       [b, L/T, E, N] f32: 2N/T times the bytes of a bf16 x). A power of two.
     lanes_n: N2, lanes over the state (a power of two, at most N).
@@ -38,6 +39,9 @@ class SelectiveScanTuning:
       power of two) doubles while programs P < part_programs and each part keeps >= 4 chunks (the chunk count is
       padded to whole parts). A light pass first computes every part's summary (forward: end state from zero and
       decay product; backward: adjoint at its start and decay product), one more exp per element. -1: no parts.
+    lanes_n_primal: N2 of the forward that is not differentiated (inference, prefill; no states saved, so its
+      layout need not match the backward's): 0 = 4 for N <= 32, 8 above; its channel block, warps and parts follow
+      the forward's rules at that N2.
     prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (a double buffer in
       registers).
     num_warps_* / num_stages_*: Triton launch parameters (warps 0 = by N, above)."""
@@ -48,6 +52,7 @@ class SelectiveScanTuning:
     sub_blocks_bwd: int = 0
     part_programs_fwd: int = 0
     part_programs_bwd: int = 0
+    lanes_n_primal: int = 0
     num_warps_fwd: int = 0
     num_warps_bwd: int = 0
     num_stages_fwd: int = 2
@@ -62,6 +67,10 @@ class SelectiveScanTuning:
     def lanes_for(self, n: int) -> int:
         """Lanes over the state, N2, for state size n (a power of two)."""
         return min(n, self.lanes_n or (8 if n <= 32 else 16))
+
+    def primal(self, n: int) -> "SelectiveScanTuning":
+        """The settings of the forward that is not differentiated, for state size n (a power of two)."""
+        return dataclasses.replace(self, lanes_n=min(n, self.lanes_n_primal or (4 if n <= 32 else 8)))
 
     def warps(self, kernel: str, n: int) -> int:
         """Warps of `kernel` ("fwd" | "bwd") for state size n."""

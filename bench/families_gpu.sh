@@ -26,18 +26,24 @@ SAMPLE_LIMIT=${SAMPLE_LIMIT:-150}
 PARTS=${PARTS:-"build ss train sample"}
 mkdir -p "$OUT"
 
-step() {  # step NAME TIMEOUT_S CMD...
+step() {  # step NAME TIMEOUT_S CMD...: the command in its own session, killed with all its children at the limit
   local name=$1 limit=$2
   shift 2
   echo "=== [$name] $* (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$OUT/steps.log"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== [$name] rc=$? $(date -u +%H:%M:%S)" | tee -a "$OUT/steps.log"
+  setsid "$@" > "$OUT/$name.log" 2>&1 &
+  local pid=$!
+  ( sleep "$limit"; kill -TERM -- "-$pid" 2>/dev/null; sleep 5; kill -KILL -- "-$pid" 2>/dev/null ) &
+  local watchdog=$!
+  wait "$pid"
+  local rc=$?
+  kill "$watchdog" 2>/dev/null
+  echo "=== [$name] rc=$rc $(date -u +%H:%M:%S)" | tee -a "$OUT/steps.log"
 }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/steps.log"
 if has build && [ -d .anchors/mamba_cuda ]; then  # CPU-bound: runs beside the GPU steps
-  OUT_ABS=$(cd "$OUT" && pwd); (cd .anchors/mamba_cuda && timeout 200 python3 build.py > "$OUT_ABS/mamba_build.log" 2>&1) &
+  OUT_ABS=$(cd "$OUT" && pwd); (cd .anchors/mamba_cuda && MAX_JOBS=${BUILD_JOBS:-6} timeout 300 python3 build.py > "$OUT_ABS/mamba_build.log" 2>&1) &
   BUILD=$!
 fi
 if has train; then

@@ -1,8 +1,33 @@
-"""Shared fixtures."""
+"""Shared fixtures, and one JAX compilation cache per pytest process.
 
-import pytest
+Most of the suite's time is XLA compiling on the CPU, and many tests compile programs another test (or a `python -m
+train` / `wmjax.sample` subprocess) already compiled: the same tiny model's forward pass under a new `jax.jit`, the
+train step of a run that is killed and resumed, the sampler of a run that the sampling CLI then reloads. JAX's
+persistent compilation cache serves such a program from disk instead of compiling it again (the same executable:
+nothing is skipped or changed). The cache is a fresh temporary directory for each pytest process (each xdist
+worker has its own, so no two processes write one at the same time), inherited by the subprocesses the tests start
+through the environment, and removed when the process exits: every run starts cold, as CI does.
+"""
 
-from train.tokenizer import read_text, stdlib_files, train_tokenizer
+import atexit
+import os
+import shutil
+import tempfile
+
+_JIT_CACHE = tempfile.mkdtemp(prefix="wmjax-tests-jit-cache-")
+atexit.register(shutil.rmtree, _JIT_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _JIT_CACHE  # read by jax at import, here and in every subprocess
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", _JIT_CACHE)  # in case a plugin imported jax before this file
+
+from train.tokenizer import read_text, stdlib_files, train_tokenizer  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_JIT_CACHE, ignore_errors=True)  # (atexit may not run in an xdist worker)
 
 
 @pytest.fixture(scope="session")

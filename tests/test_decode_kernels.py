@@ -32,13 +32,17 @@ def _close(got, want, tol, msg=""):
                                err_msg=msg)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("variant", ["plain", "norm_bias", "swiglu", "residual", "logits_f32"])
-@pytest.mark.parametrize("k,block_ks", [
-    (96, (32, 64)),   # 3 fori_loop steps of 32; block_k 64 does not divide 96 -> falls back to 32
-    (1536, (256,)),   # Doge-160M's ffn width: 6 fori_loop steps of 256
-    (48, (32,)),      # block_k fallback 32 -> 16: 3 steps of 16
-])
+_VARIANTS = ["plain", "norm_bias", "swiglu", "residual", "logits_f32"]
+# k, block_ks: (96, (32, 64)): 3 fori_loop steps of 32, block_k 64 does not divide 96 -> falls back to 32;
+# (1536, (256,)): Doge-160M's ffn width, 6 steps of 256; (48, (32,)): block_k fallback 32 -> 16, 3 steps of 16.
+# Every variant at every K, and every variant and every K in both dtypes (all pairs of the three; the 30-case
+# product took a minute of the suite for no other path).
+_LINEAR_CASES = [(v, k, bks, (jnp.float32, jnp.bfloat16)[(i + j) % 2])
+                 for i, v in enumerate(_VARIANTS) for j, (k, bks) in enumerate([(96, (32, 64)), (1536, (256,)),
+                                                                                (48, (32,))])]
+
+
+@pytest.mark.parametrize("variant,k,block_ks,dtype", _LINEAR_CASES)
 def test_decode_linear_matches_reference(dtype, variant, k, block_ks):
     x, w, kw = _linear_args(np.random.default_rng(0), dtype, variant, 32, k)
     want = decode_linear_reference(x, w, **kw)
@@ -74,13 +78,18 @@ def _linear_args(rng, dtype, variant, rows, k, n=64):
 GEMV_TOL = TOL
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("variant", ["plain", "norm_bias", "swiglu", "residual", "logits_f32"])
-@pytest.mark.parametrize("rows,k,block_k", [
-    (16, 1536, 256),   # Doge-160M's ffn width: 6 fori_loop steps of 256, rows padded as the fused step does
-    (1, 96, 64),       # one row (the gemv form needs no padding); block_k 64 falls back to 32: 3 steps
-])
-@pytest.mark.parametrize("block_n", [4, 8])
+# rows, k, block_k: (16, 1536, 256): Doge-160M's ffn width, 6 fori_loop steps of 256, rows padded as the fused step
+# does; (1, 96, 64): one row (the gemv form needs no padding), block_k 64 falls back to 32, 3 steps. Every variant
+# at both shapes, in both dtypes and with both block_n; dtype x shape, dtype x block_n and shape x block_n all
+# covered (all pairs of the four; the 40-case product took a minute of the suite).
+_GEMV_CASES = [(v, *shape, dt, bn)
+               for i, v in enumerate(_VARIANTS)
+               for shape, dt, bn in ([((16, 1536, 256), jnp.float32, 4), ((1, 96, 64), jnp.bfloat16, 8)] if i % 2 == 0
+                                     else [((16, 1536, 256), jnp.bfloat16, 8), ((1, 96, 64), jnp.float32, 4)])]
+_GEMV_CASES += [("plain", 16, 1536, 256, jnp.float32, 8), ("plain", 1, 96, 64, jnp.bfloat16, 4)]
+
+
+@pytest.mark.parametrize("variant,rows,k,block_k,dtype,block_n", _GEMV_CASES)
 def test_decode_linear_gemv_matches_reference_row0(dtype, variant, rows, k, block_k, block_n):
     x, w, kw = _linear_args(np.random.default_rng(5), dtype, variant, rows, k)
     want = decode_linear_reference(x, w, **kw)

@@ -1,4 +1,4 @@
-"""Shared fixtures, and one JAX compilation cache per pytest process.
+"""Shared fixtures, one JAX compilation cache per pytest process, and XLA's CPU backend at LLVM -O0.
 
 Most of the suite's time is XLA compiling on the CPU, and many tests compile programs another test (or a `python -m
 train` / `wmjax.sample` subprocess) already compiled: the same tiny model's forward pass under a new `jax.jit`, the
@@ -7,6 +7,13 @@ persistent compilation cache serves such a program from disk instead of compilin
 nothing is skipped or changed). The cache is a fresh temporary directory for each pytest process (each xdist
 worker has its own, so no two processes write one at the same time), inherited by the subprocesses the tests start
 through the environment, and removed when the process exits: every run starts cold, as CI does.
+
+The CPU backend's LLVM optimization level is 0 (`--xla_backend_optimization_level=0`, appended to XLA_FLAGS, which
+the subprocesses inherit and extend): the suite's programs are tiny, so LLVM's optimization passes cost more than
+they save (917 -> 625 s for the suite on 2 cores). The programs are the same; their rounding may differ from -O3 in
+the last bit where LLVM would have fused a multiply and an add, which every tolerance here absorbs, except one
+test that pins two different programs' losses to each other through near-tied top-k picks
+(test_train.py, shard_map): it runs its CLI at the default level.
 """
 
 import atexit
@@ -17,6 +24,8 @@ import tempfile
 _JIT_CACHE = tempfile.mkdtemp(prefix="wmjax-tests-jit-cache-")
 atexit.register(shutil.rmtree, _JIT_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _JIT_CACHE  # read by jax at import, here and in every subprocess
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

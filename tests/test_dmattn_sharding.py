@@ -11,7 +11,7 @@ SCRIPT = os.path.join(ROOT, "tests", "scripts", "dmattn_sharded.py")
 
 
 def test_kernel_runs_per_shard_and_matches_reference():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))  # the checkout, installed or not
     proc = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -97,7 +97,7 @@ def test_convert_cli_round_trip_is_exact(family_run, tmp_path):
 def sharded():
     worker = os.path.join(ROOT, "tests", "scripts", "family_sharded_step.py")
     env = _env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     p = subprocess.run([sys.executable, worker, *FAMILIES], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]

@@ -312,7 +312,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_dispatcher_runs_per_batch_shard():
     """Output, final state and every gradient (A, D, dt_bias replicated: summed over shards) equal the reference."""
     root = str(pathlib.Path(__file__).resolve().parents[1])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=600, cwd=root)

@@ -8,7 +8,7 @@ Prints one line per mesh kind: "<kind> ok <max out err> <max grad err>".
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

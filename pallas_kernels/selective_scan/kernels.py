@@ -29,7 +29,7 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
   h_{t-1} never needs a shift (a_t h_{t-1} = h_t - b_t) and neither does a_{t+1} (the "adjoint" combine).
 The last (first) row of a tile, a carry, is a masked sum over T (free: T is in a thread, the mask constant).
 Decays, softplus and sigmoid are ``fastmath``'s (MUFU approximations, not libdevice) and the scan's combine fused
-multiply-adds: the kernels are bound by instruction issue.
+multiply-adds: the instruction count is the kernels' budget (docs/KERNELS.md, Selective scan).
 
 Layouts (the wrapper pads and splits N): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C [b, Lp, N1, N2] (input
 dtype); A [N1, Ep, N2] f32; D, dt_bias [1, Ep] f32; keep [b, Lp] f32 (0 at a document start); states and part

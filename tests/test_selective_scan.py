@@ -249,12 +249,27 @@ def test_pallas_interpret_fwd_bwd(shape, tune, opts, seg, sp):
         assert _rel(a, b) < 1e-5, (name, _rel(a, b))
 
 
-def test_pallas_interpret_forward_only():
-    """The primal path (no VJP: the forward kernel without saved states) under jit."""
-    arrs, kw, seg = _inputs(5, 1, 13, 8, 4, opts=("D", "z", "initial_state"), seg=True)
+@pytest.mark.parametrize("shape,tune", [
+    pytest.param((1, 13, 8, 4), dict(chunk=4), id="N4"),
+    # the primal's own state split (N2 4 against the training pair's 8 at N = 16; 4 against 16 at N = 64), with
+    # 4 parts (the backward 2) and E = 24 padded to the primal's channel block of 16
+    pytest.param((2, 45, 24, 16), dict(chunk=2, part_programs_fwd=64, part_programs_bwd=8), id="N16-own-split-parts"),
+    pytest.param((1, 21, 16, 64), dict(chunk=4, lanes_n_primal=4), id="N64-own-split"),
+])
+def test_pallas_interpret_forward_only(shape, tune):
+    """The primal path (no VJP: the forward kernel without saved states, with its own state split) under jit
+    equals the definition and the forward of the differentiated path."""
+    arrs, kw, seg = _inputs(5, *shape, opts=("D", "z", "initial_state"), seg=True)
     y0, s0 = _ref_state(**arrs, **kw, segment_ids=seg)
-    y1, s1 = jax.jit(lambda a, k: _pallas(chunk=4)(**a, **k, segment_ids=seg))(arrs, kw)
-    assert _rel(y1, y0) < 1e-5 and _rel(s1, s0) < 1e-5
+    y1, s1 = jax.jit(lambda a, k: _pallas(**tune)(**a, **k, segment_ids=seg))(arrs, kw)
+    assert _rel(y1, y0) < 1e-5 and _rel(s1, s0) < 1e-5, (_rel(y1, y0), _rel(s1, s0))
+
+    def differentiated(a, k):   # the forward of the VJP: the training pair's split, saving states
+        out, _ = jax.vjp(lambda x: _pallas(**tune)(x, a["dt"], a["A"], a["B"], a["C"], **k, segment_ids=seg), a["x"])
+        return out
+
+    y2, s2 = jax.jit(differentiated)(arrs, kw)
+    assert _rel(y1, y2) < 1e-5 and _rel(s1, s2) < 1e-5, (_rel(y1, y2), _rel(s1, s2))
 
 
 def test_pallas_interpret_bf16_close():

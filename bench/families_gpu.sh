@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The model families' GPU figures (issues 15-17) in one device call, each step with its own timeout; logs and JSON
 # land in $OUT. Needs .gpu_work/stdlib.bin (bench/train_cli.sh's prepare step; made on the CPU beforehand) and, for
-# the selective-scan peer, .anchors/mamba_cuda (mamba_ssm 2.3.2.post1's csrc/selective_scan + build.py, built here
-# for sm_90 while the training runs go).
+# the selective-scan peer, .anchors/mamba_cuda/csrc (mamba_ssm 2.3.2.post1's csrc/selective_scan, from
+# `python3 bench/build_mamba_cuda.py --fetch`), built here for sm_90 by bench/build_mamba_cuda.py while the training
+# runs go.
 #
 #   device run, carry [".anchors", ".gpu_work"]:
 #     Cheems beside Doge, and Om:  CONFIGS="configs/doge-160m.yaml configs/cheems-160m.yaml configs/om-300m.yaml" \
@@ -43,7 +44,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/steps.log"
 if has build && [ -d .anchors/mamba_cuda ]; then  # CPU-bound: runs beside the GPU steps
-  OUT_ABS=$(cd "$OUT" && pwd); (cd .anchors/mamba_cuda && MAX_JOBS=${BUILD_JOBS:-6} timeout 300 python3 build.py > "$OUT_ABS/mamba_build.log" 2>&1) &
+  (MAX_JOBS=${BUILD_JOBS:-6} timeout 300 python3 bench/build_mamba_cuda.py > "$OUT/mamba_build.log" 2>&1) &
   BUILD=$!
 fi
 if has train; then

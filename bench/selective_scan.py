@@ -3,7 +3,7 @@
 Usage (GPU machine):
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.anchors/py:. python bench/selective_scan.py [--json out.json]
 The peer, first found wins: mamba_ssm's ``selective_scan_fn`` (a full mamba_ssm install); the bare CUDA extension
-``selective_scan_cuda`` (built by .anchors/mamba_cuda/build.py into .anchors/mamba_cuda/build, called with the
+``selective_scan_cuda`` (built by bench/build_mamba_cuda.py into .anchors/mamba_cuda/build, called with the
 fwd / bwd arguments mamba_ssm's autograd function uses); mamba_ssm's torch ``selective_scan_ref`` (a python loop
 over L); none. The jnp definition (``lax.scan`` over L) is timed too (``--no-ref`` skips it).
 CPU smoke test of the script itself (tiny shapes, Pallas interpret mode, no peer):

@@ -2,9 +2,9 @@
 
 Forward:  pad L to whole parts of cpp chunks of T tokens, E to the channel blocks, N to a power of two; split the
           state axis n = n1 N2 + n2 (the forward that is not differentiated has its own N2: it saves nothing for a
-          backward); with more than one part ``scan_part_fwd`` (each part's end state from zero and decay product), then ``scan_fwd``
-          (every part at once from the state its summaries fold to: y with D skip and z gate fused, final state)
-          -> slice.
+          backward); with more than one part ``scan_part_fwd`` (each part's end state from zero and decay
+          product), then ``scan_fwd`` (every part at once from the state its summaries fold to: y with D skip and z
+          gate fused, final state) -> slice.
 Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every chunk (and, with z, the ungated
           output y'); the gate's gradient dz = dy y' d silu(z) and dy' = dy silu(z) are elementwise jnp; with more
           than one part ``scan_part_bwd`` (each part's adjoint from zero past its end, decay product);

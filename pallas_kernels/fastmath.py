@@ -12,9 +12,9 @@ instruction issue (the selective scan: `docs/KERNELS.md`) these ops are the budg
   log(u) w / (u - 1) with u = 1 + w (exact to a few ulp for small w: the rounding of u cancels), from those.
 
 Elsewhere (Pallas interpret mode, plain jit on any backend) each is its exact jnp expression (sigmoid and softplus
-too), so CPU tests check the kernels' algebra and the GPU check (``bench/selective_scan.py``) the approximations. The primitives' Triton rules
-are registered in Pallas' Triton rule table (``jax._src.pallas.triton.lowering``, private, the same in jax 0.10.2
-and 0.11.2), like ``selective_scan/linear_scan.py``'s scan.
+too), so CPU tests check the kernels' algebra and the GPU check (``bench/selective_scan.py``) the approximations.
+The primitives' Triton rules are registered in Pallas' Triton rule table (``jax._src.pallas.triton.lowering``,
+private, the same in jax 0.10.2 and 0.11.2), like ``selective_scan/linear_scan.py``'s scan.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ try:
 except ImportError:  # older jax
     from jax.core import Primitive
 
-__all__ = ["exp2", "fma", "log2", "rcp", "sigmoid", "softplus"]
+__all__ = ["LOG2E", "exp2", "fma", "log2", "rcp", "sigmoid", "softplus"]
 
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634   # exp(x) = exp2(x LOG2E)
 _LN2 = 0.6931471805599453
 
 
@@ -96,11 +96,11 @@ def rcp(x):
 
 
 def _sigmoid_approx(x):
-    return rcp(1.0 + exp2(x * -_LOG2E))
+    return rcp(1.0 + exp2(x * -LOG2E))
 
 
 def _softplus_approx(x):
-    w = exp2(jnp.abs(x) * -_LOG2E)
+    w = exp2(jnp.abs(x) * -LOG2E)
     u = 1.0 + w
     l1p = jnp.where(u == 1.0, w, log2(u) * _LN2 * w * rcp(u - 1.0))
     return jnp.maximum(x, 0.0) + l1p

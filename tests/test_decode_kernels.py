@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax.sharding import AbstractDevice, AbstractMesh
 
+from abstract_gpu import abstract_h100
 from pallas_kernels.decode import tuning as decode_tuning
 from pallas_kernels.decode import (decode_layer_attention, decode_layer_attention_reference, decode_linear,
                                    decode_linear_reference)
@@ -244,8 +244,6 @@ def test_decode_layer_attention_small_head_dim():
 
 def test_decode_kernels_lower_for_h100():
     """Doge-160M shapes (hidden 768, ffn 1536, 6 heads / 3 kv heads, head_dim 128, vocab 32768), 16 rows."""
-    h100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
-                                                                     num_cores=132, platform="cuda"))
     s, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
     rows, hid, ffn, h, g, d, c, b = 16, 768, 1536, 6, 3, 128, 384, 2
     lin = [
@@ -288,7 +286,7 @@ def test_decode_kernels_lower_for_h100():
     pre = (s((hid, h * d), bf), s((ffn, hid), bf), s((ffn, hid), bf), s((hid, ffn), bf), s(((h + 2 * g) * d, hid), bf))
     att.append((att1 + pre, lambda *x: decode_layer_attention(*x[:8], None, *x[8:12], num_heads=h, eps=1e-6,
                                                               scale=d ** -0.5, prefetch=x[12:])))
-    with jax.sharding.use_abstract_mesh(h100):
+    with abstract_h100():
         for shapes, fn in lin + att:
             text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
             assert "wmjax_decode_" in text
@@ -300,8 +298,6 @@ def test_fused_decode_step_lowers_for_h100():
     128, vocab 1000 padded to the LM head's block, cache 300 slots padded to the attention's block), at batch 1
     (the projections' gemv form, the attention prefetching the next weights) and batch 3 (the dot form on 16
     padded rows): 5 Triton kernels per layer + the LM head."""
-    h100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
-                                                                     num_cores=132, platform="cuda"))
     cfg = DogeConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, keep_window_size=512,
                      tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
@@ -313,7 +309,7 @@ def test_fused_decode_step_lowers_for_h100():
         state = jax.eval_shape(lambda: init_cache(cfg, batch, 300, bf, "full", multiple_of=128))
         ints = jax.ShapeDtypeStruct((batch,), jnp.int32)
         step = lambda fp, st, tok, pos: fused_decode_step(cfg, bf, fp, st, tok, pos, implementation="pallas")
-        with jax.sharding.use_abstract_mesh(h100):
+        with abstract_h100():
             text = jax.jit(step).trace(fparams, state, ints, ints).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 5 * 2 + 1, batch
         assert set(re.findall(r"wmjax_decode_\w+", text)) == {form, "wmjax_decode_layer_attention"}, batch

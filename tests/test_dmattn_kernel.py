@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh
 
+from abstract_gpu import abstract_h100
 from pallas_kernels.dmattn import DmattnConfig, default_config, dynamic_mask_attention_pallas, prepare_mask, supports
 from pallas_kernels.dmattn.prepass import key_expiry
 from pallas_kernels.dmattn.reference import dynamic_mask_attention_reference, keep_threshold
@@ -229,12 +229,8 @@ def test_dispatcher_uses_kernel():
 
 # ----------------------------------------------------------------------------- GPU lowering (abstract H100, no GPU)
 
-_H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
-
-
 def _lower_cuda(fn, *shapes):
-    with jax.sharding.use_abstract_mesh(_H100):
+    with abstract_h100():
         return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
 
 

@@ -10,14 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
-from jax.sharding import AbstractMesh
 
+from abstract_gpu import abstract_h100
 from pallas_kernels import fastmath
 
-try:
-    from jax.sharding import AbstractDevice
-except ImportError:  # jax 0.10
-    from jax._src.sharding_impls import AbstractDevice
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
@@ -71,8 +67,7 @@ def test_pallas_interpret_and_triton_lowering():
     x = jnp.asarray(X[:64])
     want = jax.nn.softplus(x) * jax.nn.sigmoid(x) + 1.0 / (jnp.exp2(x) + 1.0)
     chex.assert_trees_all_close(_call(True)(x), want, rtol=2e-6, atol=1e-7)
-    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev)):
+    with abstract_h100():
         lowered = jax.jit(_call(False)).trace(jax.ShapeDtypeStruct((64,), jnp.float32)).lower(
             lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1

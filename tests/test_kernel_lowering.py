@@ -6,8 +6,8 @@ an H200). Lowered for an abstract H100 with the ops dispatching as on a GPU."""
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh
 
+from abstract_gpu import abstract_h100
 from wmjax.models import get_family
 
 _SHAPES = {  # family -> (preset, {depth field: (shallow, deep)})
@@ -29,8 +29,7 @@ def _triton_calls(name, depth, monkeypatch):
         return jnp.mean(model.apply(p, x)[0].astype(jnp.float32))
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")   # the ops pick their Pallas kernels, not interpret
-    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev)):
+    with abstract_h100():
         text = jax.jit(jax.grad(loss)).trace(params, ids).lower(lowering_platforms=("cuda",)).as_text()
     return text.count("__gpu$xla.gpu.triton")
 

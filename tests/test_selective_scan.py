@@ -19,17 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh
 
+from abstract_gpu import abstract_h100
 from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_ref, selective_scan_step, tuning
 from pallas_kernels.selective_scan.linear_scan import linear_scan
 from pallas_kernels.selective_scan.reference import softplus
 from wmjax.ops.selective_scan import selective_scan
 
-try:
-    from jax.sharding import AbstractDevice
-except ImportError:  # jax 0.10
-    from jax._src.sharding_impls import AbstractDevice
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
@@ -340,9 +336,6 @@ def test_dispatcher_runs_per_batch_shard():
 # ------------------------------------------------------------------------------------------------------------
 # The GPU path lowers for an abstract H100 (catches Triton lowering errors that interpret mode hides)
 # ------------------------------------------------------------------------------------------------------------
-def _abstract_h100():
-    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-    return jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev))
 
 
 @pytest.mark.parametrize(
@@ -383,7 +376,7 @@ def test_lowers_for_abstract_h100(shape, dtype, opts, seg, tune, kernels):
             return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
         return jax.grad(loss, argnums=(0, 1))(a, k)
 
-    with _abstract_h100(), tuning.override(**tune):
+    with abstract_h100(), tuning.override(**tune):
         # fwd+bwd: the saving forward and the backward (the plain forward is dead under grad)
         for f, n_kernels in zip((fwd, fwd_bwd), kernels):
             t0 = time.perf_counter()

@@ -11,18 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh
 
+from abstract_gpu import abstract_h100
 from pallas_kernels.ssd import ssd_pallas, tuning
 from pallas_kernels.ssd.reference import segment_reset_counts, ssd_step
 from pallas_kernels.ssd.reference import ssd_chunked as _ssd_chunked
 from pallas_kernels.ssd.reference import ssd_naive as _ssd_naive
 from wmjax.ops.ssd import ssd
 
-try:
-    from jax.sharding import AbstractDevice
-except ImportError:  # jax 0.10
-    from jax._src.sharding_impls import AbstractDevice
 
 # jit the references once per shape (eager op-by-op dispatch is far slower on CPU)
 ssd_naive = jax.jit(_ssd_naive)
@@ -204,9 +200,6 @@ def test_pallas_interpret_bf16_close():
 # ------------------------------------------------------------------------------------------------------------
 # The GPU path lowers for an abstract H100 (catches Triton lowering errors that interpret mode hides)
 # ------------------------------------------------------------------------------------------------------------
-def _abstract_h100():
-    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-    return jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev))
 
 
 @pytest.mark.parametrize(
@@ -237,7 +230,7 @@ def test_lowers_for_abstract_h100(shape, dtype, opts):
             return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
         return jax.grad(loss, argnums=tuple(range(5)))(*a)
 
-    with _abstract_h100(), tuning.override(**tune):
+    with abstract_h100(), tuning.override(**tune):
         # fwd: chunk_states, state_passing, chunk_scan; fwd+bwd: chunk_states, state_passing (fwd and bwd),
         # chunk_scan_bwd, chunk_states_bwd (the forward chunk_scan is dead code under grad)
         for f, n_min in ((fwd, 3), (fwd_bwd, 5)):

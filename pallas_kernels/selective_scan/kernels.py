@@ -49,12 +49,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import fastmath
-from pallas_kernels.fastmath import exp2, fma
+from pallas_kernels.fastmath import LOG2E, exp2, fma
 from pallas_kernels.lowering import lower_once
 from pallas_kernels.selective_scan.linear_scan import linear_scan
 
 _F32 = jnp.float32
-_LOG2E = 1.4426950408889634
 
 
 def _cparams(num_warps, num_stages):
@@ -84,7 +83,7 @@ class _Chunk:
         self.bias = [r["bias"][:, self.cols(j)].astype(_F32) for j in range(S)]     # [1, BE]
         self.A = [r["a"][:, self.cols(j), :].astype(_F32) for j in range(S)]        # [N1, BE, N2]
         # exp(delta A) as exp2(delta A log2 e): ex2.approx, not libdevice's accurate expf
-        self.A2 = [A * _LOG2E for A in self.A]
+        self.A2 = [A * LOG2E for A in self.A]
         self.rows = (["x"] if with_x else []) + ["dt"] + (["dy"] if with_dy else []) + \
             (["z"] if r.get("z") is not None else [])
         self.bc = (["b"] if with_b else []) + (["c"] if with_c else [])

@@ -50,26 +50,24 @@ from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_
 
 # wmjax kernel variants per state-size class: `pallas_kernels.selective_scan.tuning.override` fields (the first is
 # the default; the table reports the best and the default).
-_NOPARTS = {"part_programs_fwd": -1, "part_programs_bwd": -1}
 VARIANTS_N16 = [
     {},                          # T8, N2 = 8; BE 8 at 1 warp; backward 2 sub-blocks; parts (sequence parallel)
-    {"lanes_n": 4},                                                       # N2 = 4: BE 16 (2 channels a thread)
-    {"lanes_n": 4, "block_e_fwd": 8, "block_e_bwd": 8},                   # N2 = 4, 1 channel a thread
-    {"lanes_n": 2},                                                       # N2 = 2: BE 32
-    {"lanes_n": 2, "block_e_fwd": 16, "block_e_bwd": 16},
-    {"lanes_n": 4, "chunk": 16, "block_e_fwd": 8, "block_e_bwd": 8},
+    {"sub_blocks_bwd": 1},
+    {"chunk": 4, "block_e_bwd": 8, "sub_blocks_bwd": 1},                  # backward at 128 registers
+    {"chunk": 4, "sub_blocks_bwd": 2},
     {"chunk": 4, "block_e_fwd": 16, "block_e_bwd": 16, "sub_blocks_bwd": 1},
-    {"chunk": 16, "block_e_fwd": 16, "block_e_bwd": 16, "num_warps_fwd": 4, "num_warps_bwd": 4, "sub_blocks_bwd": 1,
-     **_NOPARTS},                                                          # the best without parts
-    {"lanes_n": 4, "chunk": 16, "block_e_fwd": 32, "num_warps_fwd": 4, "part_programs_fwd": -1},
+    {"lanes_n_primal": 8},                                                # the forward alone at N2 = 8
+    {"prefetch_bwd": True, "sub_blocks_bwd": 1},
+    {"num_warps_bwd": 2, "block_e_bwd": 16, "sub_blocks_bwd": 1},
+    {"lanes_n": 4, "chunk": 4, "sub_blocks_bwd": 1},
 ]
 VARIANTS_N64 = [
     {},                          # T8, N2 = 16; forward BE 8 at 4 warps; backward BE 2 at 1 warp, 2 sub-blocks, parts
-    {"lanes_n": 8},
-    {"lanes_n": 8, "chunk": 4},
-    {"lanes_n": 4, "chunk": 4},
-    {"chunk": 4, "block_e_fwd": 4, "block_e_bwd": 4, "num_warps_fwd": 1, "sub_blocks_bwd": 1},
-    {"num_warps_fwd": 1, "block_e_fwd": 2, "part_programs_fwd": 4096},
+    {"sub_blocks_bwd": 1},
+    {"chunk": 4, "sub_blocks_bwd": 1},
+    {"lanes_n": 8, "chunk": 4, "sub_blocks_bwd": 1},
+    {"lanes_n_primal": 16},
+    {"chunk": 4, "sub_blocks_bwd": 2},
 ]
 
 CONFIGS = [

@@ -22,6 +22,7 @@ import pytest
 
 from abstract_gpu import abstract_h100
 from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_ref, selective_scan_step, tuning
+from pallas_kernels.selective_scan import linear_scan as ls_module
 from pallas_kernels.selective_scan.linear_scan import linear_scan
 from pallas_kernels.selective_scan.reference import softplus
 from wmjax.ops.selective_scan import selective_scan
@@ -176,6 +177,21 @@ def test_linear_scan_kinds():
         np.testing.assert_allclose(M[t], np.prod(a[t + 1:], axis=0), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError):
         linear_scan(a, g, kind="adjoint")
+
+
+def test_reverse_scan_as_flips():
+    """The Triton lowering of a reverse scan is flip, forward scan, flip (the flips masked sums that fold to
+    register renames): the same values as the reverse scan, bit for bit, on every axis."""
+    rng = np.random.default_rng(12)
+    a = rng.uniform(0.0, 1.0, (8, 3, 4)).astype(np.float32)
+    g = rng.standard_normal(a.shape).astype(np.float32)
+    for axis in range(3):
+        np.testing.assert_array_equal(ls_module._flip(jnp.asarray(a), axis), np.flip(a, axis))
+        want = ls_module._impl(a, np.ones_like(a), g, kind="adjoint", axis=axis, reverse=True)
+        got = jax.jit(lambda a, g, axis=axis: ls_module._flipped(a, jnp.ones_like(a), g, kind="adjoint",
+                                                                 axis=axis))(a, g)
+        for w, o in zip(want, got):
+            np.testing.assert_array_equal(np.asarray(o), np.asarray(w))
 
 
 # ------------------------------------------------------------------------------------------------------------

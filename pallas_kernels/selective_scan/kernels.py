@@ -108,6 +108,7 @@ class _Chunk:
             d, dd = jnp.where(big, v, fastmath.softplus(v)), jnp.where(big, 1.0, fastmath.sigmoid(v))
         else:
             d, dd = v, jnp.ones_like(v)
+        d, dd = _compact(d), _compact(dd)
         if self.L < self.Lp:
             t = c * self.T + lax.broadcasted_iota(jnp.int32, d.shape, 0)
             live = t < self.L
@@ -138,6 +139,14 @@ class _Chunk:
         bx = _e(u) * _n(rows["b"])
         _, h = linear_scan(a, _at_row(bx, 0, fma(a, jnp.broadcast_to(h_in[None], a.shape), bx)))
         return a, bx, h
+
+
+def _compact(v):
+    """v [T, BE], computed once per (token, channel). A sum over a new axis of size 1 is the identity, but Triton's
+    layout pass does not move a reduction's operand into the layout of its user: without it the pass recomputes the
+    whole elementwise chain (softplus: three MUFU ops per element) in the broadcast layout of the [T, N1, BE, N2]
+    tiles, where each value is repeated on the N2 lanes of its channel."""
+    return jnp.sum(v[:, :, None], axis=2)
 
 
 def _e(v):

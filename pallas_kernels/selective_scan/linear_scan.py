@@ -4,7 +4,8 @@ Pallas' Triton backend lowers only one scan, ``cumsum`` (``tt.scan`` with an add
 ``tt.scan`` (Triton's ``tl.associative_scan``) with tuple operands, so this module defines a small primitive,
 ``linear_scan_p``, with three lowerings:
 * Triton (inside ``pallas_call`` on GPU): one ``tt.scan`` whose combine region is written here with ``arith`` ops
-  and ``math.fma`` (Pallas does not contract a b + c into one instruction),
+  and ``math.fma`` (Pallas does not contract a b + c into one instruction); a reverse scan is flip, forward scan,
+  flip, the flips register renames along the in-thread axis (Triton lowers ``reverse=True`` with warp shuffles),
   registered in Pallas' Triton rule table (``jax._src.pallas.triton.lowering.triton_lowering_rules``, the same private
   table and ``tt.scan`` builder in jax 0.10.2 and 0.11.2);
 * everywhere else (Pallas interpret mode, plain jit): ``lax.associative_scan`` with the same combine;
@@ -112,7 +113,30 @@ linear_scan_p.def_impl(_impl)
 mlir.register_lowering(linear_scan_p, mlir.lower_fun(_impl, multiple_results=True))
 
 
+def _flip(v, axis):
+    """v reversed along `axis`, row by row: row i is a masked sum over `axis` (the other rows -0.0) put back at
+    n - 1 - i by a select. On an axis that lies inside a thread the masks are constants per register and
+    x + (-0.0) = x, so LLVM folds this to a renaming of registers: no instructions, and every tile keeps the
+    operand's layout (a wider tile would give Triton a second layout, and it then computes operands twice)."""
+    n = v.shape[axis]
+    t = lax.broadcasted_iota(jnp.int32, v.shape, axis)
+    out = v
+    for i in range(n):
+        row = jnp.sum(jnp.where(t == i, v, -0.0), axis=axis, keepdims=True)
+        out = jnp.where(t == n - 1 - i, jnp.broadcast_to(row, v.shape), out)
+    return out
+
+
+def _flipped(*operands, kind, axis):
+    """The reverse scan as flip, forward scan, flip (Triton lowers ``tt.scan(reverse=True)`` with warp shuffles
+    even along an axis inside a thread)."""
+    out = linear_scan_p.bind(*(_flip(o, axis) for o in operands), kind=kind, axis=axis, reverse=False)
+    return [_flip(o, axis) for o in out]
+
+
 def _triton_rule(ctx, *operands, kind, axis, reverse):
+    if reverse:
+        return triton_lowering.lower_fun(_flipped, multiple_results=True)(ctx, *operands, kind=kind, axis=axis)
     n = len(operands)
     op = tt_dialect.ScanOp(list(operands), axis, reverse)
     elem = [ir.RankedTensorType(v.type).element_type for v in operands]

@@ -143,8 +143,8 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     xk = _pad(x, {1: pl_, 2: pe})
     dtk = _pad(dt, {1: pl_, 2: pe})
     zk = None if z is None else _pad(z, {1: pl_, 2: pe})
-    Bk = _pad(B, {1: pl_, 2: pn})                                           # [b, Lp, Np]
-    Ck = _pad(C, {1: pl_, 2: pn})
+    Bk = _pad(B.astype(_F32), {1: pl_, 2: pn})                               # [b, Lp, Np] f32: every thread
+    Ck = _pad(C.astype(_F32), {1: pl_, 2: pn})                               # unpacks each row otherwise
     Ak = _pad(A.astype(_F32), {0: pe, 1: pn})                                # [Ep, Np]
     Dk = _pad((jnp.zeros((E,), _F32) if D is None else D.astype(_F32)), {0: pe})[None]
     bk = _pad((jnp.zeros((E,), _F32) if dt_bias is None else dt_bias.astype(_F32)), {0: pe})[None]

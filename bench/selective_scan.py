@@ -51,30 +51,26 @@ from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_
 # wmjax kernel variants per state-size class: `pallas_kernels.selective_scan.tuning.override` fields (the first is
 # the default; the table reports the best and the default).
 VARIANTS_N16 = [
-    {},                          # T8, N2 = 8; BE 8 at 1 warp; backward 2 sub-blocks; parts (sequence parallel)
-    {"sub_blocks_bwd": 1},
-    {"chunk": 4, "block_e_bwd": 8, "sub_blocks_bwd": 1},                  # backward at 128 registers
-    {"chunk": 4, "sub_blocks_bwd": 2},
-    {"chunk": 4, "block_e_fwd": 16, "block_e_bwd": 16, "sub_blocks_bwd": 1},
-    {"lanes_n_primal": 8},                                                # the forward alone at N2 = 8
-    {"prefetch_bwd": True, "sub_blocks_bwd": 1},
-    {"num_warps_bwd": 2, "block_e_bwd": 16, "sub_blocks_bwd": 1},
-    {"lanes_n": 4, "chunk": 4, "sub_blocks_bwd": 1},
+    {},          # T8; forward N2 4, BE 16 at 1 warp, parts; backward N2 8, BE 8 at 1 warp, 2 sub-blocks, parts
+    {"lanes_n_fwd": 8, "block_e_fwd": 8},                                 # the forward at the backward's split
+    {"block_e_bwd": 4},                                                   # backward: one channel a thread
+    {"block_e_bwd": 4, "sub_blocks_bwd": 4},
+    {"block_e_bwd": 4, "sub_blocks_bwd": 1},
+    {"block_e_bwd": 4, "prefetch_bwd": True},
 ]
 VARIANTS_N64 = [
-    {},                          # T8, N2 = 16; forward BE 8 at 4 warps; backward BE 2 at 1 warp, 2 sub-blocks, parts
+    {},          # T8, N2 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts
+    {"lanes_n_fwd": 8, "block_e_fwd": 16},
     {"sub_blocks_bwd": 1},
-    {"chunk": 4, "sub_blocks_bwd": 1},
-    {"lanes_n": 8, "chunk": 4, "sub_blocks_bwd": 1},
-    {"lanes_n_primal": 16},
-    {"chunk": 4, "sub_blocks_bwd": 2},
+    {"lanes_n_bwd": 32},
+    {"lanes_n_bwd": 32, "sub_blocks_bwd": 1},
 ]
 
 CONFIGS = [
     # name, b, L, E, N, variants, how many of them to time (the big shape: fewer, to keep the run short)
-    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 9),
-    ("otce160m b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 9),
-    ("otce b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 6),
+    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 6),
+    ("otce160m b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 6),
+    ("otce b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 5),
 ]
 EXP_RATE = 132 * 16 * 1.755e9   # nominal H100 SXM MUFU throughput, exp / s
 
@@ -231,7 +227,7 @@ def correctness_check(interpret=False):
 # ------------------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------------------
-def bench_one(cfg, peer, with_ref, interpret, bw, nvar=None):
+def bench_one(cfg, peer, with_ref, interpret, bw, nvar=None, profile=False):
     name, b, L, E, N, variants, n_timed = cfg
     variants = variants[:n_timed if nvar is None else min(n_timed, nvar)]
     inp = make_inputs(0, b, L, E, N)
@@ -286,6 +282,10 @@ def bench_one(cfg, peer, with_ref, interpret, bw, nvar=None):
         best_f, best_fb = min(best_f, t_f), min(best_fb, t_fb)
         if vi == 0:
             res.update(default_fwd_ms=t_f * 1e3, default_fwdbwd_ms=t_fb * 1e3)
+            if profile:   # where the default's forward + backward spends its time, kernel by kernel
+                from bench.kernel_profile import kernel_table, print_kernel_table
+                print_kernel_table(kernel_table(lambda: fwd_bwd(*args, jdy), iters=3), top=14,
+                                   title=f"{name} fwd+bwd, default")
     res.update(wmjax_fwd_ms=best_f * 1e3, wmjax_fwdbwd_ms=best_fb * 1e3)
 
     if with_ref:
@@ -360,7 +360,7 @@ def print_table(rows):
         print(f"peer: {rows[0]['peer']}")
 
 
-def run_bench(configs, peer, with_ref, interpret=False, json_path=None, nvar=None):
+def run_bench(configs, peer, with_ref, interpret=False, json_path=None, nvar=None, profile=False):
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}")
     bw = copy_bandwidth() if not interpret else 3.0e12
@@ -368,7 +368,7 @@ def run_bench(configs, peer, with_ref, interpret=False, json_path=None, nvar=Non
     rows = []
     for cfg in configs:
         try:
-            rows.append(bench_one(cfg, peer, with_ref, interpret, bw, nvar))
+            rows.append(bench_one(cfg, peer, with_ref, interpret, bw, nvar, profile))
         except Exception as exc:  # noqa: BLE001 - keep the other shapes' numbers
             import traceback
             traceback.print_exc()
@@ -389,6 +389,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--nvar", type=int, default=None, help="time at most the first NVAR kernel variants per shape")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of the default's forward + backward")
     a = ap.parse_args()
     if a.cpu_smoke:
         if not a.no_check:
@@ -402,7 +403,7 @@ def main():
     peer = None if a.no_peer else find_peer()
     print(f"peer: {peer[0] if peer else 'none'}")
     cfgs = [c for c in CONFIGS if a.only is None or a.only in c[0]]
-    run_bench(cfgs, peer, with_ref=not a.no_ref, json_path=a.json, nvar=a.nvar)
+    run_bench(cfgs, peer, with_ref=not a.no_ref, json_path=a.json, nvar=a.nvar, profile=a.profile)
 
 
 if __name__ == "__main__":

@@ -227,10 +227,10 @@ KERNEL_CASES = [
                  id="N16-no-softplus-packed-S4-prefetch-swapped"),
     pytest.param((1, 40, 8, 64), {}, ("D", "dt_bias", "initial_state"), (8, 16, 29), True, id="N64-defaults-packed"),
     # sequence parallelism: parts of whole chunks (a huge part_programs asks for as many as the length allows)
-    pytest.param((2, 37, 16, 16), dict(chunk=2, part_programs_fwd=10**6, part_programs_bwd=10**6, lanes_n=8,
+    pytest.param((2, 37, 16, 16), dict(chunk=2, part_programs_fwd=10**6, part_programs_bwd=10**6, lanes_n_fwd=8, lanes_n_bwd=8,
                                        block_e_fwd=8, block_e_bwd=4, sub_blocks_bwd=1),
                  OPTS, (8, 9, 17, 30), True, id="parts4-ragged-resets-at-part-boundaries-h0"),
-    pytest.param((1, 64, 16, 8), dict(chunk=4, part_programs_fwd=10**6, part_programs_bwd=10**6, lanes_n=2,
+    pytest.param((1, 64, 16, 8), dict(chunk=4, part_programs_fwd=10**6, part_programs_bwd=10**6, lanes_n_fwd=2, lanes_n_bwd=2,
                                       block_e_fwd=16, block_e_bwd=4,
                                       sub_blocks_bwd=2, prefetch_fwd=False, prefetch_bwd=True),
                  ("z", "initial_state"), True, False, id="parts4-S2-no-softplus-packed"),
@@ -263,20 +263,20 @@ def test_pallas_interpret_fwd_bwd(shape, tune, opts, seg, sp):
 
 @pytest.mark.parametrize("shape,tune", [
     pytest.param((1, 13, 8, 4), dict(chunk=4), id="N4"),
-    # the primal's own state split (N2 4 against the training pair's 8 at N = 16; 4 against 16 at N = 64), with
-    # 4 parts (the backward 2) and E = 24 padded to the primal's channel block of 16
+    # the forward's own state split (N2 4 against the backward's 8 at N = 16; 4 against 16 at N = 64), with 4
+    # parts (the backward 2) and E = 24 padded to the forward's channel block of 16
     pytest.param((2, 45, 24, 16), dict(chunk=2, part_programs_fwd=64, part_programs_bwd=8), id="N16-own-split-parts"),
-    pytest.param((1, 21, 16, 64), dict(chunk=4, lanes_n_primal=4), id="N64-own-split"),
+    pytest.param((1, 21, 16, 64), dict(chunk=4, lanes_n_fwd=4), id="N64-own-split"),
 ])
 def test_pallas_interpret_forward_only(shape, tune):
-    """The primal path (no VJP: the forward kernel without saved states, with its own state split) under jit
-    equals the definition and the forward of the differentiated path."""
+    """The primal path (no VJP: the forward kernel without saved states) under jit equals the definition and the
+    forward of the differentiated path (the same kernel saving channel-major states for the backward's split)."""
     arrs, kw, seg = _inputs(5, *shape, opts=("D", "z", "initial_state"), seg=True)
     y0, s0 = _ref_state(**arrs, **kw, segment_ids=seg)
     y1, s1 = jax.jit(lambda a, k: _pallas(**tune)(**a, **k, segment_ids=seg))(arrs, kw)
     assert _rel(y1, y0) < 1e-5 and _rel(s1, s0) < 1e-5, (_rel(y1, y0), _rel(s1, s0))
 
-    def differentiated(a, k):   # the forward of the VJP: the training pair's split, saving states
+    def differentiated(a, k):   # the forward of the VJP, saving states
         out, _ = jax.vjp(lambda x: _pallas(**tune)(x, a["dt"], a["A"], a["B"], a["C"], **k, segment_ids=seg), a["x"])
         return out
 

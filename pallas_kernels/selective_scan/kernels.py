@@ -74,6 +74,23 @@ def _split_refs(refs, names):
     return out
 
 
+def _delta(dt, bias, dt_softplus, t, L):
+    """(delta, d delta / d dt) of raw dt rows (any shape, bias broadcast): softplus(dt + bias) (identity above 20,
+    Mamba's threshold) or dt + bias, computed once per (token, channel) (`_compact`); both 0 where the token index
+    t >= L (t None: no padded tail)."""
+    v = dt.astype(_F32) + bias
+    if dt_softplus:
+        big = v > 20.0
+        d, dd = jnp.where(big, v, fastmath.softplus(v)), jnp.where(big, 1.0, fastmath.sigmoid(v))
+    else:
+        d, dd = v, jnp.ones_like(v)
+    d, dd = _compact(d), _compact(dd)
+    if t is not None:
+        live = t < L
+        d, dd = jnp.where(live, d, 0.0), jnp.where(live, dd, 0.0)
+    return d, dd
+
+
 class _Chunk:
     """Loads and the forward recurrence of one chunk of T tokens inside a program whose W = S BE channels are S
     sub-blocks of BE (walked one after the other inside a chunk; the forward has S = 1)."""
@@ -102,18 +119,8 @@ class _Chunk:
 
     def delta(self, dt, c, j):
         """(delta [T, BE], d delta / d dt [T, BE]) of raw dt rows; both 0 on the padded tail t >= L."""
-        v = dt.astype(_F32) + self.bias[j]
-        if self.sp:
-            big = v > 20.0   # Mamba's threshold (reference.softplus)
-            d, dd = jnp.where(big, v, fastmath.softplus(v)), jnp.where(big, 1.0, fastmath.sigmoid(v))
-        else:
-            d, dd = v, jnp.ones_like(v)
-        d, dd = _compact(d), _compact(dd)
-        if self.L < self.Lp:
-            t = c * self.T + lax.broadcasted_iota(jnp.int32, d.shape, 0)
-            live = t < self.L
-            d, dd = jnp.where(live, d, 0.0), jnp.where(live, dd, 0.0)
-        return d, dd
+        t = c * self.T + lax.broadcasted_iota(jnp.int32, dt.shape, 0)
+        return _delta(dt, self.bias[j], self.sp, t if self.L < self.Lp else None, self.L)
 
     def decays(self, rows, delta, j):
         """a = exp(delta A) keep [T, N1, BE, N2] (0 at a document start)."""
@@ -146,7 +153,7 @@ def _compact(v):
     layout pass does not move a reduction's operand into the layout of its user: without it the pass recomputes the
     whole elementwise chain (softplus: three MUFU ops per element) in the broadcast layout of the [T, N1, BE, N2]
     tiles, where each value is repeated on the N2 lanes of its channel."""
-    return jnp.sum(v[:, :, None], axis=2)
+    return jnp.sum(v[..., None], axis=-1)
 
 
 def _e(v):
@@ -159,9 +166,28 @@ def _n(v):
     return v.astype(_F32)[:, :, None, :]
 
 
-def _sum_n(v):
-    """[T, N1, BE, N2] -> [T, BE]: the in-thread axis N1 first, then the lanes' N2."""
-    return jnp.sum(jnp.sum(v, axis=1), axis=2)
+def _fma_sum(u, v, axis, acc=None):
+    """sum over `axis` of u v (+ acc), as a chain of fused multiply-adds over the rows of `axis`. The axis must lie
+    inside a thread (T, N1): each row is a masked sum whose other rows are -0.0, a register pick that LLVM folds.
+    Pallas' Triton backend never contracts a product and a sum (a reduction of u v costs a multiply and an add per
+    element; here one FFMA)."""
+    shape = jnp.broadcast_shapes(u.shape, v.shape)
+    u, v = jnp.broadcast_to(u, shape), jnp.broadcast_to(v, shape)
+    idx = lax.broadcasted_iota(jnp.int32, shape, axis)
+
+    def row(w, i):
+        return jnp.sum(jnp.where(idx == i, w, -0.0), axis=axis)
+
+    for i in range(shape[axis]):
+        ui, vi = row(u, i), row(v, i)
+        acc = ui * vi if acc is None else fma(ui, vi, acc)
+    return acc
+
+
+def _dot_n(u, v):
+    """sum over the state of u v ([T, N1, BE, N2] operands, broadcastable) -> [T, BE]: a fused chain over the
+    in-thread N1, then the lanes' N2."""
+    return jnp.sum(_fma_sum(u, v, axis=1), axis=2)
 
 
 def _row(v, i):
@@ -298,12 +324,12 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
 
     def body(c, h_in, rows):
         if save:
-            r["hs"][c, :, :, :] = h_in
+            r["hs"][c, :, :, :] = jnp.transpose(h_in, (1, 0, 2))                 # [BE, N1, N2]
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         _, _, h = ch.states(rows, sub["x"], delta, h_in, 0)
         xr = sub["x"].astype(_F32)
-        y = _sum_n(h * _n(rows["c"])) + Dv * xr                                     # [T, BE]
+        y = _dot_n(h, _n(rows["c"])) + Dv * xr                                       # [T, BE]
         if has_z:
             if save:
                 r["yp"][_rows(c, T), :] = y.astype(r["yp"].dtype)
@@ -326,7 +352,8 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
 @lower_once
 def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, *, T, L, BE, cpp, dt_softplus, save, interpret,
              prefetch=True, num_warps=4, num_stages=2):
-    """Returns y [b, Lp, Ep] (x.dtype), final state [b, N1, Ep, N2] f32 and, if save, hs [b, nc, N1, Ep, N2] f32
+    """Returns y [b, Lp, Ep] (x.dtype), final state [b, N1, Ep, N2] f32 and, if save, hs [b, nc, Ep, N1, N2] f32
+    (channel-major: a free reshape of [b, nc, Ep, N], so the backward may split N its own way)
     and (with z) the ungated output y' = sum_n h C + D x [b, Lp, Ep] (x.dtype), for the gate's gradient.
     Lp = P cpp T: part p (a grid axis) starts from the state folded from `scan_part_fwd`'s summaries sloc, dprod
     (None when P = 1)."""
@@ -350,8 +377,8 @@ def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, *, T, L, BE, cpp
     out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, N1, Ep, N2), _F32)]
     out_specs = [seq, state]
     if save:
-        out_shape.append(jax.ShapeDtypeStruct((b, nc, N1, Ep, N2), _F32))
-        out_specs.append(pl.BlockSpec((None, nc, N1, BE, N2), lambda ib, ie, ip: (ib, 0, 0, ie, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, nc, Ep, N1, N2), _F32))
+        out_specs.append(pl.BlockSpec((None, nc, BE, N1, N2), lambda ib, ie, ip: (ib, 0, ie, 0, 0)))
     if save and has_z:
         out_shape.append(jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype))
         out_specs.append(seq)
@@ -417,7 +444,7 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
         """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC [T, N1, N2] and the updated carries."""
         sl, cols, sub, A = _rows(c, T), ch.cols(j), rows["sub"][j], ch.A[j]
         delta, ddelta_ddt = ch.delta(sub["dt"], c, j)
-        a, bx, h = ch.states(rows, sub["x"], delta, r["hs"][c, :, cols, :], j)
+        a, bx, h = ch.states(rows, sub["x"], delta, jnp.transpose(r["hs"][c, cols, :, :], (1, 0, 2)), j)
         xr = sub["x"].astype(_F32)
         dyp = sub["dy"].astype(_F32)     # dy' = dy silu(z) (the wrapper applies the gate)
         # everything that needs h first, so that only a and a h_{t-1} = h - b stay live through the adjoint scan
@@ -426,12 +453,12 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
         G = _adjoint(a, _n(rows["c"]) * _e(dyp), G_in)                             # dL/dh_t
         u = delta * xr
         dB = jnp.sum(G * _e(u), axis=2)
-        du = _sum_n(G * _n(rows["b"]))                                              # [T, BE]
+        du = _dot_n(G, _n(rows["b"]))                                               # [T, BE]
         s = G * ah
-        ddt = (du * xr + _sum_n(s * A[None])) * ddelta_ddt
+        ddt = (du * xr + _dot_n(s, A[None])) * ddelta_ddt
         r["dx"][sl, cols] = (du * delta + Dv[j] * dyp).astype(r["dx"].dtype)
         r["ddt"][sl, cols] = ddt.astype(r["ddt"].dtype)
-        dA_acc = dA_acc + jnp.sum(s * _e(delta), axis=0)
+        dA_acc = _fma_sum(s, _e(delta), 0, dA_acc)
         dD_acc = dD_acc + dyp * xr            # [T, BE]: summed over T once, after the loop
         db_acc = db_acc + ddt
         return dB, dC, (_row(a * G, 0), dA_acc, dD_acc, db_acc)
@@ -487,7 +514,7 @@ def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, qloc, dprod, *, T, L, 
     has_seg = keep is not None
     seq, bc, row, state, amat, keep_spec = _grid_specs(Lp, N1, N2, W)
     in_specs = [seq, seq, bc, bc, amat, row, row,
-                pl.BlockSpec((None, nc, N1, W, N2), lambda ib, ie, ip: (ib, 0, 0, ie, 0)), seq, state]
+                pl.BlockSpec((None, nc, W, N1, N2), lambda ib, ie, ip: (ib, 0, ie, 0, 0)), seq, state]
     args = [x, dt, B, C, A, D, bias, hs, dy, dfin]
     if has_seg:
         in_specs.append(keep_spec)

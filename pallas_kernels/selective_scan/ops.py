@@ -1,8 +1,8 @@
 """The public op ``selective_scan_pallas``: jnp glue (pad) + a custom_vjp around ``kernels.py``.
 
 Forward:  pad L to whole parts of cpp chunks of T tokens, E to the channel blocks, N to a power of two; split the
-          state axis n = n1 N2 + n2 (the forward that is not differentiated has its own N2: it saves nothing for a
-          backward); with more than one part ``scan_part_fwd`` (each part's end state from zero and decay
+          state axis n = n1 N2 + n2 (forward and backward each their own N2: the saved states are channel-major,
+          [b, L/T, E, N]); with more than one part ``scan_part_fwd`` (each part's end state from zero and decay
           product), then ``scan_fwd`` (every part at once from the state its summaries fold to: y with D skip and z
           gate fused, final state) -> slice.
 Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every chunk (and, with z, the ungated
@@ -58,30 +58,32 @@ def _state(v):
 
 
 @functools.lru_cache(maxsize=None)
-def _scan_op(L, Np, chunk, primal, train, dt_softplus, interpret):
-    """primal, train: (N2, BE fwd, cpp fwd, fwd launch) of the forward that is not differentiated, and (N2, BE fwd,
-    BE bwd, cpp fwd, cpp bwd, fwd launch, bwd launch) of the forward + backward pair."""
+def _scan_op(L, Np, chunk, fwd_cfg, bwd_cfg, dt_softplus, interpret):
+    """fwd_cfg: (N2, BE, cpp, launch) of the forward kernels (with or without saved states); bwd_cfg: the same of
+    the backward's."""
     cfg = dict(T=chunk, L=L, dt_softplus=dt_softplus, interpret=interpret)
-    N2t, be_f, be_b, cpp_f, cpp_b, launch_f, launch_b = train
+    N2f, be_f, cpp_f, launch_f = fwd_cfg
+    N2b, be_b, cpp_b, launch_b = bwd_cfg
     launch_f, launch_b = dict(launch_f), dict(launch_b)
     part_launch = {k: v for k, v in launch_b.items() if k != "sub_blocks"}
 
-    def run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, save, N2, be, cpp, launch):
-        B, C, A, h0 = _split(N2, B, C, A, h0)
+    def run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, save):
+        B, C, A, h0 = _split(N2f, B, C, A, h0)
         sloc = dprod = None
-        if x.shape[1] // (chunk * cpp) > 1:   # parts: their summaries first, then every part at once
-            sloc, dprod = K.scan_part_fwd(x, dt, B, A, bias, keep, BE=be, cpp=cpp, **cfg, **launch)
-        y, fin, *rest = K.scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, BE=be, cpp=cpp, save=save,
-                                   **cfg, **launch)
+        if x.shape[1] // (chunk * cpp_f) > 1:   # parts: their summaries first, then every part at once
+            sloc, dprod = K.scan_part_fwd(x, dt, B, A, bias, keep, BE=be_f, cpp=cpp_f, **cfg, **launch_f)
+        y, fin, *rest = K.scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, BE=be_f, cpp=cpp_f, save=save,
+                                   **cfg, **launch_f)
         return (y, _state(fin), *rest)
 
     @jax.custom_vjp
     def f(x, dt, B, C, A, D, bias, h0, z, keep):
-        N2p, be_p, cpp_p, launch_p = primal
-        return run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, False, N2p, be_p, cpp_p, dict(launch_p))
+        return run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, False)
 
     def fwd(x, dt, B, C, A, D, bias, h0, z, keep):
-        y, fin, hs, *yp = run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, True, N2t, be_f, cpp_f, launch_f)
+        y, fin, hs, *yp = run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, True)
+        b, nc, Ep = hs.shape[:3]
+        hs = hs.reshape(b, nc, Ep, Np // N2b, N2b)   # channel-major states: the backward's own split of N
         return (y, fin), (x, dt, B, C, A, D, bias, z, keep, hs, yp[0] if yp else None)
 
     def bwd(res, cts):
@@ -94,7 +96,7 @@ def _scan_op(L, Np, chunk, primal, train, dt_softplus, interpret):
             dz = (dyf * yp.astype(_F32) * sz * (1.0 + zf * (1.0 - sz))).astype(z.dtype)
             dy = dyf * zf * sz
         dy = dy.astype(x.dtype)
-        Bs, Cs, As, dfs = _split(N2t, B, C, A, dfin.astype(_F32))
+        Bs, Cs, As, dfs = _split(N2b, B, C, A, dfin.astype(_F32))
         qloc = dprod = None
         if x.shape[1] // (chunk * cpp_b) > 1:
             qloc, dprod = K.scan_part_bwd(dt, Cs, As, bias, dy, keep, BE=be_b, cpp=cpp_b, **cfg, **part_launch)
@@ -122,21 +124,19 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     T = int(tune.chunk_for(Np))
     if T < 1 or T & (T - 1):
         raise ValueError(f"tuning chunk must be a power of two, got {T}")
-    tp = tune.primal(Np)
-    be_f, be_b, be_p = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E), tp.block_e("fwd", Np, E)
+    be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
     sub = int(tune.sub_blocks_for(Np))
-    N2t, N2p = int(tune.lanes_for(Np)), int(tp.lanes_for(Np))
-    for be in (be_f, be_b, be_p, sub, N2t, N2p):
+    N2f, N2b = int(tune.lanes_for("fwd", Np)), int(tune.lanes_for("bwd", Np))
+    for be in (be_f, be_b, sub, N2f, N2b):
         if be < 1 or be & (be - 1):
             raise ValueError(f"tuning channel blocks, sub-blocks and lanes must be powers of two, got {be}")
     nc = -(-L // T)
     parts_f = int(tune.parts("fwd", nc, b * (-(-E // be_f)), Np))
     parts_b = int(tune.parts("bwd", nc, b * (-(-E // (be_b * sub))), Np))
-    parts_p = int(tp.parts("fwd", nc, b * (-(-E // be_p)), Np))
-    whole = max(parts_f, parts_b, parts_p)
+    whole = max(parts_f, parts_b)
     nc = -(-nc // whole) * whole                                            # whole parts (powers of two)
     Lp = nc * T
-    eb = max(be_f, be_b * sub, be_p)
+    eb = max(be_f, be_b * sub)
     Ep = -(-E // eb) * eb
     pl_, pe, pn = Lp - L, Ep - E, Np - N
 
@@ -155,9 +155,8 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
         keep = _pad(segment_keep(segment_ids), {1: pl_}, value=1.0)          # [b, Lp]
 
     frozen = lambda d: tuple(sorted(d.items()))  # noqa: E731 - hashable launch keywords for the op cache
-    primal = (N2p, be_p, nc // parts_p, frozen(tp.launch("fwd", Np)))
-    train = (N2t, be_f, be_b, nc // parts_f, nc // parts_b, frozen(tune.launch("fwd", Np)),
-             frozen(tune.launch("bwd", Np)))
-    y, fin = _scan_op(L, Np, T, primal, train, bool(dt_softplus), bool(interpret))(
+    fwd_cfg = (N2f, be_f, nc // parts_f, frozen(tune.launch("fwd", Np)))
+    bwd_cfg = (N2b, be_b, nc // parts_b, frozen(tune.launch("bwd", Np)))
+    y, fin = _scan_op(L, Np, T, fwd_cfg, bwd_cfg, bool(dt_softplus), bool(interpret))(
         xk, dtk, Bk, Ck, Ak, Dk, bk, h0, zk, keep)
     return y[:, :L, :E], fin[:, :E, :N]

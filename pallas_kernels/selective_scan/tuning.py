@@ -20,15 +20,17 @@ class SelectiveScanTuning:
     32 / N2 lanes and the warps to channels, and keeps T, N1 and the remaining channels inside a thread: sums over
     the state are adds in a thread plus log2(N2) shuffle rounds, sums over channels (dB, dC) adds in a thread plus
     log2(32 / N2) rounds (and shared memory across warps), and the scan over T runs in a thread. Parallelism is
-    b E N2 / (channels per thread) threads, times the parts (sequence parallelism, below). Defaults (0 = by the
-    state size N, a power of two), chosen by the H200 sweeps of bench/selective_scan.py (docs/BENCHMARKS.md):
-      N <= 32: T = 8, N2 = 8; forward and backward BE = 8 at 1 warp (2 channels a thread), backward 2 sub-blocks,
-               parts for both;
-      N > 32:  T = 8, N2 = 16; forward BE = 8 at 4 warps, no parts; backward BE = 2 at 1 warp, 2 sub-blocks, parts;
-      the forward that is not differentiated: N2 = 4 (N <= 32; BE 16) or 8 (N > 32; BE 16 at 4 warps).
+    b E N2 / (channels per thread) threads, times the parts (sequence parallelism, below). The forward and the
+    backward split the state their own way (the saved states are channel-major, [b, L/T, E, N]): the forward has one
+    sum over the state (y) and none over channels, the backward two of each. Defaults (0 = by the state size N, a
+    power of two), chosen by the H200 sweeps of bench/selective_scan.py (docs/BENCHMARKS.md):
+      N <= 32: T = 8; forward N2 = 4, BE 16 at 1 warp (2 channels a thread), parts; backward N2 = 8, BE 8 at 1
+               warp, 2 sub-blocks, parts;
+      N > 32:  T = 8; N2 = 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts.
     chunk: tokens per chunk T (the scanned axis; also the interval of the states the forward saves for the backward,
       [b, L/T, E, N] f32: 2N/T times the bytes of a bf16 x). A power of two.
-    lanes_n: N2, lanes over the state (a power of two, at most N).
+    lanes_n_fwd / lanes_n_bwd: N2, lanes over the state (a power of two, at most N) of the forward kernels (with or
+      without saved states) and of the backward kernels.
     block_e_fwd / block_e_bwd: channels per program (per backward sub-block), powers of two, at most the
       (power-of-two) channel count; 0 = (32 / N2) warps (times 2 for N <= 32).
     sub_blocks_bwd: S, blocks of block_e_bwd channels per backward program, walked one after the other inside each
@@ -39,20 +41,17 @@ class SelectiveScanTuning:
       power of two) doubles while programs P < part_programs and each part keeps >= 4 chunks (the chunk count is
       padded to whole parts). A light pass first computes every part's summary (forward: end state from zero and
       decay product; backward: adjoint at its start and decay product), one more exp per element. -1: no parts.
-    lanes_n_primal: N2 of the forward that is not differentiated (inference, prefill; no states saved, so its
-      layout need not match the backward's): 0 = 4 for N <= 32, 8 above; its channel block, warps and parts follow
-      the forward's rules at that N2.
     prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (a double buffer in
       registers).
     num_warps_* / num_stages_*: Triton launch parameters (warps 0 = by N, above)."""
     chunk: int = 0
-    lanes_n: int = 0
+    lanes_n_fwd: int = 0
+    lanes_n_bwd: int = 0
     block_e_fwd: int = 0
     block_e_bwd: int = 0
     sub_blocks_bwd: int = 0
     part_programs_fwd: int = 0
     part_programs_bwd: int = 0
-    lanes_n_primal: int = 0
     num_warps_fwd: int = 0
     num_warps_bwd: int = 0
     num_stages_fwd: int = 2
@@ -64,13 +63,10 @@ class SelectiveScanTuning:
         """Tokens per chunk for state size n (a power of two)."""
         return self.chunk or 8
 
-    def lanes_for(self, n: int) -> int:
-        """Lanes over the state, N2, for state size n (a power of two)."""
-        return min(n, self.lanes_n or (8 if n <= 32 else 16))
-
-    def primal(self, n: int) -> "SelectiveScanTuning":
-        """The settings of the forward that is not differentiated, for state size n (a power of two)."""
-        return dataclasses.replace(self, lanes_n=min(n, self.lanes_n_primal or (4 if n <= 32 else 8)))
+    def lanes_for(self, kernel: str, n: int) -> int:
+        """Lanes over the state, N2, of `kernel` ("fwd" | "bwd") for state size n (a power of two)."""
+        default = 16 if n > 32 else (4 if kernel == "fwd" else 8)
+        return min(n, getattr(self, "lanes_n_" + kernel) or default)
 
     def warps(self, kernel: str, n: int) -> int:
         """Warps of `kernel` ("fwd" | "bwd") for state size n."""
@@ -93,7 +89,7 @@ class SelectiveScanTuning:
         two) and e channels."""
         be = self.block_e_fwd if kernel == "fwd" else self.block_e_bwd
         if not be:
-            be = max(1, 32 // self.lanes_for(n)) * self.warps(kernel, n) * (2 if n <= 32 else 1)
+            be = max(1, 32 // self.lanes_for(kernel, n)) * self.warps(kernel, n) * (2 if n <= 32 else 1)
         while be > 1 and be // 2 >= e:   # no wider than the channels themselves
             be //= 2
         return be

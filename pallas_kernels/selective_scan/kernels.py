@@ -142,7 +142,7 @@ class _Chunk:
         [N1, BE, N2] (folded into the first token's input, a_0 h_in + b_0, so the scan's product of decays is
         dead code)."""
         a = self.decays(rows, delta, j)
-        u = delta * x.astype(_F32)                                                  # [T, BE]
+        u = _compact(delta * x.astype(_F32))                                        # [T, BE]
         bx = _e(u) * _n(rows["b"])
         _, h = linear_scan(a, _at_row(bx, 0, fma(a, jnp.broadcast_to(h_in[None], a.shape), bx)))
         return a, bx, h
@@ -328,7 +328,7 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         _, _, h = ch.states(rows, sub["x"], delta, h_in, 0)
-        xr = sub["x"].astype(_F32)
+        xr = _compact(sub["x"].astype(_F32))
         y = _dot_n(h, _n(rows["c"])) + Dv * xr                                       # [T, BE]
         if has_z:
             if save:
@@ -411,7 +411,7 @@ def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         a = ch.decays(rows, delta, 0)
-        G = _adjoint(a, _n(rows["c"]) * _e(sub["dy"].astype(_F32)), Q)
+        G = _adjoint(a, _n(rows["c"]) * _e(_compact(sub["dy"].astype(_F32))), Q)
         return _row(a * G, 0), dprod * ch.chunk_decay(rows, delta, 0)
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
@@ -445,13 +445,13 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
         sl, cols, sub, A = _rows(c, T), ch.cols(j), rows["sub"][j], ch.A[j]
         delta, ddelta_ddt = ch.delta(sub["dt"], c, j)
         a, bx, h = ch.states(rows, sub["x"], delta, jnp.transpose(r["hs"][c, cols, :, :], (1, 0, 2)), j)
-        xr = sub["x"].astype(_F32)
-        dyp = sub["dy"].astype(_F32)     # dy' = dy silu(z) (the wrapper applies the gate)
+        xr = _compact(sub["x"].astype(_F32))
+        dyp = _compact(sub["dy"].astype(_F32))     # dy' = dy silu(z) (the wrapper applies the gate)
         # everything that needs h first, so that only a and a h_{t-1} = h - b stay live through the adjoint scan
         dC = jnp.sum(h * _e(dyp), axis=2)                                           # [T, N1, N2]
         ah = h - bx                                                                 # a_t h_{t-1}
         G = _adjoint(a, _n(rows["c"]) * _e(dyp), G_in)                             # dL/dh_t
-        u = delta * xr
+        u = _compact(delta * xr)
         dB = jnp.sum(G * _e(u), axis=2)
         du = _dot_n(G, _n(rows["b"]))                                               # [T, BE]
         s = G * ah

@@ -53,21 +53,21 @@ from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_
 VARIANTS_N16 = [
     {},          # T8; forward N2 4, BE 16 at 1 warp, parts; backward N2 8, BE 8 at 1 warp, 2 sub-blocks, parts
     {"prefetch_bwd": True},
-    {"sub_blocks_bwd": 1, "prefetch_bwd": True},
-    {"block_e_fwd": 8},
     {"lanes_n_fwd": 8, "block_e_fwd": 8},                                 # the forward at the backward's split
+    {"block_e_bwd": 4},                                                   # backward: one channel a thread
 ]
 VARIANTS_N64 = [
     {},          # T8, N2 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts
-    {"lanes_n_fwd": 8, "block_e_fwd": 16},
+    {"num_warps_bwd": 2, "block_e_bwd": 4},                               # half the dB / dC partial sums
     {"prefetch_bwd": True},
+    {"lanes_n_fwd": 8, "block_e_fwd": 16},
 ]
 
 CONFIGS = [
     # name, b, L, E, N, variants, how many of them to time (the big shape: fewer, to keep the run short)
-    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 5),
-    ("otce160m b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 5),
-    ("otce b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 3),
+    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 4),
+    ("otce160m b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 4),
+    ("otce b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 4),
 ]
 EXP_RATE = 132 * 16 * 1.755e9   # nominal H100 SXM MUFU throughput, exp / s
 

@@ -76,8 +76,8 @@ def compile_sass(ttir, num_warps, workdir):
                          text=True).stdout
     sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True).stdout
     ops = collections.Counter(m.group(1).split(".")[0] for m in _SASS_OP.finditer(sass))
-    return dict(regs=int(re.search(r"REG:(\d+)", res).group(1)), spill_bytes=int(re.search(r"STACK:(\d+)", res).group(1)),
-                sass=sass, ops=ops)
+    regs, spill = (int(re.search(pattern, res).group(1)) for pattern in (r"REG:(\d+)", r"STACK:(\d+)"))
+    return dict(regs=regs, spill_bytes=spill, sass=sass, ops=ops)
 
 
 def by_ttir_line(sass, ttir, op_regex):

@@ -234,6 +234,9 @@ KERNEL_CASES = [
                                       lanes_n_bwd=2, block_e_fwd=16, block_e_bwd=4,
                                       sub_blocks_bwd=2, prefetch_fwd=False, prefetch_bwd=True),
                  ("z", "initial_state"), True, False, id="parts4-S2-no-softplus-packed"),
+    # 16 parts: the part folds run as a loop over unrolled groups of 8 (kernels._carry_in)
+    pytest.param((1, 260, 8, 16), dict(chunk=2, part_programs_fwd=10**6, part_programs_bwd=10**6),
+                 ("z", "initial_state"), True, True, id="parts16-grouped-folds"),
     pytest.param((1, 70, 8, 16), dict(chunk=2, part_programs_fwd=2, part_programs_bwd=10**6, num_warps_fwd=4), OPTS,
                  True, True,
                  id="parts-bwd-only-padded-to-whole-parts"),

@@ -220,6 +220,9 @@ def _chunk_loop(n, order, body, init, load, prefetch, c0=0):
     return lax.fori_loop(0, n, step, (init, load(chunk_of(0))))[0]
 
 
+_UNROLL_PARTS = 8   # parts folded per unrolled group
+
+
 def _carry_in(P, p, init, step, order):
     """The state (forward) or adjoint (backward) entering part p from the part summaries: folds step(q, v) over
     the parts before p ("fwd": q = 0 .. p - 1) or after it ("rev": q = P - 1 .. p + 1), starting from init."""
@@ -231,7 +234,14 @@ def _carry_in(P, p, init, step, order):
         use = (q < p) if order == "fwd" else (q > p)
         return jnp.where(use, step(q, v), v)
 
-    return lax.fori_loop(0, P, body, init)
+    U = min(P, _UNROLL_PARTS)   # P and U powers of two
+
+    def group(g, v):   # U parts unrolled: their summaries' loads issue together, not one latency per part
+        for i in range(U):
+            v = body(g * U + i, v)
+        return v
+
+    return group(0, init) if U == P else lax.fori_loop(0, P // U, group, init)
 
 
 def _grid_specs(Lp, N1, N2, BE):

@@ -42,7 +42,7 @@ class SelectiveScanTuning:
       padded to whole parts). A light pass first computes every part's summary (forward: end state from zero and
       decay product; backward: adjoint at its start and decay product), one more exp per element. -1: no parts.
     prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (a double buffer in
-      registers).
+      registers); the backward's part pass always does (few registers, latency bound on its loads).
     num_warps_* / num_stages_*: Triton launch parameters (warps 0 = by N, above)."""
     chunk: int = 0
     lanes_n_fwd: int = 0

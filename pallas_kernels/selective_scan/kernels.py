@@ -31,11 +31,11 @@ The last (first) row of a tile, a carry, is a masked sum over T (free: T is in a
 Decays, softplus and sigmoid are ``fastmath``'s (MUFU approximations, not libdevice) and the scan's combine fused
 multiply-adds: the instruction count is the kernels' budget (docs/KERNELS.md, Selective scan).
 
-Layouts (the wrapper pads and splits N): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C [b, Lp, N1, N2] (input
-dtype); A [N1, Ep, N2] f32; D, dt_bias [1, Ep] f32; keep [b, Lp] f32 (0 at a document start); states and part
-summaries [b, (nc | P,) N1, Ep, N2] f32. Lp = P cpp T; Ep a multiple of BE (backward: of S BE); N1, N2, BE, S, T
-powers of two. Every ``pallas_call`` names the Triton backend (``CompilerParams``), so jax 0.10 and 0.11 lower
-alike.
+Layouts (the wrapper pads and splits N): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C [b, Lp, N1, N2] f32;
+A [N1, Ep, N2] f32; D, dt_bias [1, Ep] f32; keep [b, Lp] f32 (0 at a document start); saved states [b, nc, Ep, N1,
+N2] f32 (channel-major); final state and part summaries [b, (P,) N1, Ep, N2] f32. Lp = P cpp T; Ep a multiple
+of BE (backward: of S BE); N1, N2, BE, S, T powers of two. Every ``pallas_call`` names the Triton backend
+(``CompilerParams``), so jax 0.10 and 0.11 lower alike.
 """
 
 from __future__ import annotations
@@ -137,15 +137,15 @@ class _Chunk:
             d = d * jnp.min(rows["keep"])
         return d
 
-    def states(self, rows, x, delta, h_in, j):
-        """(a, b, h) [T, N1, BE, N2] of the chunk: decay, input and the state after every token, from h_in
-        [N1, BE, N2] (folded into the first token's input, a_0 h_in + b_0, so the scan's product of decays is
-        dead code)."""
+    def states(self, rows, xr, delta, h_in, j):
+        """(a, u, b, h) of the chunk: decay [T, N1, BE, N2], u = delta x [T, BE], input b = u B and the state after
+        every token, from xr (`_f32_rows` of x) and h_in [N1, BE, N2] (folded into the first token's input,
+        a_0 h_in + b_0, so the scan's product of decays is dead code)."""
         a = self.decays(rows, delta, j)
-        u = _compact(delta * x.astype(_F32))                                        # [T, BE]
+        u = _compact(delta * xr)
         bx = _e(u) * _n(rows["b"])
         _, h = linear_scan(a, _at_row(bx, 0, fma(a, jnp.broadcast_to(h_in[None], a.shape), bx)))
-        return a, bx, h
+        return a, u, bx, h
 
 
 def _compact(v):
@@ -154,6 +154,11 @@ def _compact(v):
     whole elementwise chain (softplus: three MUFU ops per element) in the broadcast layout of the [T, N1, BE, N2]
     tiles, where each value is repeated on the N2 lanes of its channel."""
     return jnp.sum(v[..., None], axis=-1)
+
+
+def _f32_rows(v):
+    """Raw [T, BE] rows (x, dy) in f32, converted once per (token, channel) (`_compact`)."""
+    return _compact(v.astype(_F32))
 
 
 def _e(v):
@@ -173,13 +178,9 @@ def _fma_sum(u, v, axis, acc=None):
     element; here one FFMA)."""
     shape = jnp.broadcast_shapes(u.shape, v.shape)
     u, v = jnp.broadcast_to(u, shape), jnp.broadcast_to(v, shape)
-    idx = lax.broadcasted_iota(jnp.int32, shape, axis)
-
-    def row(w, i):
-        return jnp.sum(jnp.where(idx == i, w, -0.0), axis=axis)
 
     for i in range(shape[axis]):
-        ui, vi = row(u, i), row(v, i)
+        ui, vi = _row(u, i, axis), _row(v, i, axis)
         acc = ui * vi if acc is None else fma(ui, vi, acc)
     return acc
 
@@ -190,12 +191,12 @@ def _dot_n(u, v):
     return jnp.sum(_fma_sum(u, v, axis=1), axis=2)
 
 
-def _row(v, i):
-    """Row i (static) of v [T, ...] as a masked sum over T (no value slicing in the Triton backend). T is inside a
-    thread, so the mask is a constant per register, and the other rows are -0.0, which x + (-0.0) = x drops
-    exactly: no instructions (with 0.0 each row would cost an add)."""
-    t = lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    return jnp.sum(jnp.where(t == i, v, -0.0), axis=0)
+def _row(v, i, axis=0):
+    """Row i (static) of v along `axis` (T by default) as a masked sum (no value slicing in the Triton backend).
+    The axis is inside a thread, so the mask is a constant per register, and the other rows are -0.0, which
+    x + (-0.0) = x drops exactly: no instructions (with 0.0 each row would cost an add)."""
+    t = lax.broadcasted_iota(jnp.int32, v.shape, axis)
+    return jnp.sum(jnp.where(t == i, v, -0.0), axis=axis)
 
 
 def _at_row(v, i, w):
@@ -284,7 +285,7 @@ def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
         h_in, dprod = carry
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
-        _, _, h = ch.states(rows, sub["x"], delta, h_in, 0)
+        h = ch.states(rows, _f32_rows(sub["x"]), delta, h_in, 0)[-1]
         return _row(h, T - 1), dprod * ch.chunk_decay(rows, delta, 0)
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
@@ -337,8 +338,8 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
             r["hs"][c, :, :, :] = jnp.transpose(h_in, (1, 0, 2))                 # [BE, N1, N2]
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
-        _, _, h = ch.states(rows, sub["x"], delta, h_in, 0)
-        xr = _compact(sub["x"].astype(_F32))
+        xr = _f32_rows(sub["x"])
+        h = ch.states(rows, xr, delta, h_in, 0)[-1]
         y = _dot_n(h, _n(rows["c"])) + Dv * xr                                       # [T, BE]
         if has_z:
             if save:
@@ -421,7 +422,7 @@ def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         a = ch.decays(rows, delta, 0)
-        G = _adjoint(a, _n(rows["c"]) * _e(_compact(sub["dy"].astype(_F32))), Q)
+        G = _adjoint(a, _n(rows["c"]) * _e(_f32_rows(sub["dy"])), Q)
         return _row(a * G, 0), dprod * ch.chunk_decay(rows, delta, 0)
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
@@ -454,14 +455,13 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
         """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC [T, N1, N2] and the updated carries."""
         sl, cols, sub, A = _rows(c, T), ch.cols(j), rows["sub"][j], ch.A[j]
         delta, ddelta_ddt = ch.delta(sub["dt"], c, j)
-        a, bx, h = ch.states(rows, sub["x"], delta, jnp.transpose(r["hs"][c, cols, :, :], (1, 0, 2)), j)
-        xr = _compact(sub["x"].astype(_F32))
-        dyp = _compact(sub["dy"].astype(_F32))     # dy' = dy silu(z) (the wrapper applies the gate)
+        xr = _f32_rows(sub["x"])
+        dyp = _f32_rows(sub["dy"])     # dy' = dy silu(z) (the wrapper applies the gate)
+        a, u, bx, h = ch.states(rows, xr, delta, jnp.transpose(r["hs"][c, cols, :, :], (1, 0, 2)), j)
         # everything that needs h first, so that only a and a h_{t-1} = h - b stay live through the adjoint scan
         dC = jnp.sum(h * _e(dyp), axis=2)                                           # [T, N1, N2]
         ah = h - bx                                                                 # a_t h_{t-1}
         G = _adjoint(a, _n(rows["c"]) * _e(dyp), G_in)                             # dL/dh_t
-        u = _compact(delta * xr)
         dB = jnp.sum(G * _e(u), axis=2)
         du = _dot_n(G, _n(rows["b"]))                                               # [T, BE]
         s = G * ah

@@ -50,6 +50,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import fastmath
 from pallas_kernels.fastmath import LOG2E, exp2, fma
+from pallas_kernels.lanes import reduce_scatter
 from pallas_kernels.lowering import lower_once
 from pallas_kernels.selective_scan.linear_scan import linear_scan
 
@@ -441,7 +442,17 @@ def scan_part_bwd(dt, C, A, bias, dy, keep, *, prefetch=True, num_warps=4, num_s
                        num_stages=num_stages, **cfg)
 
 
-def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
+def _scatter_lanes(BE, N2, num_warps):
+    """(el, er): channels on lanes and inside a thread when the backward's sums may scatter over the lanes
+    (`lanes.reduce_scatter`): one warp whose 32 lanes hold distinct (channel, state) pairs in Triton's default layout
+    of a [T, N1, BE, N2] tile (lane = n2 + N2 (e mod el), e // el in registers). None otherwise (Triton's sums)."""
+    if num_warps != 1 or N2 > 32 or BE * N2 < 32:
+        return None
+    el = 32 // N2
+    return el, BE // el
+
+
+def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lanes):
     r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("c", 1), ("a", 1), ("d", 1), ("bias", 1),
                            ("hs", 1), ("dy", 1), ("dfin", 1), ("z", 0), ("keep", has_seg),
                            ("qloc", P > 1), ("dprod", P > 1),
@@ -449,28 +460,90 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
                            ("dh0", 1)])
     ch = _Chunk(r, T, L, P * cpp * T, BE, S, dt_softplus, with_dy=True)
     Dv = [r["d"][:, ch.cols(j)].astype(_F32) for j in range(S)]                     # [1, BE]
+    N1, N2 = r["b"].shape[1:]
     p = pl.program_id(2)
+    if lanes is not None:
+        el, er = lanes
+        n2_of = lax.broadcasted_iota(jnp.int32, (BE, N2), 1)                       # a [BE, N2] tile's lanes
+        e_of = lax.broadcasted_iota(jnp.int32, (BE, N2), 0)
+        # D dy' enters dx once per channel: on the lanes of state 0, before the sum over the state's lanes
+        Dz = [jnp.where(n2_of == 0, Dv[j][0][:, None], 0.0) for j in range(S)]        # [BE, N2]
+
+    def state_sums(c, j, G, s, delta, ddelta_ddt, xr, dyp, rows, db_acc):
+        """dx = du delta + D dy' and ddt = (du x + sum_n s A) d delta/d dt, du = sum_n G B: written; returns the
+        updated d dt_bias accumulator. With `lanes`, both sums scatter over the state's lanes (linear in the lanes'
+        partial sums, so the per-token factors apply before the sum): 2 T values, each lane writing 2 T / N2."""
+        sl, cols = _rows(c, T), ch.cols(j)
+        if lanes is None:
+            du = _dot_n(G, _n(rows["b"]))                                           # [T, BE]
+            ddt = (du * xr + _dot_n(s, ch.A[j][None])) * ddelta_ddt
+            r["dx"][sl, cols] = (du * delta + Dv[j] * dyp).astype(r["dx"].dtype)
+            r["ddt"][sl, cols] = ddt.astype(r["ddt"].dtype)
+            return db_acc + ddt
+        U = _fma_sum(G, _n(rows["b"]), axis=1)                                      # [T, BE, N2]: lanes' parts
+        V = _fma_sum(s, ch.A[j][None], axis=1)
+        # [T, BE] rows in U's layout: from their broadcast over the state (already live), not a new broadcast
+        # (Triton would recompute softplus etc. in that layout)
+        lane = lambda v: _row(jnp.broadcast_to(_e(v), G.shape), 0, axis=1)        # noqa: E731
+        P1 = fma(lane(delta), U, lane(dyp) * Dz[j][None])
+        P2 = lane(ddelta_ddt) * fma(lane(xr), U, V)
+        # each sum scatters alone, so both land on the same lanes: a lane writes dx and ddt of the same T / N2 tokens
+        dx_sums, origin = reduce_scatter([_row(P1, t) for t in range(T)], axis=1, lane_stride=1)
+        ddt_sums, _ = reduce_scatter([_row(P2, t) for t in range(T)], axis=1, lane_stride=1)
+        col = j * BE + e_of
+        for k, (vx, vt) in enumerate(zip(dx_sums, ddt_sums)):                       # [BE, N2] each
+            row = c * T + origin(k)
+            r["dx"][row, col] = vx.astype(r["dx"].dtype)
+            r["ddt"][row, col] = vt.astype(r["ddt"].dtype)
+            db_acc = db_acc + vt
+        return db_acc
+
+    def channel_sum(v):
+        """sum over the channels of a [T, N1, BE, N2] tile: all of it (Triton), or, with `lanes`, only the er
+        channels of each thread -> [T, N1, el, N2] (the lanes' share is `write_bc`'s)."""
+        if lanes is None:
+            return jnp.sum(v, axis=2)
+        return jnp.sum(v.reshape(T, N1, er, el, N2), axis=2)
+
+    def scatter_bc(dB, dC):
+        """A sub-block's dB, dC ([T, N1, el, N2] each, `channel_sum`) summed over the lanes' channels, scattered
+        over the lanes (`lanes.reduce_scatter`, the chunk's T rows the items): T / el tiles [N1, el, N2] each, added
+        up over the sub-blocks before `write_bc` (fewer live registers than adding the [T, N1, el, N2] tiles)."""
+        sb, origin = reduce_scatter([_row(dB, t) for t in range(T)], axis=1, lane_stride=N2)
+        sc, _ = reduce_scatter([_row(dC, t) for t in range(T)], axis=1, lane_stride=N2)
+        return sb, sc, origin
+
+    def write_bc(c, dB, dC):
+        """Stores the chunk's dB, dC partial sums: [T, N1, N2] tiles, or (`lanes`) `scatter_bc`'s."""
+        sl = _rows(c, T)
+        if lanes is None:
+            r["db"][sl, :, :] = dB
+            r["dc"][sl, :, :] = dC
+            return
+        sb, sc, origin = dB
+        n1 = lax.broadcasted_iota(jnp.int32, (N1, el, N2), 0)
+        n2 = lax.broadcasted_iota(jnp.int32, (N1, el, N2), 2)
+        for k, (vb, vc) in enumerate(zip(sb, sc)):                                   # [N1, el, N2] each
+            row = c * T + origin(k)
+            r["db"][row, n1, n2] = vb
+            r["dc"][row, n1, n2] = vc
 
     def sub_block(c, j, rows, G_in, dA_acc, dD_acc, db_acc):
-        """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC [T, N1, N2] and the updated carries."""
-        sl, cols, sub, A = _rows(c, T), ch.cols(j), rows["sub"][j], ch.A[j]
+        """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC (`channel_sum`) and the updated carries."""
+        cols, sub = ch.cols(j), rows["sub"][j]
         delta, ddelta_ddt = ch.delta(sub["dt"], c, j)
         xr = _f32_rows(sub["x"])
         dyp = _f32_rows(sub["dy"])     # dy' = dy silu(z) (the wrapper applies the gate)
         a, u, bx, h = ch.states(rows, xr, delta, jnp.transpose(r["hs"][c, cols, :, :], (1, 0, 2)), j)
         # everything that needs h first, so that only a and a h_{t-1} = h - b stay live through the adjoint scan
-        dC = jnp.sum(h * _e(dyp), axis=2)                                           # [T, N1, N2]
+        dC = channel_sum(h * _e(dyp))
         ah = h - bx                                                                 # a_t h_{t-1}
         G = _adjoint(a, _n(rows["c"]) * _e(dyp), G_in)                             # dL/dh_t
-        dB = jnp.sum(G * _e(u), axis=2)
-        du = _dot_n(G, _n(rows["b"]))                                               # [T, BE]
+        dB = channel_sum(G * _e(u))
         s = G * ah
-        ddt = (du * xr + _dot_n(s, A[None])) * ddelta_ddt
-        r["dx"][sl, cols] = (du * delta + Dv[j] * dyp).astype(r["dx"].dtype)
-        r["ddt"][sl, cols] = ddt.astype(r["ddt"].dtype)
         dA_acc = _fma_sum(s, _e(delta), 0, dA_acc)
+        db_acc = state_sums(c, j, G, s, delta, ddelta_ddt, xr, dyp, rows, db_acc)
         dD_acc = dD_acc + dyp * xr            # [T, BE]: summed over T once, after the loop
-        db_acc = db_acc + ddt
         return dB, dC, (_row(a * G, 0), dA_acc, dD_acc, db_acc)
 
     def body(c, carry, rows):
@@ -478,11 +551,14 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
         new = []
         for j in range(S):   # static: S sub-blocks share the chunk's B, C rows and its dB, dC sums
             dBj, dCj, cj = sub_block(c, j, rows, *carry[j])
-            dB, dC = (dBj, dCj) if j == 0 else (dB + dBj, dC + dCj)
+            if lanes is None:
+                dB, dC = (dBj, dCj) if j == 0 else (dB + dBj, dC + dCj)
+            else:
+                sb, sc, origin = scatter_bc(dBj, dCj)
+                dB = (sb, sc, origin) if j == 0 else ([u + v for u, v in zip(dB[0], sb)],
+                                                      [u + v for u, v in zip(dB[1], sc)], origin)
             new.append(cj)
-        sl = _rows(c, T)
-        r["db"][sl, :, :] = dB
-        r["dc"][sl, :, :] = dC
+        write_bc(c, dB, dC)
         return tuple(new)
 
     def g_in(j):
@@ -491,14 +567,18 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
                          lambda q, v: r["qloc"][q, :, cols, :] + r["dprod"][q, :, cols, :] * v, "rev")
 
     zrow = jnp.zeros((T, BE), _F32)
-    init = tuple((g_in(j), jnp.zeros(ch.A[j].shape, _F32), zrow, zrow) for j in range(S))
+    zdb = zrow if lanes is None else jnp.zeros((BE, N2), _F32)
+    init = tuple((g_in(j), jnp.zeros(ch.A[j].shape, _F32), zrow, zdb) for j in range(S))
     out = _chunk_loop(cpp, "rev", body, init, ch.load, prefetch, c0=p * cpp)
     for j in range(S):
         G, dA_acc, dD_acc, db_acc = out[j]
         cols = ch.cols(j)
         r["dA"][:, cols, :] = dA_acc
         r["dD"][:, cols] = jnp.sum(dD_acc, axis=0, keepdims=True)
-        r["dbias"][:, cols] = jnp.sum(db_acc, axis=0, keepdims=True)
+        if lanes is None:
+            r["dbias"][:, cols] = jnp.sum(db_acc, axis=0, keepdims=True)
+        else:   # with fewer tokens than state lanes (T < N2) each sum sits on N2 / T lanes
+            r["dbias"][:, cols] = (jnp.sum(db_acc, axis=1) * (min(T, N2) / N2))[None]
         if P == 1:
             r["dh0"][:, cols, :] = G
         else:
@@ -509,7 +589,7 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch):
 
 @lower_once
 def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, qloc, dprod, *, T, L, BE, cpp, dt_softplus, interpret,
-             sub_blocks=1, prefetch=True, num_warps=4, num_stages=2):
+             sub_blocks=1, prefetch=True, scatter=True, num_warps=4, num_stages=2):
     """dy: the gradient of the ungated output, dy' = dy silu(z) (the wrapper differentiates the gate).
     Returns dx (x.dtype), ddt (dt.dtype) [b, Lp, Ep]; dB, dC partial sums per program
     [b, Ep/(S BE), Lp, N1, N2] f32; dA [b, P, N1, Ep, N2], dD, d dt_bias [b, P, 1, Ep] (per batch row and part),
@@ -540,7 +620,8 @@ def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, qloc, dprod, *, T, L, 
                  jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32), jax.ShapeDtypeStruct((b, P, 1, Ep), _F32),
                  jax.ShapeDtypeStruct((b, P, 1, Ep), _F32), st]
     out_specs = [seq, seq, part, part, _part_spec(N1, W, N2), brow, brow, state]
+    lanes = _scatter_lanes(BE, N2, num_warps) if scatter else None
     kern = functools.partial(_bwd_kernel, T=T, BE=BE, S=sub_blocks, cpp=cpp, P=P, L=L, dt_softplus=dt_softplus,
-                             has_seg=has_seg, prefetch=prefetch)
+                             has_seg=has_seg, prefetch=prefetch, lanes=lanes)
     return tuple(_call(kern, "selective_scan_bwd", (b, nE, P), in_specs, args, out_specs, out_shape, num_warps,
                        num_stages, interpret))

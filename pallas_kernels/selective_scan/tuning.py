@@ -43,6 +43,10 @@ class SelectiveScanTuning:
       decay product; backward: adjoint at its start and decay product), one more exp per element. -1: no parts.
     prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (a double buffer in
       registers); the backward's part pass always does (few registers, latency bound on its loads).
+    scatter_bwd: the backward's sums over the state's lanes (du, d delta) and over the channels' lanes (dB, dC)
+      scatter their results over the lanes (``lanes.reduce_scatter``: log2(lanes) times fewer shuffles, each lane
+      writing its share) where the layout allows it (one warp, 32 distinct (channel, state) lanes); False: Triton's
+      butterfly sums, every lane holding every sum.
     num_warps_* / num_stages_*: Triton launch parameters (warps 0 = by N, above)."""
     chunk: int = 0
     lanes_n_fwd: int = 0
@@ -58,6 +62,7 @@ class SelectiveScanTuning:
     num_stages_bwd: int = 2
     prefetch_fwd: bool = True
     prefetch_bwd: bool = False
+    scatter_bwd: bool = True
 
     def chunk_for(self, n: int) -> int:
         """Tokens per chunk for state size n (a power of two)."""
@@ -100,6 +105,7 @@ class SelectiveScanTuning:
                    prefetch=getattr(self, "prefetch_" + kernel))
         if kernel == "bwd":
             out["sub_blocks"] = self.sub_blocks_for(n)
+            out["scatter"] = self.scatter_bwd
         return out
 
 

@@ -130,13 +130,18 @@ class _Chunk:
             a = a * rows["keep"][:, None, None, None]
         return a
 
-    def chunk_decay(self, rows, delta, j):
-        """prod_t a_t over the chunk [N1, BE, N2] in closed form, exp(A sum_t delta_t) (0 if a document starts in
-        the chunk): one exp per state instead of a product per token."""
-        d = exp2(jnp.sum(delta, axis=0)[None, :, None] * self.A2[j])
-        if "keep" in rows:
-            d = d * jnp.min(rows["keep"])
+    def part_decay(self, dsum, kmin, j):
+        """prod_t a_t over a part [N1, BE, N2] in closed form, exp(A sum_t delta_t) (0 if a document starts in it),
+        from the running sums dsum [T, BE] of the chunks' delta rows and the running minimum kmin [T] of their keep
+        rows (None: no segments): one exp per state and part instead of a product per token."""
+        d = exp2(jnp.sum(dsum, axis=0)[None, :, None] * self.A2[j])
+        if kmin is not None:
+            d = d * jnp.min(kmin)
         return d
+
+    def part_sums(self, rows, delta, dsum, kmin):
+        """`part_decay`'s running sums updated with a chunk (elementwise: reduced once, after the loop)."""
+        return dsum + delta, (None if kmin is None else jnp.minimum(kmin, rows["keep"]))
 
     def states(self, rows, xr, delta, h_in, j):
         """(a, u, b, h) of the chunk: decay [T, N1, BE, N2], u = delta x [T, BE], input b = u B and the state after
@@ -283,16 +288,17 @@ def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
     ch = _Chunk(r, T, L, Lp, r["x"].shape[1], 1, dt_softplus, with_dy=False, with_c=False)
 
     def body(c, carry, rows):
-        h_in, dprod = carry
+        h_in, dsum, kmin = carry
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         h = ch.states(rows, _f32_rows(sub["x"]), delta, h_in, 0)[-1]
-        return _row(h, T - 1), dprod * ch.chunk_decay(rows, delta, 0)
+        return (_row(h, T - 1), *ch.part_sums(rows, delta, dsum, kmin))
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
-    h, dprod = _chunk_loop(cpp, "fwd", body, (zero, zero + 1.0), ch.load, prefetch, c0=pl.program_id(2) * cpp)
+    init = (zero, jnp.zeros((T, r["x"].shape[1]), _F32), jnp.ones((T,), _F32) if has_seg else None)
+    h, dsum, kmin = _chunk_loop(cpp, "fwd", body, init, ch.load, prefetch, c0=pl.program_id(2) * cpp)
     r["sloc"][...] = h
-    r["dprod"][...] = dprod
+    r["dprod"][...] = ch.part_decay(dsum, kmin, 0)
 
 
 def _parts_call(kernel, name, seq_args, kinds, keep, *, T, L, BE, cpp, dt_softplus, interpret, prefetch, num_warps,
@@ -419,17 +425,18 @@ def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
     ch = _Chunk(r, T, L, Lp, r["dt"].shape[1], 1, dt_softplus, with_dy=True, with_x=False, with_b=False)
 
     def body(c, carry, rows):
-        Q, dprod = carry
+        Q, dsum, kmin = carry
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         a = ch.decays(rows, delta, 0)
         G = _adjoint(a, _n(rows["c"]) * _e(_f32_rows(sub["dy"])), Q)
-        return _row(a * G, 0), dprod * ch.chunk_decay(rows, delta, 0)
+        return (_row(a * G, 0), *ch.part_sums(rows, delta, dsum, kmin))
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
-    q, dprod = _chunk_loop(cpp, "rev", body, (zero, zero + 1.0), ch.load, prefetch, c0=pl.program_id(2) * cpp)
+    init = (zero, jnp.zeros((T, r["dt"].shape[1]), _F32), jnp.ones((T,), _F32) if has_seg else None)
+    q, dsum, kmin = _chunk_loop(cpp, "rev", body, init, ch.load, prefetch, c0=pl.program_id(2) * cpp)
     r["qloc"][...] = q
-    r["dprod"][...] = dprod
+    r["dprod"][...] = ch.part_decay(dsum, kmin, 0)
 
 
 @lower_once
@@ -498,12 +505,14 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
             db_acc = db_acc + vt
         return db_acc
 
-    def channel_sum(v):
-        """sum over the channels of a [T, N1, BE, N2] tile: all of it (Triton), or, with `lanes`, only the er
-        channels of each thread -> [T, N1, el, N2] (the lanes' share is `write_bc`'s)."""
+    def channel_sum(v, w):
+        """sum over the channels of v [T, N1, BE, N2] times the rows w [T, BE]: all of it (Triton), or, with
+        `lanes`, only the er channels of each thread, a chain of fused multiply-adds -> [T, N1, el, N2] (the lanes'
+        share is `write_bc`'s)."""
         if lanes is None:
-            return jnp.sum(v, axis=2)
-        return jnp.sum(v.reshape(T, N1, er, el, N2), axis=2)
+            return jnp.sum(v * _e(w), axis=2)
+        split = (T, N1, er, el, N2)   # w broadcast in v's layout first (a reshape of the rows needs shared memory)
+        return _fma_sum(v.reshape(split), jnp.broadcast_to(_e(w), v.shape).reshape(split), axis=2)
 
     def scatter_bc(dB, dC):
         """A sub-block's dB, dC ([T, N1, el, N2] each, `channel_sum`) summed over the lanes' channels, scattered
@@ -536,10 +545,10 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
         dyp = _f32_rows(sub["dy"])     # dy' = dy silu(z) (the wrapper applies the gate)
         a, u, bx, h = ch.states(rows, xr, delta, jnp.transpose(r["hs"][c, cols, :, :], (1, 0, 2)), j)
         # everything that needs h first, so that only a and a h_{t-1} = h - b stay live through the adjoint scan
-        dC = channel_sum(h * _e(dyp))
+        dC = channel_sum(h, dyp)
         ah = h - bx                                                                 # a_t h_{t-1}
         G = _adjoint(a, _n(rows["c"]) * _e(dyp), G_in)                             # dL/dh_t
-        dB = channel_sum(G * _e(u))
+        dB = channel_sum(G, u)
         s = G * ah
         dA_acc = _fma_sum(s, _e(delta), 0, dA_acc)
         db_acc = state_sums(c, j, G, s, delta, ddelta_ddt, xr, dyp, rows, db_acc)

@@ -103,7 +103,7 @@ class _Chunk:
         # exp(delta A) as exp2(delta A log2 e): ex2.approx, not libdevice's accurate expf
         self.A2 = [A * LOG2E for A in self.A]
         self.rows = (["x"] if with_x else []) + ["dt"] + (["dy"] if with_dy else []) + \
-            [n for n in ("z", "yp") if r.get(n) is not None]
+            (["z"] if r.get("z") is not None else [])
         self.bc = (["b"] if with_b else []) + (["c"] if with_c else [])
 
     def cols(self, j):
@@ -152,19 +152,6 @@ class _Chunk:
         bx = _e(u) * _n(rows["b"])
         _, h = linear_scan(a, _at_row(bx, 0, fma(a, jnp.broadcast_to(h_in[None], a.shape), bx)))
         return a, u, bx, h
-
-
-def _gate_grad(dy, z, yp=None):
-    """Rows [T, BE] of the output's gradient dy (raw) and the gate z -> (dy' = dy silu(z), the gradient of the
-    ungated output y', f32 once per (token, channel); with yp = y' rows, dz = dy y' silu'(z), silu'(z) =
-    s (1 + z (1 - s)), s = sigmoid(z); else None). z None: (dy, None)."""
-    dyr = _f32_rows(dy)
-    if z is None:
-        return dyr, None
-    zr = _f32_rows(z)
-    sz = fastmath.sigmoid(zr)
-    dz = None if yp is None else dyr * yp.astype(_F32) * sz * (1.0 + zr * (1.0 - sz))
-    return _compact(dyr * zr * sz), dz
 
 
 def _compact(v):
@@ -294,7 +281,7 @@ def _call(kern, name, grid, in_specs, args, out_specs, out_shape, num_warps, num
 # ------------------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------------------
-def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch, has_z=False):
+def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
     """Part summary: the state at the end of part p from a zero state, and the product of its decays."""
     r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("a", 1), ("bias", 1), ("keep", has_seg),
                            ("sloc", 1), ("dprod", 1), ("z", 0)])
@@ -315,7 +302,7 @@ def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch, has_z
 
 
 def _parts_call(kernel, name, seq_args, kinds, keep, *, T, L, BE, cpp, dt_softplus, interpret, prefetch, num_warps,
-                num_stages, **static):
+                num_stages):
     """Launches a part-summary kernel over (row, channel block, part): `seq_args` in the order of `kinds` ("seq"
     [b, Lp, Ep], "bc" [b, Lp, N1, N2], "a" [N1, Ep, N2], "row" [1, Ep]), then keep; two f32 outputs
     [b, P, N1, Ep, N2]."""
@@ -331,7 +318,7 @@ def _parts_call(kernel, name, seq_args, kinds, keep, *, T, L, BE, cpp, dt_softpl
     P = Lp // (T * cpp)
     part = jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32)
     kern = functools.partial(kernel, T=T, cpp=cpp, L=L, Lp=Lp, dt_softplus=dt_softplus, has_seg=keep is not None,
-                             prefetch=prefetch, **static)
+                             prefetch=prefetch)
     return _call(kern, name, (b, Ep // BE, P), in_specs, args, [_part_spec(N1, BE, N2)] * 2, [part, part],
                  num_warps, num_stages, interpret)
 
@@ -430,11 +417,11 @@ def _adjoint(a, g, G_in):
     return linear_scan(a, jnp.ones_like(a), g, kind="adjoint", reverse=True)[2]
 
 
-def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch, has_z):
+def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
     """Part summary of the adjoint: a_s G_s at the part's first token s from a zero adjoint past its end, and the
     product of the part's decays."""
-    r = _split_refs(refs, [("dt", 1), ("c", 1), ("a", 1), ("bias", 1), ("dy", 1), ("z", has_z), ("keep", has_seg),
-                           ("qloc", 1), ("dprod", 1), ("x", 0)])
+    r = _split_refs(refs, [("dt", 1), ("c", 1), ("a", 1), ("bias", 1), ("dy", 1), ("keep", has_seg),
+                           ("qloc", 1), ("dprod", 1), ("z", 0), ("x", 0)])
     ch = _Chunk(r, T, L, Lp, r["dt"].shape[1], 1, dt_softplus, with_dy=True, with_x=False, with_b=False)
 
     def body(c, carry, rows):
@@ -442,7 +429,7 @@ def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch, has_z
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         a = ch.decays(rows, delta, 0)
-        G = _adjoint(a, _n(rows["c"]) * _e(_gate_grad(sub["dy"], sub.get("z"))[0]), Q)
+        G = _adjoint(a, _n(rows["c"]) * _e(_f32_rows(sub["dy"])), Q)
         return (_row(a * G, 0), *ch.part_sums(rows, delta, dsum, kmin))
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
@@ -453,14 +440,13 @@ def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch, has_z
 
 
 @lower_once
-def scan_part_bwd(dt, C, A, bias, dy, z, keep, *, prefetch=True, num_warps=4, num_stages=2, **cfg):
+def scan_part_bwd(dt, C, A, bias, dy, keep, *, prefetch=True, num_warps=4, num_stages=2, **cfg):
     """Per part of cpp chunks (cfg: T, L, BE, cpp, dt_softplus, interpret): (a_s G_s at its first token s from a
     zero adjoint past its end, product of the part's decays), [b, P, N1, Ep, N2] f32 each (dy: the gradient of
-    the output, gated by z in the kernel when z is given)."""
-    gate = () if z is None else (z,)
-    return _parts_call(_bwd_part_kernel, "selective_scan_bwd_parts", (dt, C, A, bias, dy, *gate),
-                       ("seq", "bc", "a", "row", "seq") + ("seq",) * len(gate), keep, prefetch=prefetch,
-                       num_warps=num_warps, num_stages=num_stages, has_z=z is not None, **cfg)
+    the ungated output)."""
+    return _parts_call(_bwd_part_kernel, "selective_scan_bwd_parts", (dt, C, A, bias, dy),
+                       ("seq", "bc", "a", "row", "seq"), keep, prefetch=prefetch, num_warps=num_warps,
+                       num_stages=num_stages, **cfg)
 
 
 def _scatter_lanes(BE, N2, num_warps):
@@ -473,12 +459,12 @@ def _scatter_lanes(BE, N2, num_warps):
     return el, BE // el
 
 
-def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, has_z, prefetch, lanes):
+def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lanes):
     r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("c", 1), ("a", 1), ("d", 1), ("bias", 1),
-                           ("hs", 1), ("dy", 1), ("dfin", 1), ("z", has_z), ("yp", has_z), ("keep", has_seg),
+                           ("hs", 1), ("dy", 1), ("dfin", 1), ("z", 0), ("keep", has_seg),
                            ("qloc", P > 1), ("dprod", P > 1),
                            ("dx", 1), ("ddt", 1), ("db", 1), ("dc", 1), ("dA", 1), ("dD", 1), ("dbias", 1),
-                           ("dh0", 1), ("dz", has_z)])
+                           ("dh0", 1)])
     ch = _Chunk(r, T, L, P * cpp * T, BE, S, dt_softplus, with_dy=True)
     Dv = [r["d"][:, ch.cols(j)].astype(_F32) for j in range(S)]                     # [1, BE]
     N1, N2 = r["b"].shape[1:]
@@ -556,9 +542,7 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, has_z, prefetc
         cols, sub = ch.cols(j), rows["sub"][j]
         delta, ddelta_ddt = ch.delta(sub["dt"], c, j)
         xr = _f32_rows(sub["x"])
-        dyp, dz = _gate_grad(sub["dy"], sub.get("z"), sub.get("yp"))     # dy' = dy silu(z), the gate's gradient
-        if dz is not None:
-            r["dz"][_rows(c, T), cols] = dz.astype(r["dz"].dtype)
+        dyp = _f32_rows(sub["dy"])     # dy' = dy silu(z) (the wrapper applies the gate)
         a, u, bx, h = ch.states(rows, xr, delta, jnp.transpose(r["hs"][c, cols, :, :], (1, 0, 2)), j)
         # everything that needs h first, so that only a and a h_{t-1} = h - b stay live through the adjoint scan
         dC = channel_sum(h, dyp)
@@ -613,28 +597,24 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, has_z, prefetc
 
 
 @lower_once
-def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, z, yp, keep, qloc, dprod, *, T, L, BE, cpp, dt_softplus,
-             interpret, sub_blocks=1, prefetch=True, scatter=True, num_warps=4, num_stages=2):
-    """dy: the gradient of the output; with the gate z (and the saved ungated output yp = y') the kernel takes
-    dy' = dy silu(z) and writes the gate's gradient dz = dy y' silu'(z) (z.dtype), else dy is y's own gradient.
+def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, qloc, dprod, *, T, L, BE, cpp, dt_softplus, interpret,
+             sub_blocks=1, prefetch=True, scatter=True, num_warps=4, num_stages=2):
+    """dy: the gradient of the ungated output, dy' = dy silu(z) (the wrapper differentiates the gate).
     Returns dx (x.dtype), ddt (dt.dtype) [b, Lp, Ep]; dB, dC partial sums per program
     [b, Ep/(S BE), Lp, N1, N2] f32; dA [b, P, N1, Ep, N2], dD, d dt_bias [b, P, 1, Ep] (per batch row and part),
-    d h0 [b, N1, Ep, N2] f32; dz [b, Lp, Ep] (with z). Each program owns S = sub_blocks blocks of BE channels (Ep a
-    multiple of S BE) and one part of cpp chunks, whose adjoint past its end folds `scan_part_bwd`'s summaries
-    qloc, dprod (None when P = 1)."""
+    d h0 [b, N1, Ep, N2] f32. Each program owns S = sub_blocks blocks of BE channels (Ep a multiple of S BE) and
+    one part of cpp chunks, whose adjoint past its end folds `scan_part_bwd`'s summaries qloc, dprod (None when
+    P = 1)."""
     b, Lp, Ep = x.shape
     N1, N2 = B.shape[2:]
     W = sub_blocks * BE
     nc, nE = Lp // T, Ep // W
     P = nc // cpp
-    has_seg, has_z = keep is not None, z is not None
+    has_seg = keep is not None
     seq, bc, row, state, amat, keep_spec = _grid_specs(Lp, N1, N2, W)
     in_specs = [seq, seq, bc, bc, amat, row, row,
                 pl.BlockSpec((None, nc, W, N1, N2), lambda ib, ie, ip: (ib, 0, ie, 0, 0)), seq, state]
     args = [x, dt, B, C, A, D, bias, hs, dy, dfin]
-    if has_z:
-        in_specs += [seq, seq]
-        args += [z, yp]
     if has_seg:
         in_specs.append(keep_spec)
         args.append(keep)
@@ -649,11 +629,8 @@ def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, z, yp, keep, qloc, dprod, *,
                  jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32), jax.ShapeDtypeStruct((b, P, 1, Ep), _F32),
                  jax.ShapeDtypeStruct((b, P, 1, Ep), _F32), st]
     out_specs = [seq, seq, part, part, _part_spec(N1, W, N2), brow, brow, state]
-    if has_z:
-        out_shape.append(jax.ShapeDtypeStruct((b, Lp, Ep), z.dtype))
-        out_specs.append(seq)
     lanes = _scatter_lanes(BE, N2, num_warps) if scatter else None
     kern = functools.partial(_bwd_kernel, T=T, BE=BE, S=sub_blocks, cpp=cpp, P=P, L=L, dt_softplus=dt_softplus,
-                             has_seg=has_seg, has_z=has_z, prefetch=prefetch, lanes=lanes)
+                             has_seg=has_seg, prefetch=prefetch, lanes=lanes)
     return tuple(_call(kern, "selective_scan_bwd", (b, nE, P), in_specs, args, out_specs, out_shape, num_warps,
                        num_stages, interpret))

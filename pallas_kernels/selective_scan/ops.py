@@ -6,10 +6,10 @@ Forward:  pad L to whole parts of cpp chunks of T tokens, E to the channel block
           product), then ``scan_fwd`` (every part at once from the state its summaries fold to: y with D skip and z
           gate fused, final state) -> slice.
 Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every chunk (and, with z, the ungated
-          output y'); with more than one part ``scan_part_bwd`` (each part's adjoint from zero past its end, decay
-          product); ``scan_bwd`` recomputes each chunk's states and runs the reverse (adjoint) scan, every part at
-          once (dx, ddt, dB/dC partials, dA, dD, d dt_bias, d h0, and with z the gate's gradient dz = dy y' silu'(z):
-          both kernels take dy' = dy silu(z) from dy and z). JAX differentiates the glue.
+          output y'); the gate's gradient dz = dy y' d silu(z) and dy' = dy silu(z) are elementwise jnp; with more
+          than one part ``scan_part_bwd`` (each part's adjoint from zero past its end, decay product);
+          ``scan_bwd`` recomputes each chunk's states and runs the reverse (adjoint) scan, every part at once (dx,
+          ddt, dB/dC partials, dA, dD, d dt_bias, d h0). JAX differentiates the glue.
 """
 
 from __future__ import annotations
@@ -90,14 +90,19 @@ def _scan_op(L, Np, chunk, fwd_cfg, bwd_cfg, dt_softplus, interpret):
     def bwd(res, cts):
         x, dt, B, C, A, D, bias, z, keep, hs, yp = res
         dy, dfin = cts
-        dy = dy.astype(x.dtype)   # y = y' silu(z): the kernels gate dy and write the gate's gradient dz
+        dz = None
+        if z is not None:   # y = y' silu(z): the gate's gradient and dy' = dy silu(z), elementwise (XLA fuses)
+            dyf, zf = dy.astype(_F32), z.astype(_F32)
+            sz = jax.nn.sigmoid(zf)
+            dz = (dyf * yp.astype(_F32) * sz * (1.0 + zf * (1.0 - sz))).astype(z.dtype)
+            dy = dyf * zf * sz
+        dy = dy.astype(x.dtype)
         Bs, Cs, As, dfs = _split(N2b, B, C, A, dfin.astype(_F32))
         qloc = dprod = None
         if x.shape[1] // (chunk * cpp_b) > 1:
-            qloc, dprod = K.scan_part_bwd(dt, Cs, As, bias, dy, z, keep, BE=be_b, cpp=cpp_b, **cfg, **part_launch)
-        dx, ddt, dBp, dCp, dA, dD, dbias, dh0, *dz = K.scan_bwd(
-            x, dt, Bs, Cs, As, D, bias, hs, dy, dfs, z, yp, keep, qloc, dprod, BE=be_b, cpp=cpp_b, **cfg, **launch_b)
-        dz = dz[0] if dz else None
+            qloc, dprod = K.scan_part_bwd(dt, Cs, As, bias, dy, keep, BE=be_b, cpp=cpp_b, **cfg, **part_launch)
+        dx, ddt, dBp, dCp, dA, dD, dbias, dh0 = K.scan_bwd(
+            x, dt, Bs, Cs, As, D, bias, hs, dy, dfs, keep, qloc, dprod, BE=be_b, cpp=cpp_b, **cfg, **launch_b)
         dkeep = None if keep is None else jnp.zeros_like(keep)
         dB, dC = (v.sum(axis=1).reshape(B.shape).astype(B.dtype) for v in (dBp, dCp))
         dA = dA.sum(axis=(0, 1)).transpose(1, 0, 2).reshape(A.shape)

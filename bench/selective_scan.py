@@ -52,15 +52,15 @@ from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_
 # the default; the table reports the best and the default).
 VARIANTS_N16 = [
     {},          # T8; forward N2 4, BE 16 at 1 warp, parts; backward N2 8, BE 8 at 1 warp, 2 sub-blocks, parts
-    {"lanes_n_bwd": 16, "block_e_bwd": 4},                                # backward at 222 registers
-    {"prefetch_bwd": True},
     {"scatter_bwd": False},                                               # backward: Triton's butterfly sums
+    {"prefetch_bwd": True},
+    {"lanes_n_bwd": 16, "block_e_bwd": 4},                                # backward at 222 registers
 ]
 VARIANTS_N64 = [
     {},          # T8, N2 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts
+    {"scatter_bwd": False},
     {"block_e_bwd": 4},                                                   # half the dB / dC partial sums
     {"prefetch_bwd": True},
-    {"scatter_bwd": False},
 ]
 
 CONFIGS = [

@@ -85,9 +85,9 @@ def reduce_scatter(items, axis, lane_stride):
     module doc), scattering the sums over the lanes. Round k pairs item i with item i + h (h = len / 2^k) across the
     lanes differing in axis bit k - 1: the lane with bit 0 keeps item i, the other item i + h, and each adds the
     partner's copy of what it keeps (one shuffle per pair). Bits left once one item remains are summed whole
-    (a butterfly). Returns (sums, origin): len(items) / 2^rounds tiles, and origin(j) -> int32 tile of the items' shape
-    whose entry (along `axis`, i.e. per lane) is the index of the item whose sum slot j holds there (the other
-    entries of `axis` hold the same sum as their lane partners)."""
+    (a butterfly). Returns (sums, origin): max(1, len(items) / 2^bits) tiles, and origin(j), an int32 tile of the
+    items' shape whose entry is the index of the item whose full sum slot j holds there (per lane: entries along
+    `axis` differ; with fewer items than lanes, lanes / len(items) entries hold each sum).
     size = items[0].shape[axis]
     nbits = size.bit_length() - 1
     idx = lax.broadcasted_iota(jnp.int32, items[0].shape, axis)

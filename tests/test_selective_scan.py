@@ -226,6 +226,9 @@ KERNEL_CASES = [
                                       prefetch_bwd=True), ("z", "initial_state"), True, False,
                  id="N16-no-softplus-packed-S4-prefetch-swapped"),
     pytest.param((1, 40, 8, 64), {}, ("D", "dt_bias", "initial_state"), (8, 16, 29), True, id="N64-defaults-packed"),
+    # the backward's sums as Triton's butterflies where the reduce-scatter would apply (tuning scatter_bwd)
+    pytest.param((2, 21, 20, 5), dict(chunk=8, block_e_bwd=8, scatter_bwd=False), OPTS, True, True,
+                 id="butterfly-sums"),
     # sequence parallelism: parts of whole chunks (a huge part_programs asks for as many as the length allows)
     pytest.param((2, 37, 16, 16), dict(chunk=2, part_programs_fwd=10**6, part_programs_bwd=10**6, lanes_n_fwd=8,
                                        lanes_n_bwd=8, block_e_fwd=8, block_e_bwd=4, sub_blocks_bwd=1),

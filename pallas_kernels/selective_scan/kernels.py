@@ -12,7 +12,7 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
       y_t = sum_n h_t C_t + D x_t;   y_t *= silu(z_t);   h_in <- h_{T-1}
   writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every chunk, hs [nc, E, N].
   With P > 1 parts, ``scan_part_fwd`` first gives each part's end state from zero, S_p, and decay product, D_p
-  (per chunk exp(A sum_t delta_t)); part p then starts from h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial
+  (exp(A sum_t delta_t) over the part, one exp per state); part p then starts from h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial
   state), folded in the program.
 * ``scan_bwd`` per chunk in reverse order: recompute a, b, h_t from hs[c] as above; then with g_t = C_t dy'_t
   (dy' = dy silu(z), and dz from the saved ungated y', both elementwise in the wrapper) the adjoint
@@ -23,6 +23,9 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
   dx, ddt per token; dB, dC as per-program partial sums [b, E/(S BE), L, N] (a program walks S sub-blocks of BE
   channels inside each chunk and adds their dB, dC; XLA sums the partials); dA, dD, d dt_bias per (row, channel
   block, part) summed in registers; the carry after the first chunk of part 0 is the initial state's gradient.
+  The sums over lanes (du, d delta over the state's lanes; dB, dC over the channels') reduce-scatter where the
+  layout allows it (``_scatter_lanes``, ``lanes.reduce_scatter``): the chunk's T rows halve at each lane bit, one
+  shuffle per pair, and each lane writes the sums of its own tokens; elsewhere Triton's butterfly sums.
   With P > 1 parts, ``scan_part_bwd`` first gives each part's a_s G_s at its first token s from a zero adjoint
   past its end, Q_p, and decay product D_p; part p starts from Q_{p+1} + D_{p+1} (...) folded back from the final
   state's gradient.

@@ -87,7 +87,7 @@ def reduce_scatter(items, axis, lane_stride):
     partner's copy of what it keeps (one shuffle per pair). Bits left once one item remains are summed whole
     (a butterfly). Returns (sums, origin): max(1, len(items) / 2^bits) tiles, and origin(j), an int32 tile of the
     items' shape whose entry is the index of the item whose full sum slot j holds there (per lane: entries along
-    `axis` differ; with fewer items than lanes, lanes / len(items) entries hold each sum).
+    `axis` differ; with fewer items than lanes, lanes / len(items) entries hold each sum)."""
     size = items[0].shape[axis]
     nbits = size.bit_length() - 1
     idx = lax.broadcasted_iota(jnp.int32, items[0].shape, axis)

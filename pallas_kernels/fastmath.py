@@ -22,19 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax._src import core as jax_core
-from jax._src.interpreters import mlir
 
-try:  # Pallas' Triton backend (private modules; absent or changed in other jax versions -> no GPU lowering)
-    from jax._src.lib.mlir.dialects import math as math_dialect
-    from jax._src.lib.triton import dialect as tt_dialect
-    from jax._src.pallas.triton import lowering as triton_lowering
-except ImportError:  # pragma: no cover - depends on the jax build
-    triton_lowering = None
-
-try:
-    from jax.extend.core import Primitive
-except ImportError:  # older jax
-    from jax.core import Primitive
+from pallas_kernels.triton_rules import inline_asm, math_dialect, primitive, triton_lowering
 
 __all__ = ["LOG2E", "exp2", "fma", "log2", "rcp", "sigmoid", "softplus"]
 
@@ -42,31 +31,19 @@ LOG2E = 1.4426950408889634   # exp(x) = exp2(x LOG2E)
 _LN2 = 0.6931471805599453
 
 
-def _same_shape(*avals):
+def _same_shape(*avals, **params):
+    del params
     if len({(a.shape, a.dtype) for a in avals}) != 1:
         raise ValueError(f"fastmath operands must share one shape and dtype, got {[str(a) for a in avals]}")
     return jax_core.ShapedArray(avals[0].shape, avals[0].dtype)
 
 
 def _primitive(name, impl, triton_rule):
-    p = Primitive(name)
-    p.def_abstract_eval(_same_shape)
-    p.def_impl(impl)
-    mlir.register_lowering(p, mlir.lower_fun(impl, multiple_results=False))
-    if triton_lowering is not None:
-        triton_lowering.register_lowering(p)(triton_rule)
-    return p
+    return primitive(name, impl, triton_rule, abstract_eval=_same_shape)
 
 
 def _approx_rule(instruction):
-    def rule(ctx, x):
-        if ctx.avals_in[0].dtype != jnp.float32:
-            raise TypeError(f"fastmath {instruction} takes float32 in a Triton kernel, got {ctx.avals_in[0].dtype}")
-        [out] = ctx.avals_out
-        return tt_dialect.elementwise_inline_asm([mlir.aval_to_ir_type(ctx.context.mlir_ctx, out)],
-                                                 f"{instruction}.approx.ftz.f32 $0, $1;", constraints="=r,r",
-                                                 pure=True, packed_element=1, args=[x])
-    return rule
+    return lambda ctx, x: inline_asm(ctx, f"fastmath {instruction}", f"{instruction}.approx.ftz.f32 $0, $1;", x)
 
 
 _fma_p = _primitive("wmjax_fma", lambda a, b, c: a * b + c, lambda ctx, a, b, c: math_dialect.fma(a, b, c))

@@ -12,26 +12,15 @@ i lane_stride (+ the other axes' lane offsets) in every register. That is a layo
 states and checks (Triton's default blocked layout: the last axis on the lowest lanes, ``selective_scan/kernels.py``):
 here, in Pallas interpret mode and plain jit, the op is the permutation itself, so CPU tests check the algebra, and
 the GPU check of the kernel (``bench/selective_scan.py``) the layout. The Triton rule is registered in Pallas' Triton
-rule table (private, the same in jax 0.10.2 and 0.11.2), like ``fastmath``'s.
+rule table through ``triton_rules``, like ``fastmath``'s.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
-from jax._src import core as jax_core
-from jax._src.interpreters import mlir
 
-try:  # Pallas' Triton backend (private modules; absent or changed in other jax versions -> no GPU lowering)
-    from jax._src.lib.triton import dialect as tt_dialect
-    from jax._src.pallas.triton import lowering as triton_lowering
-except ImportError:  # pragma: no cover - depends on the jax build
-    triton_lowering = None
-
-try:
-    from jax.extend.core import Primitive
-except ImportError:  # older jax
-    from jax.core import Primitive
+from pallas_kernels.triton_rules import inline_asm, primitive
 
 __all__ = ["lane_xor", "reduce_scatter"]
 
@@ -42,32 +31,15 @@ def _impl(v, *, axis, m, lane_stride):
     return jnp.take(v, idx, axis=axis)
 
 
-def _abstract_eval(v, *, axis, m, lane_stride):
-    del axis, m, lane_stride
-    return jax_core.ShapedArray(v.shape, v.dtype)
-
-
-_lane_xor_p = Primitive("wmjax_lane_xor")
-_lane_xor_p.def_impl(_impl)
-_lane_xor_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(_lane_xor_p, mlir.lower_fun(_impl, multiple_results=False))
-
-
 def _triton_rule(ctx, v, *, axis, m, lane_stride):
     del axis
-    [out] = ctx.avals_out
-    if out.dtype != jnp.float32:
-        raise TypeError(f"lane_xor takes float32 in a Triton kernel, got {out.dtype}")
     mask = m * lane_stride
     if not 0 < mask < 32:
         raise ValueError(f"lane_xor: lane mask {mask} (m {m} x lane stride {lane_stride}) is not inside a warp")
-    return tt_dialect.elementwise_inline_asm([mlir.aval_to_ir_type(ctx.context.mlir_ctx, out)],
-                                             f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, 0xffffffff;",
-                                             constraints="=r,r", pure=True, packed_element=1, args=[v])
+    return inline_asm(ctx, "lane_xor", f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, 0xffffffff;", v)
 
 
-if triton_lowering is not None:
-    triton_lowering.register_lowering(_lane_xor_p)(_triton_rule)
+_lane_xor_p = primitive("wmjax_lane_xor", _impl, _triton_rule)
 
 
 def lane_xor(v, axis, m, lane_stride):

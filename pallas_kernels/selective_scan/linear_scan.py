@@ -25,21 +25,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 from jax._src import core as jax_core
-from jax._src.interpreters import mlir
 
-try:  # Pallas' Triton backend (private modules; absent or changed in other jax versions -> no GPU lowering)
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith as arith_dialect
-    from jax._src.lib.mlir.dialects import math as math_dialect
-    from jax._src.lib.triton import dialect as tt_dialect
-    from jax._src.pallas.triton import lowering as triton_lowering
-except ImportError:  # pragma: no cover - depends on the jax build
-    triton_lowering = None
-
-try:
-    from jax.extend.core import Primitive
-except ImportError:  # older jax
-    from jax.core import Primitive
+from pallas_kernels.triton_rules import arith_dialect, ir, math_dialect, primitive, triton_lowering, tt_dialect
 
 __all__ = ["linear_scan", "linear_scan_p"]
 
@@ -76,9 +63,6 @@ class _Mlir:
         return _Mlir(math_dialect.fma(a.v, b.v, c.v))
 
 
-linear_scan_p = Primitive("wmjax_linear_scan")
-linear_scan_p.multiple_results = True
-
 
 def linear_scan(*operands, kind="linear", axis=0, reverse=False):
     """Inclusive scan of the tuple `operands` (same shape, f32) along `axis` with the combine `kind` (module doc).
@@ -108,9 +92,6 @@ def _impl(*operands, kind, axis, reverse):
     return list(out)
 
 
-linear_scan_p.def_abstract_eval(_abstract_eval)
-linear_scan_p.def_impl(_impl)
-mlir.register_lowering(linear_scan_p, mlir.lower_fun(_impl, multiple_results=True))
 
 
 def _flip(v, axis):
@@ -149,5 +130,5 @@ def _triton_rule(ctx, *operands, kind, axis, reverse):
     return list(op.result)
 
 
-if triton_lowering is not None:
-    triton_lowering.register_lowering(linear_scan_p)(_triton_rule)
+linear_scan_p = primitive("wmjax_linear_scan", _impl, _triton_rule, abstract_eval=_abstract_eval,
+                          multiple_results=True)

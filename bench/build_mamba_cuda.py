@@ -3,7 +3,9 @@
     python3 bench/build_mamba_cuda.py --fetch     # here (needs the package index): the sdist's csrc/selective_scan
                                                   # -> .anchors/mamba_cuda/csrc (git-ignored; carry .anchors)
     python3 bench/build_mamba_cuda.py             # on the GPU machine (nvcc, torch): builds it for sm_90 into
-                                                  # .anchors/mamba_cuda/build (~2-3 min at MAX_JOBS=6)
+                                                  # .anchors/mamba_cuda/build (~2-3 min at MAX_JOBS=6); nothing
+                                                  # to do when build/selective_scan_cuda.so is there (or its
+                                                  # selective_scan_cuda.so.xz, a copy brought back from a device)
 
 The build uses the sdist's own nvcc flags (its setup.py) and torch's JIT extension loader;
 bench/selective_scan.py imports the result from .anchors/mamba_cuda/build. Nothing of mamba_ssm is committed.
@@ -54,6 +56,12 @@ def build():
         raise SystemExit(f"{src}: no such directory (run `python3 bench/build_mamba_cuda.py --fetch` first)")
     out = os.path.join(HOME, "build")
     os.makedirs(out, exist_ok=True)
+    so = os.path.join(out, "selective_scan_cuda.so")
+    if not os.path.exists(so) and os.path.exists(so + ".xz"):
+        subprocess.run(["xz", "-d", "-k", so + ".xz"], check=True)
+    if os.path.exists(so):
+        print(f"selective_scan_cuda: prebuilt {so} (same image: torch, CUDA, Python), not rebuilt")
+        return
     os.environ.setdefault("MAX_JOBS", "16")
     files = ["selective_scan.cpp"] + [f"selective_scan_fwd_{t}.cu" for t in ("fp32", "fp16", "bf16")] + \
         [f"selective_scan_bwd_{t}_{k}.cu" for t in ("fp32", "fp16", "bf16") for k in ("real", "complex")]

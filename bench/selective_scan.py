@@ -53,15 +53,14 @@ from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_
 VARIANTS_N16 = [
     {},          # T8; forward N2 4, BE 16 at 1 warp, parts; backward N2 8, BE 8 at 1 warp, 2 sub-blocks, parts
     {"scatter_bwd": False},                                               # backward: Triton's butterfly sums
-    {"halves_bwd": True, "sub_blocks_bwd": 1},                            # backward tiles of 4 rows: 160 registers
-    {"halves_bwd": True},                                                 # the same with 2 sub-blocks: 217
     {"prefetch_bwd": True},
+    {"lanes_n_bwd": 16, "block_e_bwd": 4},                                # backward at 222 registers
 ]
 VARIANTS_N64 = [
     {},          # T8, N2 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts
     {"scatter_bwd": False},
-    {"halves_bwd": True},                                                 # backward tiles of 4 rows
     {"block_e_bwd": 4},                                                   # half the dB / dC partial sums
+    {"prefetch_bwd": True},
 ]
 
 CONFIGS = [

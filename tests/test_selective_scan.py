@@ -229,9 +229,6 @@ KERNEL_CASES = [
     # the backward's sums as Triton's butterflies where the reduce-scatter would apply (tuning scatter_bwd)
     pytest.param((2, 21, 20, 5), dict(chunk=8, block_e_bwd=8, scatter_bwd=False), OPTS, True, True,
                  id="butterfly-sums"),
-    # the backward in half-chunk tiles (tuning halves_bwd), with parts and resets at and inside the halves
-    pytest.param((2, 37, 16, 16), dict(chunk=4, part_programs_fwd=10**6, part_programs_bwd=10**6, halves_bwd=True),
-                 OPTS, (2, 5, 8, 17, 30), True, id="halves-parts-resets"),
     # sequence parallelism: parts of whole chunks (a huge part_programs asks for as many as the length allows)
     pytest.param((2, 37, 16, 16), dict(chunk=2, part_programs_fwd=10**6, part_programs_bwd=10**6, lanes_n_fwd=8,
                                        lanes_n_bwd=8, block_e_fwd=8, block_e_bwd=4, sub_blocks_bwd=1),
@@ -374,7 +371,6 @@ def test_dispatcher_runs_per_batch_shard():
          (1, 2)),                                                             # 2 chunks: no parts
         ((1, 64, 32, 16), jnp.bfloat16, ("D", "z", "f32 delta"), True,       # OTCE's mixer: bf16 x, f32 delta
          dict(chunk=4), (2, 4)),                                              # (softplus applied outside)
-        ((1, 64, 32, 16), jnp.bfloat16, ("D", "z"), True, dict(halves_bwd=True), (2, 4)),   # half-chunk backward
     ],
 )
 def test_lowers_for_abstract_h100(shape, dtype, opts, seg, tune, kernels):

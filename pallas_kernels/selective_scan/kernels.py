@@ -12,8 +12,8 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
       y_t = sum_n h_t C_t + D x_t;   y_t *= silu(z_t);   h_in <- h_{T-1}
   writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every chunk, hs [nc, E, N].
   With P > 1 parts, ``scan_part_fwd`` first gives each part's end state from zero, S_p, and decay product, D_p
-  (exp(A sum_t delta_t) over the part, one exp per state); part p then starts from
-  h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial state), folded in the program.
+  (exp(A sum_t delta_t) over the part, one exp per state); part p then starts from h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial
+  state), folded in the program.
 * ``scan_bwd`` per chunk in reverse order: recompute a, b, h_t from hs[c] as above; then with g_t = C_t dy'_t
   (dy' = dy silu(z), and dz from the saved ungated y', both elementwise in the wrapper) the adjoint
   G_t = dL/dh_t = g_t + a_{t+1} G_{t+1} by a reverse scan (kind "adjoint", G_in = a_0' G_0' of the chunk after
@@ -23,8 +23,6 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
   dx, ddt per token; dB, dC as per-program partial sums [b, E/(S BE), L, N] (a program walks S sub-blocks of BE
   channels inside each chunk and adds their dB, dC; XLA sums the partials); dA, dD, d dt_bias per (row, channel
   block, part) summed in registers; the carry after the first chunk of part 0 is the initial state's gradient.
-  With ``halves`` the loop walks tiles of T / 2 rows (the second half of a saved chunk from the state advanced
-  through its first, in a branch): half the tile registers for 1.5x the state recompute.
   The sums over lanes (du, d delta over the state's lanes; dB, dC over the channels') reduce-scatter where the
   layout allows it (``_scatter_lanes``, ``lanes.reduce_scatter``): the chunk's T rows halve at each lane bit, one
   shuffle per pair, and each lane writes the sums of its own tokens; elsewhere Triton's butterfly sums.
@@ -464,16 +462,13 @@ def _scatter_lanes(BE, N2, num_warps):
     return el, BE // el
 
 
-def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lanes, halves):
+def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lanes):
     r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("c", 1), ("a", 1), ("d", 1), ("bias", 1),
                            ("hs", 1), ("dy", 1), ("dfin", 1), ("z", 0), ("keep", has_seg),
                            ("qloc", P > 1), ("dprod", P > 1),
                            ("dx", 1), ("ddt", 1), ("db", 1), ("dc", 1), ("dA", 1), ("dD", 1), ("dbias", 1),
                            ("dh0", 1)])
-    Lp = P * cpp * T
-    if halves:   # tiles of T / 2 rows: each saved chunk's halves, second then first (`body`)
-        T //= 2
-    ch = _Chunk(r, T, L, Lp, BE, S, dt_softplus, with_dy=True)
+    ch = _Chunk(r, T, L, P * cpp * T, BE, S, dt_softplus, with_dy=True)
     Dv = [r["d"][:, ch.cols(j)].astype(_F32) for j in range(S)]                     # [1, BE]
     N1, N2 = r["b"].shape[1:]
     p = pl.program_id(2)
@@ -545,24 +540,13 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
             r["db"][row, n1, n2] = vb
             r["dc"][row, n1, n2] = vc
 
-    def saved_state(c, j):
-        """The state entering saved chunk c, sub-block j [N1, BE, N2]."""
-        return jnp.transpose(r["hs"][c, ch.cols(j), :, :], (1, 0, 2))
-
-    def advance(c, j, rows, h_in):
-        """The state after tile c of sub-block j from h_in (the first half of a saved chunk, `halves`)."""
-        sub = rows["sub"][j]
-        delta, _ = ch.delta(sub["dt"], c, j)
-        return _row(ch.states(rows, _f32_rows(sub["x"]), delta, h_in, j)[-1], T - 1)
-
-    def sub_block(c, j, rows, h_in, G_in, dA_acc, dD_acc, db_acc):
-        """Tile c of sub-block j from the state h_in: writes dx, ddt; returns its dB, dC (`channel_sum`) and the
-        updated carries."""
-        sub = rows["sub"][j]
+    def sub_block(c, j, rows, G_in, dA_acc, dD_acc, db_acc):
+        """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC (`channel_sum`) and the updated carries."""
+        cols, sub = ch.cols(j), rows["sub"][j]
         delta, ddelta_ddt = ch.delta(sub["dt"], c, j)
         xr = _f32_rows(sub["x"])
         dyp = _f32_rows(sub["dy"])     # dy' = dy silu(z) (the wrapper applies the gate)
-        a, u, bx, h = ch.states(rows, xr, delta, h_in, j)
+        a, u, bx, h = ch.states(rows, xr, delta, jnp.transpose(r["hs"][c, cols, :, :], (1, 0, 2)), j)
         # everything that needs h first, so that only a and a h_{t-1} = h - b stay live through the adjoint scan
         dC = channel_sum(h, dyp)
         ah = h - bx                                                                 # a_t h_{t-1}
@@ -574,12 +558,11 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
         dD_acc = dD_acc + dyp * xr            # [T, BE]: summed over T once, after the loop
         return dB, dC, (_row(a * G, 0), dA_acc, dD_acc, db_acc)
 
-    def tile(c, carry, rows, h_ins):
-        """Tile c (T rows) of every sub-block from the states h_ins: returns the carries."""
+    def body(c, carry, rows):
         dB = dC = None
         new = []
         for j in range(S):   # static: S sub-blocks share the chunk's B, C rows and its dB, dC sums
-            dBj, dCj, cj = sub_block(c, j, rows, h_ins[j], *carry[j])
+            dBj, dCj, cj = sub_block(c, j, rows, *carry[j])
             if lanes is None:
                 dB, dC = (dBj, dCj) if j == 0 else (dB + dBj, dC + dCj)
             else:
@@ -590,16 +573,6 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
         write_bc(c, dB, dC)
         return tuple(new)
 
-    def body(c, carry, rows):
-        """Tile c: a saved chunk, or (`halves`) half of one, the second half starting from the state advanced
-        through the first (a branch: the first half's states are computed twice, for half the registers)."""
-        if not halves:
-            return tile(c, carry, rows, [saved_state(c, j) for j in range(S)])
-        h0 = [saved_state(c // 2, j) for j in range(S)]
-        h_ins = lax.cond(c % 2 == 1, lambda: [advance(c - 1, j, ch.load(c - 1), h0[j]) for j in range(S)],
-                         lambda: h0)
-        return tile(c, carry, rows, h_ins)
-
     def g_in(j):
         cols = ch.cols(j)
         return _carry_in(P, p, r["dfin"][:, cols, :].astype(_F32),
@@ -608,8 +581,7 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
     zrow = jnp.zeros((T, BE), _F32)
     zdb = zrow if lanes is None else jnp.zeros((BE, N2), _F32)
     init = tuple((g_in(j), jnp.zeros(ch.A[j].shape, _F32), zrow, zdb) for j in range(S))
-    k = 2 if halves else 1
-    out = _chunk_loop(k * cpp, "rev", body, init, ch.load, prefetch, c0=p * k * cpp)
+    out = _chunk_loop(cpp, "rev", body, init, ch.load, prefetch, c0=p * cpp)
     for j in range(S):
         G, dA_acc, dD_acc, db_acc = out[j]
         cols = ch.cols(j)
@@ -629,7 +601,7 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
 
 @lower_once
 def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, qloc, dprod, *, T, L, BE, cpp, dt_softplus, interpret,
-             sub_blocks=1, prefetch=True, scatter=True, halves=False, num_warps=4, num_stages=2):
+             sub_blocks=1, prefetch=True, scatter=True, num_warps=4, num_stages=2):
     """dy: the gradient of the ungated output, dy' = dy silu(z) (the wrapper differentiates the gate).
     Returns dx (x.dtype), ddt (dt.dtype) [b, Lp, Ep]; dB, dC partial sums per program
     [b, Ep/(S BE), Lp, N1, N2] f32; dA [b, P, N1, Ep, N2], dD, d dt_bias [b, P, 1, Ep] (per batch row and part),
@@ -662,6 +634,6 @@ def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, qloc, dprod, *, T, L, 
     out_specs = [seq, seq, part, part, _part_spec(N1, W, N2), brow, brow, state]
     lanes = _scatter_lanes(BE, N2, num_warps) if scatter else None
     kern = functools.partial(_bwd_kernel, T=T, BE=BE, S=sub_blocks, cpp=cpp, P=P, L=L, dt_softplus=dt_softplus,
-                             has_seg=has_seg, prefetch=prefetch, lanes=lanes, halves=bool(halves and T % 2 == 0))
+                             has_seg=has_seg, prefetch=prefetch, lanes=lanes)
     return tuple(_call(kern, "selective_scan_bwd", (b, nE, P), in_specs, args, out_specs, out_shape, num_warps,
                        num_stages, interpret))

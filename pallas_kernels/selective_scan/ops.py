@@ -66,8 +66,7 @@ def _scan_op(L, Np, chunk, fwd_cfg, bwd_cfg, dt_softplus, interpret):
     N2b, be_b, cpp_b, launch_b = bwd_cfg
     launch_f, launch_b = dict(launch_f), dict(launch_b)
     # the backward's part pass holds few registers and waits on its loads: it always loads the next chunk ahead
-    main_only = ("sub_blocks", "scatter", "halves")
-    part_launch = {**{k: v for k, v in launch_b.items() if k not in main_only}, "prefetch": True}
+    part_launch = {**{k: v for k, v in launch_b.items() if k not in ("sub_blocks", "scatter")}, "prefetch": True}
 
     def run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, save):
         B, C, A, h0 = _split(N2f, B, C, A, h0)

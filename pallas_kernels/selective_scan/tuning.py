@@ -47,8 +47,6 @@ class SelectiveScanTuning:
       scatter their results over the lanes (``lanes.reduce_scatter``: log2(lanes) times fewer shuffles, each lane
       writing its share) where the layout allows it (one warp, 32 distinct (channel, state) lanes); False: Triton's
       butterfly sums, every lane holding every sum.
-    halves_bwd: the backward walks each saved chunk as two tiles of chunk / 2 rows (the second half from the state
-      advanced through the first, then the first): half the tile registers for 1.5x the state recompute.
     num_warps_* / num_stages_*: Triton launch parameters (warps 0 = by N, above)."""
     chunk: int = 0
     lanes_n_fwd: int = 0
@@ -65,7 +63,6 @@ class SelectiveScanTuning:
     prefetch_fwd: bool = True
     prefetch_bwd: bool = False
     scatter_bwd: bool = True
-    halves_bwd: bool = False
 
     def chunk_for(self, n: int) -> int:
         """Tokens per chunk for state size n (a power of two)."""
@@ -109,7 +106,6 @@ class SelectiveScanTuning:
         if kernel == "bwd":
             out["sub_blocks"] = self.sub_blocks_for(n)
             out["scatter"] = self.scatter_bwd
-            out["halves"] = self.halves_bwd
         return out
 
 

@@ -9,8 +9,8 @@ over L); none. The jnp definition (``lax.scan`` over L) is timed too (``--no-ref
 CPU smoke test of the script itself (tiny shapes, Pallas interpret mode, no peer):
     python bench/selective_scan.py --cpu-smoke
 
-Shapes: b2 L8192 E2048 N16 (Mamba-1 large), the OTCE-160M mixer b4 L2048 E768 N16, and OTCE's default d_state
-N64 at b4 L2048 E768. bf16 x, dt, z, B, C; f32 A, D, dt_bias; softplus on; no packing / initial state (the peer has
+Shapes: b2 L8192 E2048 N16 (Mamba-1 large), OTCE-160M's mixer b16 L2048 E512 N64 (configs/otce-160m.yaml: E = the
+hidden size, one micro-batch of 640 / 40 sequences), and b4 L2048 E768 at N16 and N64. bf16 x, dt, z, B, C; f32 A, D, dt_bias; softplus on; no packing / initial state (the peer has
 neither). Forward and forward+backward (grads of x, dt, A, B, C, D, z, dt_bias). Correctness vs the jnp definition
 (f32, every gradient) runs first on the device. Timing: jitted function, warm-up, median over repetitions of (n
 back-to-back calls, one sync) / n; torch the same with torch.cuda.synchronize.
@@ -52,22 +52,25 @@ from pallas_kernels.selective_scan import selective_scan_pallas, selective_scan_
 # the default; the table reports the best and the default).
 VARIANTS_N16 = [
     {},          # T8; forward N2 4, BE 16 at 1 warp, parts; backward N2 8, BE 8 at 1 warp, 2 sub-blocks, parts
+    {"prefetch_fwd": False},                                              # forward at 138 registers (168)
+    {"part_programs_fwd": 2048},                                          # half the forward's parts
     {"scatter_bwd": False},                                               # backward: Triton's butterfly sums
     {"prefetch_bwd": True},
-    {"lanes_n_bwd": 16, "block_e_bwd": 4},                                # backward at 222 registers
 ]
 VARIANTS_N64 = [
     {},          # T8, N2 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts
+    {"prefetch_bwd": True},
     {"scatter_bwd": False},
     {"block_e_bwd": 4},                                                   # half the dB / dC partial sums
-    {"prefetch_bwd": True},
 ]
 
 CONFIGS = [
     # name, b, L, E, N, variants, how many of them to time (the big shape: fewer, to keep the run short)
-    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 4),
-    ("otce160m b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 4),
-    ("otce b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 4),
+    ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 3),
+    # OTCE-160M's mixer (configs/otce-160m.yaml: E = hidden 512, N 64, micro-batch 640 / 40 = 16 of 2048 tokens)
+    ("otce-160m b16 L2048 E512 N64", 16, 2048, 512, 64, VARIANTS_N64, 3),
+    ("b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 3),
+    ("b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 1),
 ]
 EXP_RATE = 132 * 16 * 1.755e9   # nominal H100 SXM MUFU throughput, exp / s
 

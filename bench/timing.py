@@ -20,11 +20,15 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def time_fn(fn, sync, n_inner=10, reps=9, warm=3):
+def time_fn(fn, sync, n_inner=10, reps=9, warm=3, warm_s=0.3):
     """Median (and (min, max)) over `reps` of (n_inner back-to-back calls of fn, one sync(result)) / n_inner, in
-    seconds, after `warm` synced calls."""
-    for _ in range(warm):
+    seconds, after `warm` synced calls and at least `warm_s` seconds of them (the GPU's clocks ramp up after an idle
+    spell: a sub-millisecond kernel timed right after a compile otherwise reads up to 2x slow)."""
+    t_end = time.perf_counter() + warm_s
+    done = 0
+    while done < warm or time.perf_counter() < t_end:
         sync(fn())
+        done += 1
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()

@@ -251,7 +251,11 @@ def _carry_in(P, p, init, step, order):
             v = body(g * U + i, v)
         return v
 
-    return group(0, init) if U == P else lax.fori_loop(0, P // U, group, init)
+    if U == P:
+        return group(0, init)
+    # only the groups holding a part before (after) p: a dynamic trip count, half the summaries' loads on average
+    todo = p if order == "fwd" else P - 1 - p
+    return lax.fori_loop(0, (todo + U - 1) // U, group, init)
 
 
 def _grid_specs(Lp, N1, N2, BE):
@@ -360,7 +364,7 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
         return _row(h, T - 1)
 
     h_in = _carry_in(P, p, r["h0"][...].astype(_F32),
-                     lambda q, v: r["dprod"][q, :, :, :] * v + r["sloc"][q, :, :, :], "fwd")
+                     lambda q, v: fma(r["dprod"][q, :, :, :], v, r["sloc"][q, :, :, :]), "fwd")
     fin = _chunk_loop(cpp, "fwd", body, h_in, ch.load, prefetch, c0=p * cpp)
     if P == 1:
         r["fin"][...] = fin
@@ -576,7 +580,7 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
     def g_in(j):
         cols = ch.cols(j)
         return _carry_in(P, p, r["dfin"][:, cols, :].astype(_F32),
-                         lambda q, v: r["qloc"][q, :, cols, :] + r["dprod"][q, :, cols, :] * v, "rev")
+                         lambda q, v: fma(r["dprod"][q, :, cols, :], v, r["qloc"][q, :, cols, :]), "rev")
 
     zrow = jnp.zeros((T, BE), _F32)
     zdb = zrow if lanes is None else jnp.zeros((BE, N2), _F32)

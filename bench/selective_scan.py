@@ -59,11 +59,10 @@ VARIANTS_N16 = [
 ]
 VARIANTS_N64 = [
     {},          # T8, N2 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts
-    {"lanes_n_bwd": 32, "block_e_bwd": 2},    # backward: all lanes on the state, sums over channels in a thread
+    {"lanes_n_bwd": 32, "block_e_bwd": 2},    # backward: all lanes on the state, channel sums in a thread (255 regs)
     {"part_programs_bwd": 8192},              # twice the backward's parts at b16 E512
     {"block_e_fwd": 16},                      # forward: two channels a thread (162 registers, 124)
-    {"lanes_n_bwd": 32, "block_e_bwd": 2, "sub_blocks_bwd": 4},                # half the dB / dC partial sums
-    {"chunk": 4, "block_e_bwd": 4},           # the same by T = 4 and two channels a thread
+    {"chunk": 4, "block_e_bwd": 4},           # half the dB / dC partials (T = 4, two channels a thread)
     {"prefetch_bwd": True},
     {"scatter_bwd": False},
 ]
@@ -72,7 +71,7 @@ CONFIGS = [
     # name, b, L, E, N, variants, how many of them to time (the big shape: fewer, to keep the run short)
     ("mamba1 b2 L8192 E2048 N16", 2, 8192, 2048, 16, VARIANTS_N16, 2),
     # OTCE-160M's mixer (configs/otce-160m.yaml: E = hidden 512, N 64, micro-batch 640 / 40 = 16 of 2048 tokens)
-    ("otce-160m b16 L2048 E512 N64", 16, 2048, 512, 64, VARIANTS_N64, 5),
+    ("otce-160m b16 L2048 E512 N64", 16, 2048, 512, 64, VARIANTS_N64, 4),
     ("b4 L2048 E768 N16", 4, 2048, 768, 16, VARIANTS_N16, 1),
     ("b4 L2048 E768 N64", 4, 2048, 768, 64, VARIANTS_N64, 2),
 ]

@@ -10,10 +10,11 @@ CPU smoke test of the script itself (tiny shapes, Pallas interpret mode, no peer
     python bench/selective_scan.py --cpu-smoke
 
 Shapes: b2 L8192 E2048 N16 (Mamba-1 large), OTCE-160M's mixer b16 L2048 E512 N64 (configs/otce-160m.yaml: E = the
-hidden size, one micro-batch of 640 / 40 sequences), and b4 L2048 E768 at N16 and N64. bf16 x, dt, z, B, C; f32 A, D, dt_bias; softplus on; no packing / initial state (the peer has
-neither). Forward and forward+backward (grads of x, dt, A, B, C, D, z, dt_bias). Correctness vs the jnp definition
-(f32, every gradient) runs first on the device. Timing: jitted function, warm-up, median over repetitions of (n
-back-to-back calls, one sync) / n; torch the same with torch.cuda.synchronize.
+hidden size, one micro-batch of 640 / 40 sequences), and b4 L2048 E768 at N16 and N64. bf16 x, dt, z, B, C; f32 A,
+D, dt_bias; softplus on; no packing / initial state (the peer has neither). Forward and forward+backward (grads of
+x, dt, A, B, C, D, z, dt_bias). Correctness vs the jnp definition (f32, every gradient) runs first on the device.
+Timing: jitted function, warm-up, median over repetitions of (n back-to-back calls, one sync) / n; torch the same
+with torch.cuda.synchronize.
 
 Floors (printed per shape):
   bytes: fwd reads x, dt, z (2 B each per channel) and B, C (2 B per state) once and writes y:

@@ -12,8 +12,8 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
       y_t = sum_n h_t C_t + D x_t;   y_t *= silu(z_t);   h_in <- h_{T-1}
   writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every chunk, hs [nc, E, N].
   With P > 1 parts, ``scan_part_fwd`` first gives each part's end state from zero, S_p, and decay product, D_p
-  (exp(A sum_t delta_t) over the part, one exp per state); part p then starts from h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial
-  state), folded in the program.
+  (exp(A sum_t delta_t) over the part, one exp per state); part p then starts from
+  h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial state), folded in the program.
 * ``scan_bwd`` per chunk in reverse order: recompute a, b, h_t from hs[c] as above; then with g_t = C_t dy'_t
   (dy' = dy silu(z), and dz from the saved ungated y', both elementwise in the wrapper) the adjoint
   G_t = dL/dh_t = g_t + a_{t+1} G_{t+1} by a reverse scan (kind "adjoint", G_in = a_0' G_0' of the chunk after

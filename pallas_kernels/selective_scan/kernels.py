@@ -523,20 +523,21 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
 
     def scatter_bc(dB, dC):
         """A sub-block's dB, dC ([T, N1, el, N2] each, `channel_sum`) summed over the lanes' channels, scattered
-        over the lanes (`lanes.reduce_scatter`, the chunk's T rows the items): T / el tiles [N1, el, N2] each, added
-        up over the sub-blocks before `write_bc` (fewer live registers than adding the [T, N1, el, N2] tiles)."""
+        over the lanes (`lanes.reduce_scatter`, the chunk's T rows the items): (T / el tiles [N1, el, N2] each, the
+        same of dC, origin), added up over the sub-blocks before `write_bc` (fewer live registers than adding the
+        [T, N1, el, N2] tiles)."""
         sb, origin = reduce_scatter([_row(dB, t) for t in range(T)], axis=1, lane_stride=N2)
         sc, _ = reduce_scatter([_row(dC, t) for t in range(T)], axis=1, lane_stride=N2)
-        return sb, sc, origin
+        return (sb, sc), origin
 
-    def write_bc(c, dB, dC):
-        """Stores the chunk's dB, dC partial sums: [T, N1, N2] tiles, or (`lanes`) `scatter_bc`'s."""
+    def write_bc(c, dB, dC, origin):
+        """Stores the chunk's dB, dC partial sums: [T, N1, N2] tiles (origin None), or `scatter_bc`'s lists."""
         sl = _rows(c, T)
-        if lanes is None:
+        if origin is None:
             r["db"][sl, :, :] = dB
             r["dc"][sl, :, :] = dC
             return
-        sb, sc, origin = dB
+        sb, sc = dB, dC
         n1 = lax.broadcasted_iota(jnp.int32, (N1, el, N2), 0)
         n2 = lax.broadcasted_iota(jnp.int32, (N1, el, N2), 2)
         for k, (vb, vc) in enumerate(zip(sb, sc)):                                   # [N1, el, N2] each
@@ -563,18 +564,14 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
         return dB, dC, (_row(a * G, 0), dA_acc, dD_acc, db_acc)
 
     def body(c, carry, rows):
-        dB = dC = None
+        bc = origin = None
         new = []
         for j in range(S):   # static: S sub-blocks share the chunk's B, C rows and its dB, dC sums
             dBj, dCj, cj = sub_block(c, j, rows, *carry[j])
-            if lanes is None:
-                dB, dC = (dBj, dCj) if j == 0 else (dB + dBj, dC + dCj)
-            else:
-                sb, sc, origin = scatter_bc(dBj, dCj)
-                dB = (sb, sc, origin) if j == 0 else ([u + v for u, v in zip(dB[0], sb)],
-                                                      [u + v for u, v in zip(dB[1], sc)], origin)
+            part, origin = ((dBj, dCj), None) if lanes is None else scatter_bc(dBj, dCj)
+            bc = part if bc is None else jax.tree.map(jnp.add, bc, part)
             new.append(cj)
-        write_bc(c, dB, dC)
+        write_bc(c, *bc, origin)
         return tuple(new)
 
     def g_in(j):

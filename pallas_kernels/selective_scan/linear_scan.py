@@ -63,7 +63,6 @@ class _Mlir:
         return _Mlir(math_dialect.fma(a.v, b.v, c.v))
 
 
-
 def linear_scan(*operands, kind="linear", axis=0, reverse=False):
     """Inclusive scan of the tuple `operands` (same shape, f32) along `axis` with the combine `kind` (module doc).
     Returns a tuple like `operands`."""
@@ -90,8 +89,6 @@ def _impl(*operands, kind, axis, reverse):
     if reverse:
         out = tuple(jnp.flip(o, axis) for o in out)
     return list(out)
-
-
 
 
 def _flip(v, axis):

@@ -22,7 +22,7 @@ from jax import lax
 
 from pallas_kernels.triton_rules import inline_asm, primitive
 
-__all__ = ["lane_xor", "reduce_scatter"]
+__all__ = ["lane_xor", "reduce_scatter", "scatter_origin"]
 
 
 def _impl(v, *, axis, m, lane_stride):
@@ -57,13 +57,12 @@ def reduce_scatter(items, axis, lane_stride):
     module doc), scattering the sums over the lanes. Round k pairs item i with item i + h (h = len / 2^k) across the
     lanes differing in axis bit k - 1: the lane with bit 0 keeps item i, the other item i + h, and each adds the
     partner's copy of what it keeps (one shuffle per pair). Bits left once one item remains are summed whole
-    (a butterfly). Returns (sums, origin): max(1, len(items) / 2^bits) tiles, and origin(j), an int32 tile of the
-    items' shape whose entry is the index of the item whose full sum slot j holds there (per lane: entries along
-    `axis` differ; with fewer items than lanes, lanes / len(items) entries hold each sum)."""
+    (a butterfly). Returns (sums, origin): max(1, len(items) / 2^bits) tiles, and ``scatter_origin``'s origin."""
     size = items[0].shape[axis]
     nbits = size.bit_length() - 1
     idx = lax.broadcasted_iota(jnp.int32, items[0].shape, axis)
-    items, offsets = list(items), []
+    items = list(items)
+    origin = scatter_origin(items[0].shape, axis, len(items))
     for k in range(nbits):
         bit = (idx >> k) & 1
         h = len(items) // 2
@@ -78,12 +77,27 @@ def reduce_scatter(items, axis, lane_stride):
             send = jnp.where(hi, lo_item, hi_item)
             nxt.append(keep + lane_xor(send, axis, 1 << k, lane_stride))
         items = nxt
-        offsets.append((h, bit))
+    return items, origin
+
+
+def scatter_origin(shape, axis, count):
+    """Where ``reduce_scatter`` of `count` items of `shape` over `axis` leaves each sum: origin(j), an int32 tile of
+    `shape` whose entry is the index of the item whose full sum its slot j holds there (per lane: entries along
+    `axis` differ; with fewer items than lanes, lanes / count entries hold each sum). A function of the shapes only,
+    so it may be built outside the loop that scatters."""
+    nbits = shape[axis].bit_length() - 1
+    idx = lax.broadcasted_iota(jnp.int32, shape, axis)
+    offsets, h = [], count // 2
+    for k in range(nbits):
+        if h == 0:
+            break
+        offsets.append((h, (idx >> k) & 1))
+        h //= 2
 
     def origin(j):
-        o = jnp.full(idx.shape, j, jnp.int32)
+        o = jnp.full(shape, j, jnp.int32)
         for h, bit in offsets:
             o = o + h * bit
         return o
 
-    return items, origin
+    return origin

@@ -243,6 +243,15 @@ KERNEL_CASES = [
     pytest.param((1, 70, 8, 16), dict(chunk=2, part_programs_fwd=2, part_programs_bwd=10**6, num_warps_fwd=4), OPTS,
                  True, True,
                  id="parts-bwd-only-padded-to-whole-parts"),
+    # backward channel groups (a dynamic loop per chunk, carries in memory): with sub-blocks, parts and resets at
+    # part boundaries; at N = 64 with E = 20 padded to the program's 4 x 2 x 2 channels; with Triton's sums
+    pytest.param((2, 37, 16, 16), dict(chunk=2, part_programs_fwd=10**6, part_programs_bwd=10**6, lanes_n_fwd=8,
+                                       lanes_n_bwd=8, block_e_fwd=8, block_e_bwd=2, sub_blocks_bwd=2, groups_bwd=2),
+                 OPTS, (8, 9, 17, 30), True, id="groups2-S2-parts4-resets-at-part-boundaries"),
+    pytest.param((1, 40, 20, 64), dict(groups_bwd=4), ("D", "dt_bias", "initial_state"), (8, 16, 29), True,
+                 id="N64-groups4-padded-E"),
+    pytest.param((2, 21, 20, 5), dict(chunk=8, block_e_bwd=2, groups_bwd=4, scatter_bwd=False), OPTS, True, True,
+                 id="groups4-butterfly-sums"),
 ]
 @pytest.mark.parametrize("shape,tune,opts,seg,sp", KERNEL_CASES)
 def test_pallas_interpret_fwd_bwd(shape, tune, opts, seg, sp):
@@ -366,6 +375,7 @@ def test_dispatcher_runs_per_batch_shard():
         # kernels: (forward, forward + backward) pallas_calls; a part pass (sequence parallelism) adds one each
         ((2, 512, 2048, 16), jnp.bfloat16, (), False, {}, (2, 4)),           # benchmark shape family, defaults
         ((1, 300, 768, 64), jnp.bfloat16, OPTS, True, {}, (1, 3)),           # OTCE default N = 64: parts bwd only
+        ((1, 300, 768, 64), jnp.bfloat16, OPTS, True, dict(groups_bwd=4), (1, 3)),   # backward channel groups
         ((1, 100, 40, 16), jnp.float32, ("z", "dt_bias"), True,              # E not a multiple of the block,
          dict(chunk=64, prefetch_fwd=False, prefetch_bwd=True, block_e_fwd=2, block_e_bwd=4, sub_blocks_bwd=4),
          (1, 2)),                                                             # 2 chunks: no parts

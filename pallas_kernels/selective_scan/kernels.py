@@ -53,7 +53,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import fastmath
 from pallas_kernels.fastmath import LOG2E, exp2, fma
-from pallas_kernels.lanes import reduce_scatter
+from pallas_kernels.lanes import reduce_scatter, scatter_origin
 from pallas_kernels.lowering import lower_once
 from pallas_kernels.selective_scan.linear_scan import linear_scan
 
@@ -99,8 +99,10 @@ class _Chunk:
     """Loads and the forward recurrence of one chunk of T tokens inside a program whose W = S BE channels are S
     sub-blocks of BE (walked one after the other inside a chunk; the forward has S = 1)."""
 
-    def __init__(self, r, T, L, Lp, BE, S, dt_softplus, with_dy, with_x=True, with_b=True, with_c=True):
+    def __init__(self, r, T, L, Lp, BE, S, dt_softplus, with_dy, with_x=True, with_b=True, with_c=True, col0=None):
+        """col0: the first of these W channels among the program's (a traced group offset), None: all of them."""
         self.r, self.T, self.L, self.Lp, self.BE, self.S, self.sp = r, T, L, Lp, BE, S, dt_softplus
+        self.col0 = col0
         self.bias = [r["bias"][:, self.cols(j)].astype(_F32) for j in range(S)]     # [1, BE]
         self.A = [r["a"][:, self.cols(j), :].astype(_F32) for j in range(S)]        # [N1, BE, N2]
         # exp(delta A) as exp2(delta A log2 e): ex2.approx, not libdevice's accurate expf
@@ -109,7 +111,13 @@ class _Chunk:
             (["z"] if r.get("z") is not None else [])
         self.bc = (["b"] if with_b else []) + (["c"] if with_c else [])
 
+    def first(self, j):
+        """Index of sub-block j's first channel among the program's."""
+        return (0 if self.col0 is None else self.col0) + j * self.BE
+
     def cols(self, j):
+        if self.col0 is not None:
+            return pl.ds(pl.multiple_of(self.col0 + j * self.BE, self.BE), self.BE)
         return pl.ds(j * self.BE, self.BE) if self.S > 1 else slice(None)
 
     def load(self, c):
@@ -466,24 +474,31 @@ def _scatter_lanes(BE, N2, num_warps):
     return el, BE // el
 
 
-def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lanes):
+def _bwd_kernel(*refs, T, BE, S, K, cpp, P, L, dt_softplus, has_seg, prefetch, lanes):
     r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("c", 1), ("a", 1), ("d", 1), ("bias", 1),
                            ("hs", 1), ("dy", 1), ("dfin", 1), ("z", 0), ("keep", has_seg),
                            ("qloc", P > 1), ("dprod", P > 1),
                            ("dx", 1), ("ddt", 1), ("db", 1), ("dc", 1), ("dA", 1), ("dD", 1), ("dbias", 1),
-                           ("dh0", 1)])
-    ch = _Chunk(r, T, L, P * cpp * T, BE, S, dt_softplus, with_dy=True)
-    Dv = [r["d"][:, ch.cols(j)].astype(_F32) for j in range(S)]                     # [1, BE]
+                           ("dh0", 1), ("gk", K > 1)])
+    Lp, W = P * cpp * T, S * BE
     N1, N2 = r["b"].shape[1:]
     p = pl.program_id(2)
     if lanes is not None:
         el, er = lanes
         n2_of = lax.broadcasted_iota(jnp.int32, (BE, N2), 1)                       # a [BE, N2] tile's lanes
         e_of = lax.broadcasted_iota(jnp.int32, (BE, N2), 0)
-        # D dy' enters dx once per channel: on the lanes of state 0, before the sum over the state's lanes
-        Dz = [jnp.where(n2_of == 0, Dv[j][0][:, None], 0.0) for j in range(S)]        # [BE, N2]
+        origin = scatter_origin((N1, el, N2), 1, T)                                 # where `scatter_bc` puts rows
 
-    def state_sums(c, j, G, s, delta, ddelta_ddt, xr, dyp, rows, db_acc):
+    def skips(ch):
+        """Per sub-block of `ch`, D [1, BE] and (with `lanes`) D on the lanes of state 0 [BE, N2], where D dy' enters
+        dx once per channel, before the sum over the state's lanes."""
+        out = []
+        for j in range(S):
+            Dv = r["d"][:, ch.cols(j)].astype(_F32)
+            out.append((Dv, None if lanes is None else jnp.where(n2_of == 0, Dv[0][:, None], 0.0)))
+        return out
+
+    def state_sums(ch, Dv, Dz, c, j, G, s, delta, ddelta_ddt, xr, dyp, rows, db_acc):
         """dx = du delta + D dy' and ddt = (du x + sum_n s A) d delta/d dt, du = sum_n G B: written; returns the
         updated d dt_bias accumulator. With `lanes`, both sums scatter over the state's lanes (linear in the lanes'
         partial sums, so the per-token factors apply before the sum): 2 T values, each lane writing 2 T / N2."""
@@ -491,7 +506,7 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
         if lanes is None:
             du = _dot_n(G, _n(rows["b"]))                                           # [T, BE]
             ddt = (du * xr + _dot_n(s, ch.A[j][None])) * ddelta_ddt
-            r["dx"][sl, cols] = (du * delta + Dv[j] * dyp).astype(r["dx"].dtype)
+            r["dx"][sl, cols] = (du * delta + Dv * dyp).astype(r["dx"].dtype)
             r["ddt"][sl, cols] = ddt.astype(r["ddt"].dtype)
             return db_acc + ddt
         U = _fma_sum(G, _n(rows["b"]), axis=1)                                      # [T, BE, N2]: lanes' parts
@@ -499,14 +514,14 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
         # [T, BE] rows in U's layout: from their broadcast over the state (already live), not a new broadcast
         # (Triton would recompute softplus etc. in that layout)
         lane = lambda v: _row(jnp.broadcast_to(_e(v), G.shape), 0, axis=1)        # noqa: E731
-        P1 = fma(lane(delta), U, lane(dyp) * Dz[j][None])
+        P1 = fma(lane(delta), U, lane(dyp) * Dz[None])
         P2 = lane(ddelta_ddt) * fma(lane(xr), U, V)
         # each sum scatters alone, so both land on the same lanes: a lane writes dx and ddt of the same T / N2 tokens
-        dx_sums, origin = reduce_scatter([_row(P1, t) for t in range(T)], axis=1, lane_stride=1)
+        dx_sums, at = reduce_scatter([_row(P1, t) for t in range(T)], axis=1, lane_stride=1)
         ddt_sums, _ = reduce_scatter([_row(P2, t) for t in range(T)], axis=1, lane_stride=1)
-        col = j * BE + e_of
+        col = ch.first(j) + e_of
         for k, (vx, vt) in enumerate(zip(dx_sums, ddt_sums)):                       # [BE, N2] each
-            row = c * T + origin(k)
+            row = c * T + at(k)
             r["dx"][row, col] = vx.astype(r["dx"].dtype)
             r["ddt"][row, col] = vt.astype(r["ddt"].dtype)
             db_acc = db_acc + vt
@@ -515,7 +530,7 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
     def channel_sum(v, w):
         """sum over the channels of v [T, N1, BE, N2] times the rows w [T, BE]: all of it (Triton), or, with
         `lanes`, only the er channels of each thread, a chain of fused multiply-adds -> [T, N1, el, N2] (the lanes'
-        share is `write_bc`'s)."""
+        share is `scatter_bc`'s)."""
         if lanes is None:
             return jnp.sum(v * _e(w), axis=2)
         split = (T, N1, er, el, N2)   # w broadcast in v's layout first (a reshape of the rows needs shared memory)
@@ -523,30 +538,30 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
 
     def scatter_bc(dB, dC):
         """A sub-block's dB, dC ([T, N1, el, N2] each, `channel_sum`) summed over the lanes' channels, scattered
-        over the lanes (`lanes.reduce_scatter`, the chunk's T rows the items): (T / el tiles [N1, el, N2] each, the
-        same of dC, origin), added up over the sub-blocks before `write_bc` (fewer live registers than adding the
-        [T, N1, el, N2] tiles)."""
-        sb, origin = reduce_scatter([_row(dB, t) for t in range(T)], axis=1, lane_stride=N2)
+        over the lanes (`lanes.reduce_scatter`, the chunk's T rows the items; `origin` says which): T / el tiles
+        [N1, el, N2] each, added up over the sub-blocks (and groups) before `write_bc` (fewer live registers than
+        adding the [T, N1, el, N2] tiles)."""
+        sb, _ = reduce_scatter([_row(dB, t) for t in range(T)], axis=1, lane_stride=N2)
         sc, _ = reduce_scatter([_row(dC, t) for t in range(T)], axis=1, lane_stride=N2)
-        return (sb, sc), origin
+        return sb, sc
 
-    def write_bc(c, dB, dC, origin):
-        """Stores the chunk's dB, dC partial sums: [T, N1, N2] tiles (origin None), or `scatter_bc`'s lists."""
+    def write_bc(c, dB, dC):
+        """Stores the chunk's dB, dC partial sums: [T, N1, N2] tiles, or (`lanes`) `scatter_bc`'s lists."""
         sl = _rows(c, T)
-        if origin is None:
+        if lanes is None:
             r["db"][sl, :, :] = dB
             r["dc"][sl, :, :] = dC
             return
-        sb, sc = dB, dC
         n1 = lax.broadcasted_iota(jnp.int32, (N1, el, N2), 0)
         n2 = lax.broadcasted_iota(jnp.int32, (N1, el, N2), 2)
-        for k, (vb, vc) in enumerate(zip(sb, sc)):                                   # [N1, el, N2] each
+        for k, (vb, vc) in enumerate(zip(dB, dC)):                                   # [N1, el, N2] each
             row = c * T + origin(k)
             r["db"][row, n1, n2] = vb
             r["dc"][row, n1, n2] = vc
 
-    def sub_block(c, j, rows, G_in, dA_acc, dD_acc, db_acc):
-        """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC (`channel_sum`) and the updated carries."""
+    def sub_block(ch, D, c, j, rows, G_in, dA_acc, dD_acc, db_acc):
+        """Chunk c of sub-block j: writes dx, ddt; returns its dB, dC (`channel_sum`) and the updated carries
+        (dA_acc None: the chunk's dA alone)."""
         cols, sub = ch.cols(j), rows["sub"][j]
         delta, ddelta_ddt = ch.delta(sub["dt"], c, j)
         xr = _f32_rows(sub["x"])
@@ -559,59 +574,130 @@ def _bwd_kernel(*refs, T, BE, S, cpp, P, L, dt_softplus, has_seg, prefetch, lane
         dB = channel_sum(G, u)
         s = G * ah
         dA_acc = _fma_sum(s, _e(delta), 0, dA_acc)
-        db_acc = state_sums(c, j, G, s, delta, ddelta_ddt, xr, dyp, rows, db_acc)
-        dD_acc = dD_acc + dyp * xr            # [T, BE]: summed over T once, after the loop
+        db_acc = state_sums(ch, *D[j], c, j, G, s, delta, ddelta_ddt, xr, dyp, rows, db_acc)
+        dD_acc = dD_acc + dyp * xr            # [T, BE]: summed over T once, after the loop (or the group's chunk)
         return dB, dC, (_row(a * G, 0), dA_acc, dD_acc, db_acc)
 
-    def body(c, carry, rows):
-        bc = origin = None
-        new = []
-        for j in range(S):   # static: S sub-blocks share the chunk's B, C rows and its dB, dC sums
-            dBj, dCj, cj = sub_block(c, j, rows, *carry[j])
-            part, origin = ((dBj, dCj), None) if lanes is None else scatter_bc(dBj, dCj)
+    def group(ch, D, c, rows, carry):
+        """Chunk c of `ch`'s S sub-blocks (static: they share the chunk's B, C rows and its dB, dC sums): writes dx,
+        ddt; returns (dB, dC summed over the sub-blocks, the sub-blocks' new carries). D: `skips(ch)`."""
+        bc, new = None, []
+        for j in range(S):
+            dBj, dCj, cj = sub_block(ch, D, c, j, rows, *carry[j])
+            part = (dBj, dCj) if lanes is None else scatter_bc(dBj, dCj)
             bc = part if bc is None else jax.tree.map(jnp.add, bc, part)
             new.append(cj)
-        write_bc(c, *bc, origin)
-        return tuple(new)
+        return bc, tuple(new)
 
-    def g_in(j):
+    def g_in(ch, j):
         cols = ch.cols(j)
         return _carry_in(P, p, r["dfin"][:, cols, :].astype(_F32),
                          lambda q, v: fma(r["dprod"][q, :, cols, :], v, r["qloc"][q, :, cols, :]), "rev")
 
+    def dbias_of(db_acc):
+        """d dt_bias [1, BE] from its accumulator. With `lanes` the sums sit on the state's lanes; with fewer tokens
+        than state lanes (T < N2) each on N2 / T of them."""
+        if lanes is None:
+            return jnp.sum(db_acc, axis=0, keepdims=True)
+        return (jnp.sum(db_acc, axis=1) * (min(T, N2) / N2))[None]
+
+    def when_first_part(fn):
+        if P == 1:
+            fn()
+        else:
+            pl.when(p == 0)(fn)
+
     zrow = jnp.zeros((T, BE), _F32)
     zdb = zrow if lanes is None else jnp.zeros((BE, N2), _F32)
-    init = tuple((g_in(j), jnp.zeros(ch.A[j].shape, _F32), zrow, zdb) for j in range(S))
-    out = _chunk_loop(cpp, "rev", body, init, ch.load, prefetch, c0=p * cpp)
-    for j in range(S):
-        G, dA_acc, dD_acc, db_acc = out[j]
-        cols = ch.cols(j)
-        r["dA"][:, cols, :] = dA_acc
-        r["dD"][:, cols] = jnp.sum(dD_acc, axis=0, keepdims=True)
-        if lanes is None:
-            r["dbias"][:, cols] = jnp.sum(db_acc, axis=0, keepdims=True)
-        else:   # with fewer tokens than state lanes (T < N2) each sum sits on N2 / T lanes
-            r["dbias"][:, cols] = (jnp.sum(db_acc, axis=1) * (min(T, N2) / N2))[None]
-        if P == 1:
-            r["dh0"][:, cols, :] = G
-        else:
-            @pl.when(p == 0)
-            def _():
+    zA = jnp.zeros((N1, BE, N2), _F32)
+    if K == 1:   # the sub-blocks' carries in registers from chunk to chunk
+        ch = _Chunk(r, T, L, Lp, BE, S, dt_softplus, with_dy=True)
+        D = skips(ch)
+
+        def body(c, carry, rows):
+            bc, new = group(ch, D, c, rows, carry)
+            write_bc(c, *bc)
+            return new
+
+        init = tuple((g_in(ch, j), zA, zrow, zdb) for j in range(S))
+        out = _chunk_loop(cpp, "rev", body, init, ch.load, prefetch, c0=p * cpp)
+        for j in range(S):
+            G, dA_acc, dD_acc, db_acc = out[j]
+            cols = ch.cols(j)
+            r["dA"][:, cols, :] = dA_acc
+            r["dD"][:, cols] = jnp.sum(dD_acc, axis=0, keepdims=True)
+            r["dbias"][:, cols] = dbias_of(db_acc)
+
+            def _(cols=cols, G=G):
                 r["dh0"][:, cols, :] = G
+            when_first_part(_)
+        return
+
+    # K groups of S sub-blocks, walked in a dynamic loop inside each chunk: a group's carries live in memory between
+    # chunks (the adjoint in `gk`, dA, dD and d dt_bias in their own outputs, read, updated and written back, each
+    # by the thread that wrote it: the same tile shapes and refs, so the same layout), the chunk's dB, dC summed
+    # over the groups in registers and written once
+    group_ch = lambda g: _Chunk(r, T, L, Lp, BE, S, dt_softplus, with_dy=True, col0=g * W)   # noqa: E731
+
+    def init_group(g, _):
+        ch = group_ch(g)
+        for j in range(S):
+            cols = ch.cols(j)
+            r["gk"][:, cols, :] = g_in(ch, j)
+            r["dA"][:, cols, :] = zA
+            r["dD"][:, cols] = jnp.zeros((1, BE), _F32)
+            r["dbias"][:, cols] = jnp.zeros((1, BE), _F32)
+        return _
+
+    def chunk_groups(c, _, rows):
+        del rows   # each group loads its own rows
+
+        def one(g, bc):
+            ch = group_ch(g)
+            # the chunk's dA sums alone, added to the loaded total once (a chain of FMAs onto a loaded tile would run
+            # in the load's layout, each row converted through shared memory)
+            carry = tuple((r["gk"][:, ch.cols(j), :], None, zrow, zdb) for j in range(S))
+            part, new = group(ch, skips(ch), c, ch.load(c), carry)
+            for j, (G, dA_c, dD_acc, db_acc) in enumerate(new):
+                cols = ch.cols(j)
+                r["gk"][:, cols, :] = G
+                r["dA"][:, cols, :] = r["dA"][:, cols, :] + dA_c
+                r["dD"][:, cols] = r["dD"][:, cols] + jnp.sum(dD_acc, axis=0, keepdims=True)
+                r["dbias"][:, cols] = r["dbias"][:, cols] + dbias_of(db_acc)
+            return jax.tree.map(jnp.add, bc, part)
+
+        if lanes is None:
+            zero = (jnp.zeros((T, N1, N2), _F32),) * 2
+        else:
+            zero = tuple([jnp.zeros((N1, el, N2), _F32)] * max(1, T // el) for _ in range(2))
+        write_bc(c, *lax.fori_loop(0, K, one, zero))
+        return _
+
+    lax.fori_loop(0, K, init_group, 0)
+    _chunk_loop(cpp, "rev", chunk_groups, 0, lambda c: None, False, c0=p * cpp)
+
+    def copy_dh0():
+        def one(g, _):
+            ch = group_ch(g)
+            for j in range(S):
+                r["dh0"][:, ch.cols(j), :] = r["gk"][:, ch.cols(j), :]
+            return _
+        lax.fori_loop(0, K, one, 0)
+    when_first_part(copy_dh0)
 
 
 @lower_once
 def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, qloc, dprod, *, T, L, BE, cpp, dt_softplus, interpret,
-             sub_blocks=1, prefetch=True, scatter=True, num_warps=4, num_stages=2):
+             sub_blocks=1, groups=1, prefetch=True, scatter=True, num_warps=4, num_stages=2):
     """dy: the gradient of the ungated output, dy' = dy silu(z) (the wrapper differentiates the gate).
     Returns dx (x.dtype), ddt (dt.dtype) [b, Lp, Ep]; dB, dC partial sums per program
-    [b, Ep/(S BE), Lp, N1, N2] f32; dA [b, P, N1, Ep, N2], dD, d dt_bias [b, P, 1, Ep] (per batch row and part),
-    d h0 [b, N1, Ep, N2] f32. Each program owns S = sub_blocks blocks of BE channels (Ep a multiple of S BE) and
-    one part of cpp chunks, whose adjoint past its end folds `scan_part_bwd`'s summaries qloc, dprod (None when
-    P = 1)."""
+    [b, Ep/(K S BE), Lp, N1, N2] f32; dA [b, P, N1, Ep, N2], dD, d dt_bias [b, P, 1, Ep] (per batch row and part),
+    d h0 [b, N1, Ep, N2] f32. Each program owns K = groups groups (a dynamic loop, carries in memory between chunks)
+    of S = sub_blocks blocks of BE channels (Ep a multiple of K S BE) and one part of cpp chunks, whose adjoint past
+    its end folds `scan_part_bwd`'s summaries qloc, dprod (None when P = 1). prefetch applies when K = 1."""
     b, Lp, Ep = x.shape
     N1, N2 = B.shape[2:]
-    W = sub_blocks * BE
+    W = groups * sub_blocks * BE
     nc, nE = Lp // T, Ep // W
     P = nc // cpp
     has_seg = keep is not None
@@ -628,13 +714,16 @@ def scan_bwd(x, dt, B, C, A, D, bias, hs, dy, dfin, keep, qloc, dprod, *, T, L, 
     part = pl.BlockSpec((None, None, Lp, N1, N2), lambda ib, ie, ip: (ib, ie, 0, 0, 0))
     brow = pl.BlockSpec((None, None, 1, W), lambda ib, ie, ip: (ib, ip, 0, ie))
     st = jax.ShapeDtypeStruct((b, N1, Ep, N2), _F32)
+    per_part = jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32)
     out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, Lp, Ep), dt.dtype),
                  jax.ShapeDtypeStruct((b, nE, Lp, N1, N2), _F32), jax.ShapeDtypeStruct((b, nE, Lp, N1, N2), _F32),
-                 jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32), jax.ShapeDtypeStruct((b, P, 1, Ep), _F32),
-                 jax.ShapeDtypeStruct((b, P, 1, Ep), _F32), st]
+                 per_part, jax.ShapeDtypeStruct((b, P, 1, Ep), _F32), jax.ShapeDtypeStruct((b, P, 1, Ep), _F32), st]
     out_specs = [seq, seq, part, part, _part_spec(N1, W, N2), brow, brow, state]
+    if groups > 1:   # the groups' adjoints between chunks (scratch)
+        out_shape.append(per_part)
+        out_specs.append(_part_spec(N1, W, N2))
     lanes = _scatter_lanes(BE, N2, num_warps) if scatter else None
-    kern = functools.partial(_bwd_kernel, T=T, BE=BE, S=sub_blocks, cpp=cpp, P=P, L=L, dt_softplus=dt_softplus,
-                             has_seg=has_seg, prefetch=prefetch, lanes=lanes)
+    kern = functools.partial(_bwd_kernel, T=T, BE=BE, S=sub_blocks, K=groups, cpp=cpp, P=P, L=L,
+                             dt_softplus=dt_softplus, has_seg=has_seg, prefetch=prefetch, lanes=lanes)
     return tuple(_call(kern, "selective_scan_bwd", (b, nE, P), in_specs, args, out_specs, out_shape, num_warps,
-                       num_stages, interpret))
+                       num_stages, interpret))[:8]

@@ -66,7 +66,8 @@ def _scan_op(L, Np, chunk, fwd_cfg, bwd_cfg, dt_softplus, interpret):
     N2b, be_b, cpp_b, launch_b = bwd_cfg
     launch_f, launch_b = dict(launch_f), dict(launch_b)
     # the backward's part pass holds few registers and waits on its loads: it always loads the next chunk ahead
-    part_launch = {**{k: v for k, v in launch_b.items() if k not in ("sub_blocks", "scatter")}, "prefetch": True}
+    part_launch = {**{k: v for k, v in launch_b.items() if k not in ("sub_blocks", "groups", "scatter")},
+                   "prefetch": True}
 
     def run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, save):
         B, C, A, h0 = _split(N2f, B, C, A, h0)
@@ -126,18 +127,18 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     if T < 1 or T & (T - 1):
         raise ValueError(f"tuning chunk must be a power of two, got {T}")
     be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
-    sub = int(tune.sub_blocks_for(Np))
+    sub, groups = int(tune.sub_blocks_for(Np)), int(tune.groups_for(Np))
     N2f, N2b = int(tune.lanes_for("fwd", Np)), int(tune.lanes_for("bwd", Np))
-    for be in (be_f, be_b, sub, N2f, N2b):
+    for be in (be_f, be_b, sub, groups, N2f, N2b):
         if be < 1 or be & (be - 1):
-            raise ValueError(f"tuning channel blocks, sub-blocks and lanes must be powers of two, got {be}")
+            raise ValueError(f"tuning channel blocks, sub-blocks, groups and lanes must be powers of two, got {be}")
     nc = -(-L // T)
     parts_f = int(tune.parts("fwd", nc, b * (-(-E // be_f)), Np))
-    parts_b = int(tune.parts("bwd", nc, b * (-(-E // (be_b * sub))), Np))
+    parts_b = int(tune.parts("bwd", nc, b * (-(-E // (be_b * sub * groups))), Np))
     whole = max(parts_f, parts_b)
     nc = -(-nc // whole) * whole                                            # whole parts (powers of two)
     Lp = nc * T
-    eb = max(be_f, be_b * sub)
+    eb = max(be_f, be_b * sub * groups)
     Ep = -(-E // eb) * eb
     pl_, pe, pn = Lp - L, Ep - E, Np - N
 

@@ -36,13 +36,18 @@ class SelectiveScanTuning:
     sub_blocks_bwd: S, blocks of block_e_bwd channels per backward program, walked one after the other inside each
       chunk (static loop, S copies of the chunk code): the dB / dC partial sums per token drop from E / BE to
       E / (S BE) ([b, E / (S BE), L, N] f32 each, written and summed once), at S times fewer programs.
+    groups_bwd: K, groups of S sub-blocks per backward program, walked in a dynamic loop inside each chunk (one
+      copy of the code), each group's carries (adjoint, dA, dD, d dt_bias) kept in memory between chunks and the
+      chunk's dB / dC summed over the groups in registers: the partials K times fewer again ([b, E / (K S BE), L, N]),
+      at K times fewer programs (more parts) and a few L1-resident loads and stores per group and chunk; 0 = 1.
     part_programs_fwd / part_programs_bwd: sequence parallelism. The sequence is cut into P parts of whole chunks,
       each a program (grid axis), when the (batch row, channel block) programs are fewer than part_programs: P (a
       power of two) doubles while programs P < part_programs and each part keeps >= 4 chunks (the chunk count is
       padded to whole parts). A light pass first computes every part's summary (forward: end state from zero and
       decay product; backward: adjoint at its start and decay product), one more exp per element. -1: no parts.
     prefetch_fwd / prefetch_bwd: load the next chunk's rows before computing the current one (a double buffer in
-      registers); the backward's part pass always does (few registers, latency bound on its loads).
+      registers); the backward's part pass always does (few registers, latency bound on its loads); the backward
+      itself only with K = 1.
     scatter_bwd: the backward's sums over the state's lanes (du, d delta) and over the channels' lanes (dB, dC)
       scatter their results over the lanes (``lanes.reduce_scatter``: log2(lanes) times fewer shuffles, each lane
       writing its share) where the layout allows it (one warp, 32 distinct (channel, state) lanes); False: Triton's
@@ -54,6 +59,7 @@ class SelectiveScanTuning:
     block_e_fwd: int = 0
     block_e_bwd: int = 0
     sub_blocks_bwd: int = 0
+    groups_bwd: int = 0
     part_programs_fwd: int = 0
     part_programs_bwd: int = 0
     num_warps_fwd: int = 0
@@ -89,6 +95,10 @@ class SelectiveScanTuning:
         """Backward sub-blocks for state size n (a power of two)."""
         return self.sub_blocks_bwd or 2
 
+    def groups_for(self, n: int) -> int:
+        """Backward channel groups K for state size n (a power of two)."""
+        return self.groups_bwd or 1
+
     def block_e(self, kernel: str, n: int, e: int) -> int:
         """Channels per program (backward: per sub-block) of `kernel` ("fwd" | "bwd") for state size n (a power of
         two) and e channels."""
@@ -105,6 +115,7 @@ class SelectiveScanTuning:
                    prefetch=getattr(self, "prefetch_" + kernel))
         if kernel == "bwd":
             out["sub_blocks"] = self.sub_blocks_for(n)
+            out["groups"] = self.groups_for(n)
             out["scatter"] = self.scatter_bwd
         return out
 

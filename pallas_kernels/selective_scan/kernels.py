@@ -20,9 +20,10 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
   added to g_{T-1}), and
       dC_t = sum_e h_t dy';  dB_t = sum_e G_t delta x;  du = sum_n G_t B_t;  dx = du delta + D dy'
       s_t = G_t a_t h_{t-1} = G_t (h_t - b_t);  d delta = du x + sum_n s A;  dA += sum_t s delta
-  dx, ddt per token; dB, dC as per-program partial sums [b, E/(S BE), L, N] (a program walks S sub-blocks of BE
-  channels inside each chunk and adds their dB, dC; XLA sums the partials); dA, dD, d dt_bias per (row, channel
-  block, part) summed in registers; the carry after the first chunk of part 0 is the initial state's gradient.
+  dx, ddt per token; dB, dC as per-program partial sums [b, E/(K S BE), L, N] (a program walks S sub-blocks of BE
+  channels inside each chunk, static, and K groups of them, a dynamic loop whose carries stay in memory between
+  chunks, and adds their dB, dC; XLA sums the partials); dA, dD, d dt_bias per (row, channel block, part) summed in
+  registers (K > 1: in their outputs); the carry after the first chunk of part 0 is the initial state's gradient.
   The sums over lanes (du, d delta over the state's lanes; dB, dC over the channels') reduce-scatter where the
   layout allows it (``_scatter_lanes``, ``lanes.reduce_scatter``): the chunk's T rows halve at each lane bit, one
   shuffle per pair, and each lane writes the sums of its own tokens; elsewhere Triton's butterfly sums.

@@ -132,6 +132,8 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     for be in (be_f, be_b, sub, groups, N2f, N2b):
         if be < 1 or be & (be - 1):
             raise ValueError(f"tuning channel blocks, sub-blocks, groups and lanes must be powers of two, got {be}")
+    while groups > 1 and be_b * sub * groups > _next_pow2(E):   # no more groups than the channels fill
+        groups //= 2
     nc = -(-L // T)
     parts_f = int(tune.parts("fwd", nc, b * (-(-E // be_f)), Np))
     parts_b = int(tune.parts("bwd", nc, b * (-(-E // (be_b * sub * groups))), Np))
@@ -158,7 +160,7 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
 
     frozen = lambda d: tuple(sorted(d.items()))  # noqa: E731 - hashable launch keywords for the op cache
     fwd_cfg = (N2f, be_f, nc // parts_f, frozen(tune.launch("fwd", Np)))
-    bwd_cfg = (N2b, be_b, nc // parts_b, frozen(tune.launch("bwd", Np)))
+    bwd_cfg = (N2b, be_b, nc // parts_b, frozen({**tune.launch("bwd", Np), "groups": groups}))
     y, fin = _scan_op(L, Np, T, fwd_cfg, bwd_cfg, bool(dt_softplus), bool(interpret))(
         xk, dtk, Bk, Ck, Ak, Dk, bk, h0, zk, keep)
     return y[:, :L, :E], fin[:, :E, :N]

@@ -39,7 +39,8 @@ class SelectiveScanTuning:
     groups_bwd: K, groups of S sub-blocks per backward program, walked in a dynamic loop inside each chunk (one
       copy of the code), each group's carries (adjoint, dA, dD, d dt_bias) kept in memory between chunks and the
       chunk's dB / dC summed over the groups in registers: the partials K times fewer again ([b, E / (K S BE), L, N]),
-      at K times fewer programs (more parts) and a few L1-resident loads and stores per group and chunk; 0 = 1.
+      at K times fewer programs (more parts) and a few L1-resident loads and stores per group and chunk; halved
+      while K S BE passes the (power-of-two) channel count; 0 = 1.
     part_programs_fwd / part_programs_bwd: sequence parallelism. The sequence is cut into P parts of whole chunks,
       each a program (grid axis), when the (batch row, channel block) programs are fewer than part_programs: P (a
       power of two) doubles while programs P < part_programs and each part keeps >= 4 chunks (the chunk count is

@@ -252,6 +252,8 @@ KERNEL_CASES = [
                  id="N64-groups4-padded-E"),
     pytest.param((2, 21, 20, 5), dict(chunk=8, block_e_bwd=2, groups_bwd=4, scatter_bwd=False), OPTS, True, True,
                  id="groups4-butterfly-sums"),
+    pytest.param((1, 90, 32, 16), dict(block_e_bwd=4, sub_blocks_bwd=1, groups_bwd=4), OPTS, True, True,
+                 id="N16-one-channel-a-thread-groups4-parts2"),
 ]
 @pytest.mark.parametrize("shape,tune,opts,seg,sp", KERNEL_CASES)
 def test_pallas_interpret_fwd_bwd(shape, tune, opts, seg, sp):

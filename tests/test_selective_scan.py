@@ -156,6 +156,15 @@ def test_dispatcher():
         selective_scan(arrs["x"], arrs["dt"], arrs["A"][:, :3], arrs["B"], arrs["C"])
 
 
+def test_tuning_errors_name_the_field():
+    """Tunings the kernels cannot run fail before tracing, naming the field."""
+    arrs, _, _ = _inputs(4, 1, 16, 64, 4)
+    for tune, field in [(dict(groups_bwd=2, num_warps_bwd=2, block_e_bwd=4), "num_warps_bwd"),
+                        (dict(groups_bwd=3), "powers of two"), (dict(chunk=6), "chunk")]:
+        with tuning.override(**tune), pytest.raises(ValueError, match=field):
+            selective_scan_pallas(**arrs, interpret=True)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The in-register scan primitive (its jnp lowering; the Triton one is checked by the H100 lowering test)
 # ------------------------------------------------------------------------------------------------------------

@@ -134,6 +134,11 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
             raise ValueError(f"tuning channel blocks, sub-blocks, groups and lanes must be powers of two, got {be}")
     while groups > 1 and be_b * sub * groups > _next_pow2(E):   # no more groups than the channels fill
         groups //= 2
+    if groups > 1 and tune.warps("bwd", Np) != 1:
+        # the groups' carries are read, added to and written back in memory; tiles smaller than the program (dD,
+        # d dt_bias [1, BE]) sit on several threads, in lockstep only inside one warp
+        raise ValueError(f"tuning groups_bwd > 1 needs one warp per backward program, got num_warps_bwd "
+                         f"{tune.warps('bwd', Np)}")
     nc = -(-L // T)
     parts_f = int(tune.parts("fwd", nc, b * (-(-E // be_f)), Np))
     parts_b = int(tune.parts("bwd", nc, b * (-(-E // (be_b * sub * groups))), Np))

@@ -271,7 +271,7 @@ def bench_one(cfg, peer, with_ref, interpret, bw, nvar=None, profile=False):
     y_ref = jax.jit(lambda *a: call(selective_scan_ref, *a))(*up)
     best_f = best_fb = float("inf")
     y_w = grads_w = None
-    for vi, var in enumerate(variants if not interpret else variants[:1]):
+    for vi, var in enumerate(variants):
         def f_fwd(*a, var=var):
             with tuning.override(**var):  # read while jax.jit traces this function
                 return call(lambda *aa, **kk: selective_scan_pallas(*aa, interpret=interpret, **kk)[0], *a)
@@ -422,7 +422,8 @@ def main():
     if a.cpu_smoke:
         if not a.no_check:
             correctness_check(interpret=True)
-        run_bench([("smoke", 1, 64, 32, 16, VARIANTS_N16, 1)], peer=None, with_ref=True, interpret=True)
+        # the default and one variant (backward channel groups), so the variant comparison runs too
+        run_bench([("smoke", 1, 64, 32, 16, VARIANTS_N16, 2)], peer=None, with_ref=True, interpret=True)
         return
     if not a.no_check:
         worst = correctness_check()

@@ -303,10 +303,9 @@ def bench_one(cfg, peer, with_ref, interpret, bw, nvar=None, profile=False):
                 raise
             continue
         res["variants"].setdefault(str(var), {}).update(fwd_ms=t_f * 1e3, fwdbwd_ms=t_fb * 1e3)
-        diff = res["variants"][str(var)]
-        diff = (f" (vs default: y {diff['y_rel_vs_default']:.1e}, grads {diff['grads_rel_vs_default']:.1e})"
-                if vi else "")
-        print(f"  {name} variant {var}: fwd {t_f * 1e3:.3f} ms, fwd+bwd {t_fb * 1e3:.3f} ms{diff}", flush=True)
+        v = res["variants"][str(var)]
+        vs = f" (vs default: y {v['y_rel_vs_default']:.1e}, grads {v['grads_rel_vs_default']:.1e})" if vi else ""
+        print(f"  {name} variant {var}: fwd {t_f * 1e3:.3f} ms, fwd+bwd {t_fb * 1e3:.3f} ms{vs}", flush=True)
         best_f, best_fb = min(best_f, t_f), min(best_fb, t_fb)
         if vi == 0:
             res.update(default_fwd_ms=t_f * 1e3, default_fwdbwd_ms=t_fb * 1e3)

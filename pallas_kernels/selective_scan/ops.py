@@ -127,13 +127,11 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     if T < 1 or T & (T - 1):
         raise ValueError(f"tuning chunk must be a power of two, got {T}")
     be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
-    sub, groups = int(tune.sub_blocks_for(Np)), int(tune.groups_for(Np))
+    sub, groups = int(tune.sub_blocks_for(Np)), int(tune.groups_for(Np, E))
     N2f, N2b = int(tune.lanes_for("fwd", Np)), int(tune.lanes_for("bwd", Np))
     for be in (be_f, be_b, sub, groups, N2f, N2b):
         if be < 1 or be & (be - 1):
             raise ValueError(f"tuning channel blocks, sub-blocks, groups and lanes must be powers of two, got {be}")
-    while groups > 1 and be_b * sub * groups > _next_pow2(E):   # no more groups than the channels fill
-        groups //= 2
     if groups > 1 and tune.warps("bwd", Np) != 1:
         # the groups' carries are read, added to and written back in memory; tiles smaller than the program (dD,
         # d dt_bias [1, BE]) sit on several threads, in lockstep only inside one warp

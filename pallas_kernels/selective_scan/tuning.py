@@ -40,7 +40,7 @@ class SelectiveScanTuning:
       copy of the code), each group's carries (adjoint, dA, dD, d dt_bias) kept in memory between chunks and the
       chunk's dB / dC summed over the groups in registers: the partials K times fewer again ([b, E / (K S BE), L, N]),
       at K times fewer programs (more parts) and a few L1-resident loads and stores per group and chunk; halved
-      while K S BE passes the (power-of-two) channel count; 0 = 1.
+      while K / 2 groups still cover the channels (as block_e is); 0 = 1.
     part_programs_fwd / part_programs_bwd: sequence parallelism. The sequence is cut into P parts of whole chunks,
       each a program (grid axis), when the (batch row, channel block) programs are fewer than part_programs: P (a
       power of two) doubles while programs P < part_programs and each part keeps >= 4 chunks (the chunk count is
@@ -96,9 +96,13 @@ class SelectiveScanTuning:
         """Backward sub-blocks for state size n (a power of two)."""
         return self.sub_blocks_bwd or 2
 
-    def groups_for(self, n: int) -> int:
-        """Backward channel groups K for state size n (a power of two)."""
-        return self.groups_bwd or 1
+    def groups_for(self, n: int, e: int) -> int:
+        """Backward channel groups K for state size n (a power of two) and e channels: no more than fill them
+        (halved while K / 2 groups of S block_e_bwd channels still cover e)."""
+        k, per_group = self.groups_bwd or 1, self.block_e("bwd", n, e) * self.sub_blocks_for(n)
+        while k > 1 and k & (k - 1) == 0 and per_group * (k // 2) >= e:
+            k //= 2
+        return k
 
     def block_e(self, kernel: str, n: int, e: int) -> int:
         """Channels per program (backward: per sub-block) of `kernel` ("fwd" | "bwd") for state size n (a power of
@@ -116,7 +120,6 @@ class SelectiveScanTuning:
                    prefetch=getattr(self, "prefetch_" + kernel))
         if kernel == "bwd":
             out["sub_blocks"] = self.sub_blocks_for(n)
-            out["groups"] = self.groups_for(n)
             out["scatter"] = self.scatter_bwd
         return out
 

@@ -12,8 +12,8 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
       y_t = sum_n h_t C_t + D x_t;   y_t *= silu(z_t);   h_in <- h_{T-1}
   writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every chunk, hs [nc, E, N].
   With P > 1 parts, ``scan_part_fwd`` first gives each part's end state from zero, S_p, and decay product, D_p
-  (exp(A sum_t delta_t) over the part, one exp per state); part p then starts from
-  h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial state), folded in the program.
+  (exp(A sum_t delta_t) over the part, one exp per state), for every part but the last (nothing reads it); part p
+  then starts from h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial state), folded in the program.
 * ``scan_bwd`` per chunk in reverse order: recompute a, b, h_t from hs[c] as above; then with g_t = C_t dy'_t
   (dy' = dy silu(z), and dz from the saved ungated y', both elementwise in the wrapper) the adjoint
   G_t = dL/dh_t = g_t + a_{t+1} G_{t+1} by a reverse scan (kind "adjoint", G_in = a_0' G_0' of the chunk after
@@ -28,8 +28,8 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
   layout allows it (``_scatter_lanes``, ``lanes.reduce_scatter``): the chunk's T rows halve at each lane bit, one
   shuffle per pair, and each lane writes the sums of its own tokens; elsewhere Triton's butterfly sums.
   With P > 1 parts, ``scan_part_bwd`` first gives each part's a_s G_s at its first token s from a zero adjoint
-  past its end, Q_p, and decay product D_p; part p starts from Q_{p+1} + D_{p+1} (...) folded back from the final
-  state's gradient.
+  past its end, Q_p, and decay product D_p, for every part but the first; part p starts from Q_{p+1} + D_{p+1}
+  (...) folded back from the final state's gradient.
   h_{t-1} never needs a shift (a_t h_{t-1} = h_t - b_t) and neither does a_{t+1} (the "adjoint" combine).
 The last (first) row of a tile, a carry, is a masked sum over T (free: T is in a thread, the mask constant).
 Decays, softplus and sigmoid are ``fastmath``'s (MUFU approximations, not libdevice) and the scan's combine fused
@@ -37,7 +37,7 @@ multiply-adds: the instruction count is the kernels' budget (docs/KERNELS.md, Se
 
 Layouts (the wrapper pads and splits N): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C [b, Lp, N1, N2] f32;
 A [N1, Ep, N2] f32; D, dt_bias [1, Ep] f32; keep [b, Lp] f32 (0 at a document start); saved states [b, nc, Ep, N1,
-N2] f32 (channel-major); final state and part summaries [b, (P,) N1, Ep, N2] f32. Lp = P cpp T; Ep a multiple
+N2] f32 (channel-major); final state [b, N1, Ep, N2] and part summaries [b, P - 1, N1, Ep, N2] f32. Lp = P cpp T; Ep a multiple
 of BE (backward: of S BE); N1, N2, BE, S, T powers of two. Every ``pallas_call`` names the Triton backend
 (``CompilerParams``), so jax 0.10 and 0.11 lower alike.
 """
@@ -243,25 +243,32 @@ _UNROLL_PARTS = 8   # parts folded per unrolled group
 
 
 def _carry_in(P, p, init, step, order):
-    """The state (forward) or adjoint (backward) entering part p from the part summaries: folds step(q, v) over
-    the parts before p ("fwd": q = 0 .. p - 1) or after it ("rev": q = P - 1 .. p + 1), starting from init."""
+    """The state (forward) or adjoint (backward) entering part p from the part summaries: folds step(s, v) over
+    the parts before p ("fwd": q = 0 .. p - 1) or after it ("rev": q = P - 1 .. p + 1), starting from init. The
+    part that no program reads back (the last forward, the first backward) has no summary: the forward's part q
+    sits in slot s = q, the backward's in s = q - 1 (P - 1 slots)."""
     if P == 1:
         return init
 
     def body(i, v):
-        q = i if order == "fwd" else P - 1 - i
+        q, s = (i, i) if order == "fwd" else (P - 1 - i, P - 2 - i)
         use = (q < p) if order == "fwd" else (q > p)
-        return jnp.where(use, step(q, v), v)
+        # a group may run past the last candidate; its (unused) slot is clamped in bounds
+        s = (min(s, P - 2) if order == "fwd" else max(s, 0)) if isinstance(i, int) else \
+            (jnp.minimum(s, P - 2) if order == "fwd" else jnp.maximum(s, 0))
+        return jnp.where(use, step(s, v), v)
 
-    U = min(P, _UNROLL_PARTS)   # P and U powers of two
+    n, U = P - 1, _UNROLL_PARTS
 
     def group(g, v):   # U parts unrolled: their summaries' loads issue together, not one latency per part
         for i in range(U):
             v = body(g * U + i, v)
         return v
 
-    if U == P:
-        return group(0, init)
+    if n <= U:
+        for i in range(n):
+            init = body(i, init)
+        return init
     # only the groups holding a part before (after) p: a dynamic trip count, half the summaries' loads on average
     todo = p if order == "fwd" else P - 1 - p
     return lax.fori_loop(0, (todo + U - 1) // U, group, init)
@@ -280,12 +287,12 @@ def _grid_specs(Lp, N1, N2, BE):
 
 
 def _parts_spec(P, N1, BE, N2):
-    """All P part summaries of a channel block, [P, N1, BE, N2] of [b, P, N1, Ep, N2]."""
-    return pl.BlockSpec((None, P, N1, BE, N2), lambda ib, ie, ip: (ib, 0, 0, ie, 0))
+    """The P - 1 part summaries of a channel block (`_parts_call`), [P - 1, N1, BE, N2] of [b, P - 1, N1, Ep, N2]."""
+    return pl.BlockSpec((None, P - 1, N1, BE, N2), lambda ib, ie, ip: (ib, 0, 0, ie, 0))
 
 
 def _part_spec(N1, BE, N2):
-    """This program's part summary, [N1, BE, N2] of [b, P, N1, Ep, N2]."""
+    """This program's part summary (or per-part output), [N1, BE, N2] of [b, P, N1, Ep, N2]."""
     return pl.BlockSpec((None, None, N1, BE, N2), lambda ib, ie, ip: (ib, ip, 0, ie, 0))
 
 
@@ -297,8 +304,9 @@ def _call(kern, name, grid, in_specs, args, out_specs, out_shape, num_warps, num
 # ------------------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------------------
-def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
-    """Part summary: the state at the end of part p from a zero state, and the product of its decays."""
+def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch, first):
+    """Part summary: the state at the end of part p from a zero state, and the product of its decays (program i
+    of the grid's part axis: part p = i + first)."""
     r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("a", 1), ("bias", 1), ("keep", has_seg),
                            ("sloc", 1), ("dprod", 1), ("z", 0)])
     ch = _Chunk(r, T, L, Lp, r["x"].shape[1], 1, dt_softplus, with_dy=False, with_c=False)
@@ -312,16 +320,17 @@ def _fwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
     init = (zero, jnp.zeros((T, r["x"].shape[1]), _F32), jnp.ones((T,), _F32) if has_seg else None)
-    h, dsum, kmin = _chunk_loop(cpp, "fwd", body, init, ch.load, prefetch, c0=pl.program_id(2) * cpp)
+    h, dsum, kmin = _chunk_loop(cpp, "fwd", body, init, ch.load, prefetch, c0=(pl.program_id(2) + first) * cpp)
     r["sloc"][...] = h
     r["dprod"][...] = ch.part_decay(dsum, kmin, 0)
 
 
-def _parts_call(kernel, name, seq_args, kinds, keep, *, T, L, BE, cpp, dt_softplus, interpret, prefetch, num_warps,
-                num_stages):
+def _parts_call(kernel, name, seq_args, kinds, keep, first, *, T, L, BE, cpp, dt_softplus, interpret, prefetch,
+                num_warps, num_stages):
     """Launches a part-summary kernel over (row, channel block, part): `seq_args` in the order of `kinds` ("seq"
     [b, Lp, Ep], "bc" [b, Lp, N1, N2], "a" [N1, Ep, N2], "row" [1, Ep]), then keep; two f32 outputs
-    [b, P, N1, Ep, N2]."""
+    [b, P - 1, N1, Ep, N2], the summaries of parts first .. first + P - 2 (the forward's last part and the backward's
+    first are read by no program: `_carry_in`)."""
     b, Lp = keep.shape if keep is not None else seq_args[kinds.index("seq")].shape[:2]
     Ep = seq_args[kinds.index("seq")].shape[2]
     N1, N2 = seq_args[kinds.index("bc")].shape[2:]
@@ -332,19 +341,19 @@ def _parts_call(kernel, name, seq_args, kinds, keep, *, T, L, BE, cpp, dt_softpl
         in_specs.append(keep_spec)
         args.append(keep)
     P = Lp // (T * cpp)
-    part = jax.ShapeDtypeStruct((b, P, N1, Ep, N2), _F32)
+    part = jax.ShapeDtypeStruct((b, P - 1, N1, Ep, N2), _F32)   # parts first .. first + P - 2
     kern = functools.partial(kernel, T=T, cpp=cpp, L=L, Lp=Lp, dt_softplus=dt_softplus, has_seg=keep is not None,
-                             prefetch=prefetch)
-    return _call(kern, name, (b, Ep // BE, P), in_specs, args, [_part_spec(N1, BE, N2)] * 2, [part, part],
+                             prefetch=prefetch, first=first)
+    return _call(kern, name, (b, Ep // BE, P - 1), in_specs, args, [_part_spec(N1, BE, N2)] * 2, [part, part],
                  num_warps, num_stages, interpret)
 
 
 @lower_once
 def scan_part_fwd(x, dt, B, A, bias, keep, *, prefetch=True, num_warps=4, num_stages=2, **cfg):
-    """Per part of cpp chunks (cfg: T, L, BE, cpp, dt_softplus, interpret): (end state from zero
-    [b, P, N1, Ep, N2] f32, product of the part's decays, same)."""
+    """Per part of cpp chunks but the last (cfg: T, L, BE, cpp, dt_softplus, interpret): (end state from zero
+    [b, P - 1, N1, Ep, N2] f32, product of the part's decays, same)."""
     return _parts_call(_fwd_part_kernel, "selective_scan_fwd_parts", (x, dt, B, A, bias),
-                       ("seq", "seq", "bc", "a", "row"), keep, prefetch=prefetch, num_warps=num_warps,
+                       ("seq", "seq", "bc", "a", "row"), keep, 0, prefetch=prefetch, num_warps=num_warps,
                        num_stages=num_stages, **cfg)
 
 
@@ -373,7 +382,7 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
         return _row(h, T - 1)
 
     h_in = _carry_in(P, p, r["h0"][...].astype(_F32),
-                     lambda q, v: fma(r["dprod"][q, :, :, :], v, r["sloc"][q, :, :, :]), "fwd")
+                     lambda s, v: fma(r["dprod"][s, :, :, :], v, r["sloc"][s, :, :, :]), "fwd")
     fin = _chunk_loop(cpp, "fwd", body, h_in, ch.load, prefetch, c0=p * cpp)
     if P == 1:
         r["fin"][...] = fin
@@ -433,7 +442,7 @@ def _adjoint(a, g, G_in):
     return linear_scan(a, jnp.ones_like(a), g, kind="adjoint", reverse=True)[2]
 
 
-def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
+def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch, first):
     """Part summary of the adjoint: a_s G_s at the part's first token s from a zero adjoint past its end, and the
     product of the part's decays."""
     r = _split_refs(refs, [("dt", 1), ("c", 1), ("a", 1), ("bias", 1), ("dy", 1), ("keep", has_seg),
@@ -450,18 +459,18 @@ def _bwd_part_kernel(*refs, T, cpp, L, Lp, dt_softplus, has_seg, prefetch):
 
     zero = jnp.zeros(ch.A[0].shape, _F32)
     init = (zero, jnp.zeros((T, r["dt"].shape[1]), _F32), jnp.ones((T,), _F32) if has_seg else None)
-    q, dsum, kmin = _chunk_loop(cpp, "rev", body, init, ch.load, prefetch, c0=pl.program_id(2) * cpp)
+    q, dsum, kmin = _chunk_loop(cpp, "rev", body, init, ch.load, prefetch, c0=(pl.program_id(2) + first) * cpp)
     r["qloc"][...] = q
     r["dprod"][...] = ch.part_decay(dsum, kmin, 0)
 
 
 @lower_once
 def scan_part_bwd(dt, C, A, bias, dy, keep, *, prefetch=True, num_warps=4, num_stages=2, **cfg):
-    """Per part of cpp chunks (cfg: T, L, BE, cpp, dt_softplus, interpret): (a_s G_s at its first token s from a
-    zero adjoint past its end, product of the part's decays), [b, P, N1, Ep, N2] f32 each (dy: the gradient of
-    the ungated output)."""
+    """Per part of cpp chunks but the first (cfg: T, L, BE, cpp, dt_softplus, interpret): (a_s G_s at its first
+    token s from a zero adjoint past its end, product of the part's decays), [b, P - 1, N1, Ep, N2] f32 each (dy:
+    the gradient of the ungated output)."""
     return _parts_call(_bwd_part_kernel, "selective_scan_bwd_parts", (dt, C, A, bias, dy),
-                       ("seq", "bc", "a", "row", "seq"), keep, prefetch=prefetch, num_warps=num_warps,
+                       ("seq", "bc", "a", "row", "seq"), keep, 1, prefetch=prefetch, num_warps=num_warps,
                        num_stages=num_stages, **cfg)
 
 
@@ -593,7 +602,7 @@ def _bwd_kernel(*refs, T, BE, S, K, cpp, P, L, dt_softplus, has_seg, prefetch, l
     def g_in(ch, j):
         cols = ch.cols(j)
         return _carry_in(P, p, r["dfin"][:, cols, :].astype(_F32),
-                         lambda q, v: fma(r["dprod"][q, :, cols, :], v, r["qloc"][q, :, cols, :]), "rev")
+                         lambda s, v: fma(r["dprod"][s, :, cols, :], v, r["qloc"][s, :, cols, :]), "rev")
 
     def dbias_of(db_acc):
         """d dt_bias [1, BE] from its accumulator. With `lanes` the sums sit on the state's lanes; with fewer tokens

@@ -64,9 +64,13 @@ VARIANTS_N16 = [
 ]
 VARIANTS_N64 = [
     {},          # T8, N2 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts
-    {"part_programs_bwd": 2048},              # b16 E512: 2048 backward programs, P = 1 (no backward part pass)
+    # forward and backward kernels are independent, so a variant pairs one of each (--profile: per kernel).
+    # forward at one warp a program (BE 2): its 12 layout conversions' barriers per chunk no longer hold 4 warps
+    # together; 108 registers without prefetch (18 warps per SM), 136 with. Backward: P = 1 at b16 E512 (2048
+    # programs, no part pass)
+    {"num_warps_fwd": 1, "block_e_fwd": 2, "prefetch_fwd": False, "part_programs_bwd": 2048},
     # channel groups (a dynamic loop per chunk, carries in memory): the dB / dC partials K S BE channels apart
-    {"groups_bwd": 4, "sub_blocks_bwd": 1, "part_programs_bwd": 1024},   # 8 channels, b16 E512: 1024, P = 1
+    {"num_warps_fwd": 1, "block_e_fwd": 2, "groups_bwd": 4, "sub_blocks_bwd": 1, "part_programs_bwd": 1024},
     {"groups_bwd": 16, "sub_blocks_bwd": 1},  # 32 channels: an eighth of today's partials, P = 16 at b16 E512
     {"groups_bwd": 8, "sub_blocks_bwd": 1, "part_programs_bwd": 2048},   # 16 channels, P = 4 at b16 E512
     {"lanes_n_bwd": 32, "block_e_bwd": 2},    # backward: all lanes on the state, channel sums in a thread (255 regs)
@@ -307,12 +311,13 @@ def bench_one(cfg, peer, with_ref, interpret, bw, nvar=None, profile=False):
         vs = f" (vs default: y {v['y_rel_vs_default']:.1e}, grads {v['grads_rel_vs_default']:.1e})" if vi else ""
         print(f"  {name} variant {var}: fwd {t_f * 1e3:.3f} ms, fwd+bwd {t_fb * 1e3:.3f} ms{vs}", flush=True)
         best_f, best_fb = min(best_f, t_f), min(best_fb, t_fb)
+        if profile:   # where each variant's forward + backward spends its time, kernel by kernel
+            from bench.kernel_profile import kernel_table, print_kernel_table
+            print_kernel_table(kernel_table(lambda: fwd_bwd(*args, jdy), iters=3), top=14 if vi == 0 else 8,
+                               title=f"{name} fwd+bwd, {var or 'default'}")
         if vi == 0:
             res.update(default_fwd_ms=t_f * 1e3, default_fwdbwd_ms=t_fb * 1e3)
-            if profile:   # where the default's forward + backward spends its time, kernel by kernel
-                from bench.kernel_profile import kernel_table, print_kernel_table
-                print_kernel_table(kernel_table(lambda: fwd_bwd(*args, jdy), iters=3), top=14,
-                                   title=f"{name} fwd+bwd, default")
+
     res.update(wmjax_fwd_ms=best_f * 1e3, wmjax_fwdbwd_ms=best_fb * 1e3)
 
     if with_ref:
@@ -416,7 +421,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--nvar", type=int, default=None, help="time at most the first NVAR kernel variants per shape")
-    ap.add_argument("--profile", action="store_true", help="per-kernel times of the default's forward + backward")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-kernel times of each timed variant's forward + backward")
     a = ap.parse_args()
     if a.cpu_smoke:
         if not a.no_check:

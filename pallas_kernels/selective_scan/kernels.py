@@ -37,8 +37,8 @@ multiply-adds: the instruction count is the kernels' budget (docs/KERNELS.md, Se
 
 Layouts (the wrapper pads and splits N): x, dt, z, dy [b, Lp, Ep] (input dtypes); B, C [b, Lp, N1, N2] f32;
 A [N1, Ep, N2] f32; D, dt_bias [1, Ep] f32; keep [b, Lp] f32 (0 at a document start); saved states [b, nc, Ep, N1,
-N2] f32 (channel-major); final state [b, N1, Ep, N2] and part summaries [b, P - 1, N1, Ep, N2] f32. Lp = P cpp T; Ep a multiple
-of BE (backward: of S BE); N1, N2, BE, S, T powers of two. Every ``pallas_call`` names the Triton backend
+N2] f32 (channel-major); final state [b, N1, Ep, N2] and part summaries [b, P - 1, N1, Ep, N2] f32. Lp = P cpp T;
+Ep a multiple of BE (backward: of S BE); N1, N2, BE, S, T powers of two. Every ``pallas_call`` names the Triton backend
 (``CompilerParams``), so jax 0.10 and 0.11 lower alike.
 """
 

@@ -217,6 +217,13 @@ def _row(v, i, axis=0):
     return jnp.sum(jnp.where(t == i, v, -0.0), axis=axis)
 
 
+def _tile_row(v, T):
+    """v [N1, BE, N2] as row 0 of its broadcast over T: the same values, in the layout of a row of the chunk's
+    [T, N1, BE, N2] tiles. A chunk loop's carry initialised straight from a load keeps the load's (coalesced)
+    layout, and Triton then converts the row each chunk yields through shared memory, every chunk."""
+    return _row(jnp.broadcast_to(v[None], (T,) + v.shape), 0)
+
+
 def _at_row(v, i, w):
     """v [T, ...] with row i (static) taken from w (same shape): only that row of w is computed."""
     t = lax.broadcasted_iota(jnp.int32, v.shape, 0)
@@ -383,7 +390,7 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
 
     h_in = _carry_in(P, p, r["h0"][...].astype(_F32),
                      lambda s, v: fma(r["dprod"][s, :, :, :], v, r["sloc"][s, :, :, :]), "fwd")
-    fin = _chunk_loop(cpp, "fwd", body, h_in, ch.load, prefetch, c0=p * cpp)
+    fin = _chunk_loop(cpp, "fwd", body, _tile_row(h_in, T), ch.load, prefetch, c0=p * cpp)
     if P == 1:
         r["fin"][...] = fin
     else:
@@ -629,7 +636,7 @@ def _bwd_kernel(*refs, T, BE, S, K, cpp, P, L, dt_softplus, has_seg, prefetch, l
             write_bc(c, *bc)
             return new
 
-        init = tuple((g_in(ch, j), zA, zrow, zdb) for j in range(S))
+        init = tuple((_tile_row(g_in(ch, j), T), zA, zrow, zdb) for j in range(S))
         out = _chunk_loop(cpp, "rev", body, init, ch.load, prefetch, c0=p * cpp)
         for j in range(S):
             G, dA_acc, dD_acc, db_acc = out[j]

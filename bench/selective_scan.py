@@ -65,21 +65,23 @@ VARIANTS_N16 = [
 VARIANTS_N64 = [
     {},          # T8, N2 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts
     # forward and backward kernels are independent, so a variant pairs one of each (--profile: per kernel).
-    # forward at one warp a program (BE 2): its 12 layout conversions' barriers per chunk no longer hold 4 warps
-    # together; 108 registers without prefetch (18 warps per SM), 136 with. Backward: P = 1 at b16 E512 (2048
-    # programs, no part pass)
-    {"num_warps_fwd": 1, "block_e_fwd": 2, "prefetch_fwd": False, "part_programs_bwd": 2048},
-    # channel groups (a dynamic loop per chunk, carries in memory): the dB / dC partials K S BE channels apart
-    {"num_warps_fwd": 1, "block_e_fwd": 2, "groups_bwd": 4, "sub_blocks_bwd": 1, "part_programs_bwd": 1024},
+    # forward two channels a thread (BE 16): 64 elements a thread, 11.4 static instructions each (default 14.5),
+    # 128 registers: b16 E512's 512 programs of 4 warps are one wave at 16 warps per SM. Backward: P = 1 at b16
+    # E512 (2048 programs, no part pass)
+    {"block_e_fwd": 16, "part_programs_bwd": 2048},
+    # forward at one warp a program (BE 2): its layout conversions' barriers no longer hold 4 warps together; 108
+    # registers without prefetch. Backward: channel groups (a dynamic loop per chunk, carries in memory), the dB / dC
+    # partials K S BE channels apart
+    {"num_warps_fwd": 1, "block_e_fwd": 2, "prefetch_fwd": False, "groups_bwd": 4, "sub_blocks_bwd": 1,
+     "part_programs_bwd": 1024},
     {"groups_bwd": 16, "sub_blocks_bwd": 1},  # 32 channels: an eighth of today's partials, P = 16 at b16 E512
     {"groups_bwd": 8, "sub_blocks_bwd": 1, "part_programs_bwd": 2048},   # 16 channels, P = 4 at b16 E512
     {"lanes_n_bwd": 32, "block_e_bwd": 2},    # backward: all lanes on the state, channel sums in a thread (255 regs)
     {"part_programs_bwd": 8192},              # twice the backward's parts at b16 E512
-    {"block_e_fwd": 16},                      # forward: two channels a thread (162 registers, 124)
     {"chunk": 4, "block_e_bwd": 4},           # half the dB / dC partials (T = 4, two channels a thread)
     {"prefetch_bwd": True},
     {"scatter_bwd": False},
-    {"lanes_n_fwd": 8},       # forward N2 8: ~30% fewer static instructions per element, 168 registers, half the warps
+    {"lanes_n_fwd": 8},       # forward N2 8: 10.1 static instructions per element, 144 registers, 12 warps per SM
 ]
 
 CONFIGS = [

@@ -55,8 +55,8 @@ VARIANTS_N16 = [
     {},          # T8; forward N2 4, BE 16 at 1 warp, parts; backward N2 8, BE 8 at 1 warp, 2 sub-blocks, parts
     # forward and backward kernels are independent, so a variant pairs one of each (--profile: per kernel).
     # forward without prefetch: 128 registers (16 warps per SM; 167 with it, 12), 3% fewer static instructions.
-    # backward: one channel a thread (BE 4), 4 groups of it: 168 registers (12 warps per SM, not 8), ~15% more
-    # static instructions per element, the same 16 channels a program
+    # backward: one channel a thread (BE 4), 4 groups of it: 168 registers (12 warps per SM, not 8), 34% more
+    # executed instructions per element (docs/KERNELS.md), the same 16 channels a program
     {"prefetch_fwd": False, "block_e_bwd": 4, "sub_blocks_bwd": 1, "groups_bwd": 4},
     {"block_e_bwd": 4, "sub_blocks_bwd": 1, "groups_bwd": 8},               # 32 channels: half the partials
     {"part_programs_fwd": 2048},                                          # half the forward's parts

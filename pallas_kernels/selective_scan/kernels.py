@@ -258,11 +258,11 @@ def _carry_in(P, p, init, step, order):
         return init
 
     def body(i, v):
-        q, s = (i, i) if order == "fwd" else (P - 1 - i, P - 2 - i)
+        q = i if order == "fwd" else P - 1 - i
         use = (q < p) if order == "fwd" else (q > p)
-        # a group may run past the last candidate; its (unused) slot is clamped in bounds
-        s = (min(s, P - 2) if order == "fwd" else max(s, 0)) if isinstance(i, int) else \
-            (jnp.minimum(s, P - 2) if order == "fwd" else jnp.maximum(s, 0))
+        s = q if order == "fwd" else q - 1
+        # a group may run past the last candidate: its (unused) slot is clamped in bounds
+        s = min(max(s, 0), P - 2) if isinstance(s, int) else jnp.clip(s, 0, P - 2)
         return jnp.where(use, step(s, v), v)
 
     n, U = P - 1, _UNROLL_PARTS

@@ -260,9 +260,12 @@ def _carry_in(P, p, init, step, order):
     def body(i, v):
         q = i if order == "fwd" else P - 1 - i
         use = (q < p) if order == "fwd" else (q > p)
-        s = q if order == "fwd" else q - 1
-        # a group may run past the last candidate: its (unused) slot is clamped in bounds
-        s = min(max(s, 0), P - 2) if isinstance(s, int) else jnp.clip(s, 0, P - 2)
+        # a group may run past the last candidate: its (unused) slot is clamped in bounds (forward: below P - 1;
+        # backward: at or above 0)
+        if order == "fwd":
+            s = min(q, P - 2) if isinstance(q, int) else jnp.minimum(q, P - 2)
+        else:
+            s = max(q - 1, 0) if isinstance(q, int) else jnp.maximum(q - 1, 0)
         return jnp.where(use, step(s, v), v)
 
     n, U = P - 1, _UNROLL_PARTS

@@ -160,7 +160,8 @@ def test_tuning_errors_name_the_field():
     """Tunings the kernels cannot run fail before tracing, naming the field."""
     arrs, _, _ = _inputs(4, 1, 16, 64, 4)
     for tune, field in [(dict(groups_bwd=2, num_warps_bwd=2, block_e_bwd=4), "num_warps_bwd"),
-                        (dict(groups_bwd=3), "powers of two"), (dict(chunk=6), "chunk")]:
+                        (dict(groups_bwd=3), "powers of two"), (dict(chunk=6), "chunk"),
+                        (dict(chunk=4, chunk_bwd=8), "chunk_bwd"), (dict(chunk_bwd=3), "chunk_bwd")]:
         with tuning.override(**tune), pytest.raises(ValueError, match=field):
             selective_scan_pallas(**arrs, interpret=True)
 
@@ -263,6 +264,13 @@ KERNEL_CASES = [
                  id="groups4-butterfly-sums"),
     pytest.param((1, 90, 32, 16), dict(block_e_bwd=4, sub_blocks_bwd=1, groups_bwd=4), OPTS, True, True,
                  id="N16-one-channel-a-thread-groups4-parts2"),
+    # the backward's chunk shorter than the forward's: the forward saves the states entering every backward chunk
+    # from rows inside its own; parts both ways (their boundaries at different chunk counts), resets at and inside
+    # the chunks of either
+    pytest.param((2, 37, 16, 16), dict(chunk=8, chunk_bwd=2, part_programs_fwd=10**6, part_programs_bwd=10**6),
+                 OPTS, (3, 4, 9, 17, 30), True, id="chunk8-bwd2-parts-resets"),
+    pytest.param((1, 40, 20, 64), dict(chunk=8, chunk_bwd=4, block_e_bwd=4), ("D", "dt_bias", "initial_state"),
+                 (8, 16, 29), True, id="N64-chunk8-bwd4-two-channels-a-thread"),
 ]
 @pytest.mark.parametrize("shape,tune,opts,seg,sp", KERNEL_CASES)
 def test_pallas_interpret_fwd_bwd(shape, tune, opts, seg, sp):
@@ -387,6 +395,7 @@ def test_dispatcher_runs_per_batch_shard():
         ((2, 512, 2048, 16), jnp.bfloat16, (), False, {}, (2, 4)),           # benchmark shape family, defaults
         ((1, 300, 768, 64), jnp.bfloat16, OPTS, True, {}, (1, 3)),           # OTCE default N = 64: parts bwd only
         ((1, 300, 768, 64), jnp.bfloat16, OPTS, True, dict(groups_bwd=4), (1, 3)),   # backward channel groups
+        ((1, 300, 768, 64), jnp.bfloat16, OPTS, True, dict(chunk_bwd=4, block_e_bwd=4), (1, 3)),  # T 8 fwd, 4 bwd
         ((1, 100, 40, 16), jnp.float32, ("z", "dt_bias"), True,              # E not a multiple of the block,
          dict(chunk=64, prefetch_fwd=False, prefetch_bwd=True, block_e_fwd=2, block_e_bwd=4, sub_blocks_bwd=4),
          (1, 2)),                                                             # 2 chunks: no parts

@@ -10,7 +10,8 @@ a chunk the recurrence is an associative scan over T (``linear_scan``: Triton's 
       a_t = exp(delta_t A) keep_t,  b_t = delta_t x_t B_t,  b_0 += a_0 h_in                  [T, N1, BE, N2]
       h_t = scan_t((a, b); (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2))[1]       (h_t = a_t h_{t-1} + b_t)
       y_t = sum_n h_t C_t + D x_t;   y_t *= silu(z_t);   h_in <- h_{T-1}
-  writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every chunk, hs [nc, E, N].
+  writes y, the final state and (``save=True``, under ``jax.vjp``) the state entering every backward chunk (T_save
+  tokens, dividing T: rows of h inside a chunk), hs [L / T_save, E, N].
   With P > 1 parts, ``scan_part_fwd`` first gives each part's end state from zero, S_p, and decay product, D_p
   (exp(A sum_t delta_t) over the part, one exp per state), for every part but the last (nothing reads it); part p
   then starts from h_p = D_{p-1} h_{p-1} + S_{p-1} (h_0 the initial state), folded in the program.
@@ -367,7 +368,7 @@ def scan_part_fwd(x, dt, B, A, bias, keep, *, prefetch=True, num_warps=4, num_st
                        num_stages=num_stages, **cfg)
 
 
-def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch):
+def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, T_save, prefetch):
     r = _split_refs(refs, [("x", 1), ("dt", 1), ("b", 1), ("c", 1), ("a", 1), ("d", 1), ("bias", 1), ("h0", 1),
                            ("z", has_z), ("keep", has_seg), ("sloc", P > 1), ("dprod", P > 1),
                            ("y", 1), ("fin", 1), ("hs", save), ("yp", save and has_z)])
@@ -375,13 +376,17 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
     Dv = r["d"][...].astype(_F32)                                                   # [1, BE]
     p = pl.program_id(2)
 
+    k = T // T_save   # saved states per chunk: h_in, then the state after tokens T_save - 1, 2 T_save - 1, ...
+
     def body(c, h_in, rows):
         if save:
-            r["hs"][c, :, :, :] = jnp.transpose(h_in, (1, 0, 2))                 # [BE, N1, N2]
+            r["hs"][c * k, :, :, :] = jnp.transpose(h_in, (1, 0, 2))             # [BE, N1, N2]
         sub = rows["sub"][0]
         delta, _ = ch.delta(sub["dt"], c, 0)
         xr = _f32_rows(sub["x"])
         h = ch.states(rows, xr, delta, h_in, 0)[-1]
+        for i in range(1, k if save else 1):
+            r["hs"][c * k + i, :, :, :] = jnp.transpose(_row(h, i * T_save - 1), (1, 0, 2))
         y = _dot_n(h, _n(rows["c"])) + Dv * xr                                       # [T, BE]
         if has_z:
             if save:
@@ -404,9 +409,10 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, prefetch
 
 @lower_once
 def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, *, T, L, BE, cpp, dt_softplus, save, interpret,
-             prefetch=True, num_warps=4, num_stages=2):
-    """Returns y [b, Lp, Ep] (x.dtype), final state [b, N1, Ep, N2] f32 and, if save, hs [b, nc, Ep, N1, N2] f32
-    (channel-major: a free reshape of [b, nc, Ep, N], so the backward may split N its own way)
+             T_save=None, prefetch=True, num_warps=4, num_stages=2):
+    """Returns y [b, Lp, Ep] (x.dtype), final state [b, N1, Ep, N2] f32 and, if save, hs [b, Lp / T_save, Ep, N1,
+    N2] f32, the state entering every T_save tokens (T_save divides T, default T; the backward's chunk), channel-major
+    (a free reshape of [b, Lp / T_save, Ep, N], so the backward may split N its own way)
     and (with z) the ungated output y' = sum_n h C + D x [b, Lp, Ep] (x.dtype), for the gate's gradient.
     Lp = P cpp T: part p (a grid axis) starts from the state folded from `scan_part_fwd`'s summaries sloc, dprod
     (None when P = 1)."""
@@ -429,14 +435,18 @@ def scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, *, T, L, BE, cpp
         args += [sloc, dprod]
     out_shape = [jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype), jax.ShapeDtypeStruct((b, N1, Ep, N2), _F32)]
     out_specs = [seq, state]
+    T_save = T_save or T
+    if T % T_save:
+        raise ValueError(f"the saved states' interval {T_save} must divide the forward's chunk {T}")
     if save:
-        out_shape.append(jax.ShapeDtypeStruct((b, nc, Ep, N1, N2), _F32))
-        out_specs.append(pl.BlockSpec((None, nc, BE, N1, N2), lambda ib, ie, ip: (ib, 0, ie, 0, 0)))
+        ns = Lp // T_save
+        out_shape.append(jax.ShapeDtypeStruct((b, ns, Ep, N1, N2), _F32))
+        out_specs.append(pl.BlockSpec((None, ns, BE, N1, N2), lambda ib, ie, ip: (ib, 0, ie, 0, 0)))
     if save and has_z:
         out_shape.append(jax.ShapeDtypeStruct((b, Lp, Ep), x.dtype))
         out_specs.append(seq)
     kern = functools.partial(_fwd_kernel, T=T, cpp=cpp, P=P, L=L, dt_softplus=dt_softplus, has_z=has_z,
-                             has_seg=has_seg, save=save, prefetch=prefetch)
+                             has_seg=has_seg, save=save, T_save=T_save, prefetch=prefetch)
     return _call(kern, "selective_scan_fwd", (b, nE, P), in_specs, args, out_specs, out_shape, num_warps,
                  num_stages, interpret)
 

@@ -5,7 +5,8 @@ Forward:  pad L to whole parts of cpp chunks of T tokens, E to the channel block
           [b, L/T, E, N]); with more than one part ``scan_part_fwd`` (each part's end state from zero and decay
           product), then ``scan_fwd`` (every part at once from the state its summaries fold to: y with D skip and z
           gate fused, final state) -> slice.
-Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every chunk (and, with z, the ungated
+Backward: ``scan_fwd(save=True)`` under the VJP keeps the state entering every backward chunk (the backward's chunk
+          divides the forward's; with z, also the ungated
           output y'); the gate's gradient dz = dy y' d silu(z) and dy' = dy silu(z) are elementwise jnp; with more
           than one part ``scan_part_bwd`` (each part's adjoint from zero past its end, decay product);
           ``scan_bwd`` recomputes each chunk's states and runs the reverse (adjoint) scan, every part at once (dx,
@@ -58,10 +59,11 @@ def _state(v):
 
 
 @functools.lru_cache(maxsize=None)
-def _scan_op(L, Np, chunk, fwd_cfg, bwd_cfg, dt_softplus, interpret):
-    """fwd_cfg: (N2, BE, cpp, launch) of the forward kernels (with or without saved states); bwd_cfg: the same of
-    the backward's."""
-    cfg = dict(T=chunk, L=L, dt_softplus=dt_softplus, interpret=interpret)
+def _scan_op(L, Np, chunks, fwd_cfg, bwd_cfg, dt_softplus, interpret):
+    """chunks: (forward chunk, backward chunk = the saved states' interval); fwd_cfg: (N2, BE, cpp, launch) of the
+    forward kernels (with or without saved states); bwd_cfg: the same of the backward's."""
+    cfg = dict(L=L, dt_softplus=dt_softplus, interpret=interpret)
+    cfg_f, cfg_b = dict(cfg, T=chunks[0]), dict(cfg, T=chunks[1])
     N2f, be_f, cpp_f, launch_f = fwd_cfg
     N2b, be_b, cpp_b, launch_b = bwd_cfg
     launch_f, launch_b = dict(launch_f), dict(launch_b)
@@ -72,10 +74,10 @@ def _scan_op(L, Np, chunk, fwd_cfg, bwd_cfg, dt_softplus, interpret):
     def run_fwd(x, dt, B, C, A, D, bias, h0, z, keep, save):
         B, C, A, h0 = _split(N2f, B, C, A, h0)
         sloc = dprod = None
-        if x.shape[1] // (chunk * cpp_f) > 1:   # parts: their summaries first, then every part at once
-            sloc, dprod = K.scan_part_fwd(x, dt, B, A, bias, keep, BE=be_f, cpp=cpp_f, **cfg, **launch_f)
+        if x.shape[1] // (chunks[0] * cpp_f) > 1:   # parts: their summaries first, then every part at once
+            sloc, dprod = K.scan_part_fwd(x, dt, B, A, bias, keep, BE=be_f, cpp=cpp_f, **cfg_f, **launch_f)
         y, fin, *rest = K.scan_fwd(x, dt, B, C, A, D, bias, h0, z, keep, sloc, dprod, BE=be_f, cpp=cpp_f, save=save,
-                                   **cfg, **launch_f)
+                                   T_save=chunks[1], **cfg_f, **launch_f)
         return (y, _state(fin), *rest)
 
     @jax.custom_vjp
@@ -100,10 +102,10 @@ def _scan_op(L, Np, chunk, fwd_cfg, bwd_cfg, dt_softplus, interpret):
         dy = dy.astype(x.dtype)
         Bs, Cs, As, dfs = _split(N2b, B, C, A, dfin.astype(_F32))
         qloc = dprod = None
-        if x.shape[1] // (chunk * cpp_b) > 1:
-            qloc, dprod = K.scan_part_bwd(dt, Cs, As, bias, dy, keep, BE=be_b, cpp=cpp_b, **cfg, **part_launch)
+        if x.shape[1] // (chunks[1] * cpp_b) > 1:
+            qloc, dprod = K.scan_part_bwd(dt, Cs, As, bias, dy, keep, BE=be_b, cpp=cpp_b, **cfg_b, **part_launch)
         dx, ddt, dBp, dCp, dA, dD, dbias, dh0 = K.scan_bwd(
-            x, dt, Bs, Cs, As, D, bias, hs, dy, dfs, keep, qloc, dprod, BE=be_b, cpp=cpp_b, **cfg, **launch_b)
+            x, dt, Bs, Cs, As, D, bias, hs, dy, dfs, keep, qloc, dprod, BE=be_b, cpp=cpp_b, **cfg_b, **launch_b)
         dkeep = None if keep is None else jnp.zeros_like(keep)
         dB, dC = (v.sum(axis=1).reshape(B.shape).astype(B.dtype) for v in (dBp, dCp))
         dA = dA.sum(axis=(0, 1)).transpose(1, 0, 2).reshape(A.shape)
@@ -123,9 +125,13 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     b, L, E = x.shape
     N = A.shape[1]
     Np = _next_pow2(N)
-    T = int(tune.chunk_for(Np))
-    if T < 1 or T & (T - 1):
-        raise ValueError(f"tuning chunk must be a power of two, got {T}")
+    T, Tb = int(tune.chunk_for(Np)), int(tune.chunk_bwd_for(Np))
+    for name, v in (("chunk", T), ("chunk_bwd", Tb)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"tuning {name} must be a power of two, got {v}")
+    if Tb > T:
+        raise ValueError(f"tuning chunk_bwd ({Tb}) must not exceed chunk ({T}): the forward saves the states entering "
+                         f"the backward's chunks from inside its own")
     be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
     sub, groups = int(tune.sub_blocks_for(Np)), int(tune.groups_for(Np, E))
     N2f, N2b = int(tune.lanes_for("fwd", Np)), int(tune.lanes_for("bwd", Np))
@@ -137,12 +143,10 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
         # d dt_bias [1, BE]) sit on several threads, in lockstep only inside one warp
         raise ValueError(f"tuning groups_bwd > 1 needs one warp per backward program, got num_warps_bwd "
                          f"{tune.warps('bwd', Np)}")
-    nc = -(-L // T)
-    parts_f = int(tune.parts("fwd", nc, b * (-(-E // be_f)), Np))
-    parts_b = int(tune.parts("bwd", nc, b * (-(-E // (be_b * sub * groups))), Np))
-    whole = max(parts_f, parts_b)
-    nc = -(-nc // whole) * whole                                            # whole parts (powers of two)
-    Lp = nc * T
+    parts_f = int(tune.parts("fwd", -(-L // T), b * (-(-E // be_f)), Np))
+    parts_b = int(tune.parts("bwd", -(-L // Tb), b * (-(-E // (be_b * sub * groups))), Np))
+    unit = max(T * parts_f, Tb * parts_b)                                    # powers of two: whole parts both ways
+    Lp = -(-L // unit) * unit
     eb = max(be_f, be_b * sub * groups)
     Ep = -(-E // eb) * eb
     pl_, pe, pn = Lp - L, Ep - E, Np - N
@@ -162,8 +166,8 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
         keep = _pad(segment_keep(segment_ids), {1: pl_}, value=1.0)          # [b, Lp]
 
     frozen = lambda d: tuple(sorted(d.items()))  # noqa: E731 - hashable launch keywords for the op cache
-    fwd_cfg = (N2f, be_f, nc // parts_f, frozen(tune.launch("fwd", Np)))
-    bwd_cfg = (N2b, be_b, nc // parts_b, frozen({**tune.launch("bwd", Np), "groups": groups}))
-    y, fin = _scan_op(L, Np, T, fwd_cfg, bwd_cfg, bool(dt_softplus), bool(interpret))(
+    fwd_cfg = (N2f, be_f, Lp // (T * parts_f), frozen(tune.launch("fwd", Np)))
+    bwd_cfg = (N2b, be_b, Lp // (Tb * parts_b), frozen({**tune.launch("bwd", Np), "groups": groups}))
+    y, fin = _scan_op(L, Np, (T, Tb), fwd_cfg, bwd_cfg, bool(dt_softplus), bool(interpret))(
         xk, dtk, Bk, Ck, Ak, Dk, bk, h0, zk, keep)
     return y[:, :L, :E], fin[:, :E, :N]

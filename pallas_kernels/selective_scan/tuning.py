@@ -27,8 +27,10 @@ class SelectiveScanTuning:
       N <= 32: T = 8; forward N2 = 4, BE 16 at 1 warp (2 channels a thread), parts; backward N2 = 8, BE 8 at 1
                warp, 2 sub-blocks, parts;
       N > 32:  T = 8; N2 = 16; forward BE 8 at 4 warps, no parts; backward BE 2 at 1 warp, 2 sub-blocks, parts.
-    chunk: tokens per chunk T (the scanned axis; also the interval of the states the forward saves for the backward,
-      [b, L/T, E, N] f32: 2N/T times the bytes of a bf16 x). A power of two.
+    chunk: tokens per chunk T of the forward kernels (the scanned axis). A power of two.
+    chunk_bwd: tokens per chunk of the backward kernels, a power of two dividing chunk (0 = chunk); also the interval
+      of the states the forward saves for the backward ([b, L / chunk_bwd, E, N] f32: 2 N / chunk_bwd times the
+      bytes of a bf16 x), read from inside the forward's chunks. Shorter backward tiles hold fewer registers.
     lanes_n_fwd / lanes_n_bwd: N2, lanes over the state (a power of two, at most N) of the forward kernels (with or
       without saved states) and of the backward kernels.
     block_e_fwd / block_e_bwd: channels per program (per backward sub-block), powers of two, at most the
@@ -55,6 +57,7 @@ class SelectiveScanTuning:
       butterfly sums, every lane holding every sum.
     num_warps_* / num_stages_*: Triton launch parameters (warps 0 = by N, above)."""
     chunk: int = 0
+    chunk_bwd: int = 0
     lanes_n_fwd: int = 0
     lanes_n_bwd: int = 0
     block_e_fwd: int = 0
@@ -72,8 +75,12 @@ class SelectiveScanTuning:
     scatter_bwd: bool = True
 
     def chunk_for(self, n: int) -> int:
-        """Tokens per chunk for state size n (a power of two)."""
+        """Tokens per forward chunk for state size n (a power of two)."""
         return self.chunk or 8
+
+    def chunk_bwd_for(self, n: int) -> int:
+        """Tokens per backward chunk (the saved states' interval) for state size n (a power of two)."""
+        return self.chunk_bwd or self.chunk_for(n)
 
     def lanes_for(self, kernel: str, n: int) -> int:
         """Lanes over the state, N2, of `kernel` ("fwd" | "bwd") for state size n (a power of two)."""

@@ -10,6 +10,7 @@ here, jaxlib's own Triton there): a proxy for "did this change remove instructio
     python bench/triton_sass.py                                   # b2 L8192 E2048 N16, forward + training kernels
     python bench/triton_sass.py --shape 4 2048 768 64 --mode train --set sub_blocks_bwd=1
     python bench/triton_sass.py --attr "SHFL" --kernel selective_scan_bwd   # shuffles by TTIR line
+    python bench/triton_sass.py --shape 16 2048 512 64 --mode train --loops  # loop bodies (the chunk loops)
 
 --attr prints, for the kernel named by --kernel, the TTIR lines with the most instructions matching the opcode
 regex (count of matching / all instructions of that line, then the line).
@@ -111,6 +112,21 @@ def training(*args):
     return jax.grad(lambda *a: forward(*a).astype(jnp.float32).sum(), argnums=tuple(range(8)))(*args)
 
 
+def loops(sass):
+    """[(first line, last line, instruction Counter)] of each loop in the SASS (a backward branch to a label), outer
+    loops before the loops they hold. An outer loop's count includes its inner loops' bodies once: per trip of the
+    outer loop, it executes (outer - inner) + trips x inner."""
+    lines = sass.split("\n")
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", ln))}
+    out = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", ln)
+        if m and labels.get(m.group(1), i) < i - 2:
+            ops = collections.Counter(k.group(1) for x in lines[labels[m.group(1)]:i + 1] if (k := _SASS_OP.search(x)))
+            out.append((labels[m.group(1)], i, ops))
+    return sorted(out, key=lambda t: (t[0], -t[1]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", type=int, nargs=4, default=(2, 8192, 2048, 16), metavar=("B", "L", "E", "N"))
@@ -120,6 +136,7 @@ def main():
     ap.add_argument("--attr", default=None, metavar="OPCODE_REGEX", help="instructions by TTIR line")
     ap.add_argument("--kernel", default="selective_scan_bwd", help="the kernel --attr reads")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--loops", action="store_true", help="instruction counts of each kernel's loop bodies")
     a = ap.parse_args()
     fields = {}
     for item in a.set:
@@ -138,6 +155,11 @@ def main():
                 mix = ", ".join(f"{op} {c}" for op, c in k["ops"].most_common(10))
                 print(f"[{mode}] {name}: {k['regs']} registers, {k['spill_bytes']} spill bytes, "
                       f"{sum(k['ops'].values())} instructions: {mix}")
+                if a.loops:
+                    for first, last, ops in loops(k["sass"]):
+                        smem = sum(ops[o] for o in ("STS", "LDS", "LDSM", "STSM"))
+                        print(f"    loop at SASS line {first}-{last}: {sum(ops.values())} instructions, "
+                              f"BAR {ops['BAR']}, SHFL {ops['SHFL']}, shared memory {smem}, MUFU {ops['MUFU']}")
                 if a.attr and name == a.kernel:
                     for c, tot, line in by_ttir_line(k["sass"], ttir, a.attr)[:a.top]:
                         print(f"  {c:5d} / {tot:5d}  {line[:140]}")

@@ -160,7 +160,7 @@ def test_tuning_errors_name_the_field():
     """Tunings the kernels cannot run fail before tracing, naming the field."""
     arrs, _, _ = _inputs(4, 1, 16, 64, 4)
     for tune, field in [(dict(groups_bwd=2, num_warps_bwd=2, block_e_bwd=4), "num_warps_bwd"),
-                        (dict(groups_bwd=3), "powers of two"), (dict(chunk=6), "chunk"),
+                        (dict(groups_bwd=3), "groups_bwd must be a power of two"), (dict(chunk=6), "chunk"),
                         (dict(chunk=4, chunk_bwd=8), "chunk_bwd"), (dict(chunk_bwd=3), "chunk_bwd")]:
         with tuning.override(**tune), pytest.raises(ValueError, match=field):
             selective_scan_pallas(**arrs, interpret=True)

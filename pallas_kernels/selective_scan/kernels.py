@@ -385,8 +385,9 @@ def _fwd_kernel(*refs, T, cpp, P, L, dt_softplus, has_z, has_seg, save, T_save, 
         delta, _ = ch.delta(sub["dt"], c, 0)
         xr = _f32_rows(sub["x"])
         h = ch.states(rows, xr, delta, h_in, 0)[-1]
-        for i in range(1, k if save else 1):
-            r["hs"][c * k + i, :, :, :] = jnp.transpose(_row(h, i * T_save - 1), (1, 0, 2))
+        if save:
+            for i in range(1, k):
+                r["hs"][c * k + i, :, :, :] = jnp.transpose(_row(h, i * T_save - 1), (1, 0, 2))
         y = _dot_n(h, _n(rows["c"])) + Dv * xr                                       # [T, BE]
         if has_z:
             if save:

@@ -126,18 +126,16 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     N = A.shape[1]
     Np = _next_pow2(N)
     T, Tb = int(tune.chunk_for(Np)), int(tune.chunk_bwd_for(Np))
-    for name, v in (("chunk", T), ("chunk_bwd", Tb)):
+    be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
+    sub, groups = int(tune.sub_blocks_for(Np)), int(tune.groups_for(Np, E))
+    N2f, N2b = int(tune.lanes_for("fwd", Np)), int(tune.lanes_for("bwd", Np))
+    for name, v in (("chunk", T), ("chunk_bwd", Tb), ("block_e_fwd", be_f), ("block_e_bwd", be_b),
+                    ("sub_blocks_bwd", sub), ("groups_bwd", groups), ("lanes_n_fwd", N2f), ("lanes_n_bwd", N2b)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"tuning {name} must be a power of two, got {v}")
     if Tb > T:
         raise ValueError(f"tuning chunk_bwd ({Tb}) must not exceed chunk ({T}): the forward saves the states entering "
                          f"the backward's chunks from inside its own")
-    be_f, be_b = tune.block_e("fwd", Np, E), tune.block_e("bwd", Np, E)
-    sub, groups = int(tune.sub_blocks_for(Np)), int(tune.groups_for(Np, E))
-    N2f, N2b = int(tune.lanes_for("fwd", Np)), int(tune.lanes_for("bwd", Np))
-    for be in (be_f, be_b, sub, groups, N2f, N2b):
-        if be < 1 or be & (be - 1):
-            raise ValueError(f"tuning channel blocks, sub-blocks, groups and lanes must be powers of two, got {be}")
     if groups > 1 and tune.warps("bwd", Np) != 1:
         # the groups' carries are read, added to and written back in memory; tiles smaller than the program (dD,
         # d dt_bias [1, BE]) sit on several threads, in lockstep only inside one warp
